@@ -10,7 +10,8 @@ is the 120x120 crop, mapped back to the photo by the ROI box (see ``preprocess.f
 Euler angles follow 3DDFA_V2's ``matrix2angle``: ``yaw = asin(R[2, 0])``,
 ``pitch = atan2(R[2, 1], R[2, 2])``, ``roll = atan2(R[1, 0], R[0, 0])``, i.e.
 ``R = Rz(roll) @ Ry(-yaw) @ Rx(pitch)``. Positive yaw turns the face's left cheek (model +x)
-towards the camera, so the face looks towards the image's left; positive pitch lifts the chin.
+towards the camera, so the face looks towards the image's left; positive pitch brings the
+forehead towards the camera (the face looks down).
 """
 
 from __future__ import annotations
