@@ -1,0 +1,247 @@
+"""Linear texture model in UV space: the ridge fit of Eq. 8 and a basis learned from incomplete UV maps.
+
+Everything here works on UV images (texel level), so a per-vertex basis (BFM, Deep3D, procedural)
+and a basis learned from data (masked PCA over UV_gt) are used the same way:
+
+* :class:`UVTextureBasis` holds ``mean`` (U, U, 3) and ``basis`` (U, U, 3, K) float32 plus the
+  ``valid`` (U, U) texels the layout covers. ``UV_bfm = mean + basis @ c``.
+* :func:`ridge_texture_fit` is Eq. 8: the closed-form ridge regression of the coefficients on
+  the observed texels of UV_gt.
+* :func:`learn_masked_pca` learns ``mean`` and ``basis`` from many incomplete UV_gt maps
+  (EM-PCA with missing data, optionally adding each map's mirror image as extra evidence).
+
+Pure functions: arrays in, arrays out, no I/O, except :meth:`UVTextureBasis.save` / ``load``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+
+@dataclass(frozen=True, eq=False)
+class UVTextureBasis:
+    """A linear UV texture model.
+
+    mean: (U, U, 3) float32 in [0, 1]; basis: (U, U, 3, K) float32; valid: (U, U) bool texels inside
+    the UV layout; name: provenance ("procedural", "bfm2009", "pca:<store hash>", ...).
+    """
+
+    mean: np.ndarray
+    basis: np.ndarray
+    valid: np.ndarray
+    name: str = "unnamed"
+
+    def __post_init__(self) -> None:
+        u = self.mean.shape[0]
+        if self.mean.shape != (u, u, 3):
+            raise ValueError(f"mean: expected (U, U, 3), found {self.mean.shape}")
+        if self.basis.ndim != 4 or self.basis.shape[:3] != (u, u, 3):
+            raise ValueError(f"basis: expected ({u}, {u}, 3, K), found {self.basis.shape}")
+        if self.valid.shape != (u, u) or self.valid.dtype != bool:
+            raise ValueError(f"valid: expected ({u}, {u}) bool, found {self.valid.shape} {self.valid.dtype}")
+
+    @property
+    def size(self) -> int:
+        return int(self.mean.shape[0])
+
+    @property
+    def n_components(self) -> int:
+        return int(self.basis.shape[3])
+
+    def fingerprint(self) -> str:
+        h = hashlib.sha256()
+        for a in (self.mean, self.basis, self.valid):
+            h.update(np.ascontiguousarray(a).tobytes())
+        return h.hexdigest()[:16]
+
+    def synthesize(self, coeff: np.ndarray) -> np.ndarray:
+        """coeff (B, K') with K' <= K -> UV maps (B, U, U, 3) float32 (not clipped; invalid texels = mean)."""
+        coeff = np.asarray(coeff, np.float32)
+        k = coeff.shape[1]
+        if k > self.n_components:
+            raise ValueError(f"{k} coefficients given, the basis has {self.n_components}")
+        flat = self.basis[..., :k].reshape(-1, k)
+        return self.mean[None] + (coeff @ flat.T).reshape(-1, *self.mean.shape)
+
+    def save(self, path: str | Path) -> None:
+        """Write a small ``.npz`` (float16 basis) that the pipeline reuses."""
+        np.savez_compressed(path, mean=self.mean.astype(np.float32), basis=self.basis.astype(np.float16),
+                            valid=self.valid, name=np.array(self.name))
+
+    @classmethod
+    def load(cls, path: str | Path) -> UVTextureBasis:
+        try:
+            with np.load(path) as z:
+                return cls(mean=z["mean"].astype(np.float32), basis=z["basis"].astype(np.float32),
+                           valid=z["valid"].astype(bool), name=str(z["name"]))
+        except KeyError as e:
+            raise ValueError(f"{path}: not a UV texture basis file (missing key {e}); "
+                             f"write one with UVTextureBasis.save") from e
+
+    @classmethod
+    def from_face_model(cls, model, size: int) -> UVTextureBasis:
+        """Rasterise a face model's per-vertex texture mean/basis (V, 3[, K]) into UV space at ``size``."""
+        from common.uvtools import uv_vertex_attribute_image
+
+        if model.tex_basis is None:
+            raise ValueError(f"face model {model.name!r} has no texture basis; learn one with learn_masked_pca")
+        k = model.n_tex
+        attrs = np.concatenate([model.tex_mean, model.tex_basis.reshape(model.n_vertices, 3 * k)], 1)
+        img, cover = uv_vertex_attribute_image(model, attrs.astype(np.float32), size)
+        mean = img[..., :3]
+        basis = img[..., 3:].reshape(size, size, 3, k)
+        return cls(mean=mean.astype(np.float32), basis=basis.astype(np.float32), valid=cover, name=model.name)
+
+
+def ridge_texture_fit(uv_gt: np.ndarray, mask: np.ndarray, basis: UVTextureBasis, lam: float = 1.0,
+                      n_components: int | None = None) -> np.ndarray:
+    """Eq. 8: texture coefficients by ridge regression on the observed texels, in closed form.
+
+    ``c* = argmin_c || M (mean + B c - UV_gt) ||^2 + lam ||c||^2 = (B^T M B + lam I)^-1 B^T M (UV_gt - mean)``
+
+    uv_gt: (B, U, U, 3) float in [0, 1] (or uint8, scaled by 1/255); mask: (B, U, U) bool observed texels;
+    lam: ridge weight (in units of squared texel error summed over observed texels; larger = closer to
+    the mean). Returns (B, K) float32. A sample with no observed texel gets zeros (the mean texture).
+    """
+    uv_gt = _as_unit_float(uv_gt)
+    if uv_gt.ndim != 4 or uv_gt.shape[1:] != basis.mean.shape:
+        raise ValueError(f"uv_gt: expected (B, {basis.size}, {basis.size}, 3), found {uv_gt.shape}")
+    if mask.shape != uv_gt.shape[:3]:
+        raise ValueError(f"mask: expected {uv_gt.shape[:3]}, found {mask.shape}")
+    if lam < 0:
+        raise ValueError(f"lam must be >= 0, found {lam}")
+    k = basis.n_components if n_components is None else n_components
+    b = basis.basis[..., :k].reshape(-1, 3, k)  # (T, 3, K)
+    valid = basis.valid.reshape(-1)
+    out = np.zeros((uv_gt.shape[0], k), np.float32)
+    for i in range(uv_gt.shape[0]):
+        sel = mask[i].reshape(-1) & valid
+        if not sel.any():
+            continue
+        a = b[sel].reshape(-1, k).astype(np.float64)  # (3 T_obs, K)
+        r = (uv_gt[i].reshape(-1, 3)[sel] - basis.mean.reshape(-1, 3)[sel]).reshape(-1).astype(np.float64)
+        gram = a.T @ a + lam * np.eye(k)
+        try:
+            out[i] = np.linalg.solve(gram, a.T @ r)
+        except np.linalg.LinAlgError:  # lam = 0 and too few texels to pin every component
+            out[i] = np.linalg.lstsq(gram, a.T @ r, rcond=None)[0]
+    return out
+
+
+@dataclass(frozen=True)
+class MaskedPCAConfig:
+    n_components: int = 40
+    """K, the number of basis vectors kept."""
+    iterations: int = 15
+    """EM iterations (fill missing with the current model, refit)."""
+    symmetric: bool = True
+    """Also use each map's mirror image (column flip or ``mirror_index``) as an extra sample."""
+    fit_size: int | None = 64
+    """Learn at this UV resolution (area-downsampled) and upsample the basis; None = full size."""
+    seed: int = 0
+    """Seed of the randomised SVD."""
+
+
+def learn_masked_pca(uv_maps: np.ndarray, masks: np.ndarray, valid: np.ndarray,
+                     config: MaskedPCAConfig = MaskedPCAConfig(), mirror_index: np.ndarray | None = None,
+                     name: str = "pca") -> UVTextureBasis:
+    """Learn a linear UV texture basis from incomplete maps by EM-PCA with missing data.
+
+    uv_maps: (N, U, U, 3) in [0, 1] (float or uint8); masks: (N, U, U) bool observed texels; valid: (U, U)
+    bool layout coverage; mirror_index: optional (U*U,) int64 texel -> mirror texel (-1 none), default a
+    column flip. Missing entries start at the per-texel observed mean and are re-imputed from the
+    rank-K reconstruction each iteration. Returns a basis at the input resolution, components scaled so
+    that coefficients are ~N(0, 1) over the training maps.
+    """
+    import cv2
+
+    uv_maps = _as_unit_float(uv_maps)
+    n, u = uv_maps.shape[0], uv_maps.shape[1]
+    if masks.shape != (n, u, u):
+        raise ValueError(f"masks: expected {(n, u, u)}, found {masks.shape}")
+    if config.symmetric:
+        uv_maps, masks = _add_mirrors(uv_maps, masks, mirror_index)
+    fs = u if config.fit_size is None else min(config.fit_size, u)
+    x, m = _downsample(uv_maps, masks, fs)  # (N, fs*fs*3), (N, fs*fs*3)
+    vd = cv2.resize(valid.astype(np.float32), (fs, fs), interpolation=cv2.INTER_AREA) > 0.5
+    keep = np.repeat(vd.reshape(-1), 3)
+    x, m = x[:, keep], m[:, keep]
+    k = min(config.n_components, x.shape[0] - 1, x.shape[1])
+    count = m.sum(0)
+    mean = np.where(count > 0, (x * m).sum(0) / np.maximum(count, 1), 0.5)
+    filled = np.where(m, x, mean)
+    rng = np.random.default_rng(config.seed)
+    for _ in range(config.iterations):
+        mean = filled.mean(0)
+        comps, scores = _top_components(filled - mean, k, rng)
+        recon = mean + scores @ comps
+        filled = np.where(m, x, recon)
+    mean = filled.mean(0)
+    comps, scores = _top_components(filled - mean, k, rng)
+    std = scores.std(0) + 1e-12
+    comps = comps * std[:, None]  # coefficient ~ N(0, 1)
+    full_mean = np.zeros((fs * fs * 3,), np.float32)
+    full_comps = np.zeros((k, fs * fs * 3), np.float32)
+    full_mean[keep], full_comps[:, keep] = mean, comps
+    mean_img = _upsample(full_mean.reshape(1, fs, fs, 3), u)[0]
+    basis_img = _upsample(full_comps.reshape(k, fs, fs, 3), u).transpose(1, 2, 3, 0)
+    return UVTextureBasis(mean=mean_img, basis=np.ascontiguousarray(basis_img), valid=valid.copy(), name=name)
+
+
+def _as_unit_float(a: np.ndarray) -> np.ndarray:
+    if a.dtype == np.uint8:
+        return a.astype(np.float32) / 255.0
+    return np.asarray(a, np.float32)
+
+
+def _add_mirrors(uv, masks, mirror_index):
+    n, u = uv.shape[:2]
+    if mirror_index is None:
+        return np.concatenate([uv, uv[:, :, ::-1]]), np.concatenate([masks, masks[:, :, ::-1]])
+    src = np.asarray(mirror_index).reshape(-1)
+    ok = src >= 0
+    flat, mflat = uv.reshape(n, -1, 3), masks.reshape(n, -1)
+    muv = np.zeros_like(flat)
+    mm = np.zeros_like(mflat)
+    muv[:, ok], mm[:, ok] = flat[:, src[ok]], mflat[:, src[ok]]
+    return np.concatenate([uv, muv.reshape(uv.shape)]), np.concatenate([masks, mm.reshape(masks.shape)])
+
+
+def _downsample(uv, masks, fs):
+    """Mask-aware area downsampling to (N, fs*fs*3) values and observed flags (>= half observed)."""
+    import cv2
+
+    n, u = uv.shape[:2]
+    if fs == u:
+        return uv.reshape(n, -1), np.repeat(masks.reshape(n, -1), 3, axis=1)
+    xs, ms = [], []
+    for i in range(n):
+        w = masks[i].astype(np.float32)
+        num = cv2.resize(uv[i] * w[..., None], (fs, fs), interpolation=cv2.INTER_AREA)
+        den = cv2.resize(w, (fs, fs), interpolation=cv2.INTER_AREA)
+        xs.append((num / np.maximum(den, 1e-6)[..., None]).reshape(-1))
+        ms.append(np.repeat((den >= 0.5).reshape(-1), 3))
+    return np.stack(xs), np.stack(ms)
+
+
+def _upsample(imgs, u):
+    import cv2
+
+    return np.stack([cv2.resize(im, (u, u), interpolation=cv2.INTER_LINEAR) for im in imgs]).astype(np.float32)
+
+
+def _top_components(centred, k, rng):
+    """Top-k principal directions (k, D) and scores (N, k) of a centred (N, D) matrix."""
+    if min(centred.shape) <= 4 * k:
+        _, s, vt = np.linalg.svd(centred, full_matrices=False)
+    else:  # randomised range finder with two power iterations
+        q = centred @ rng.standard_normal((centred.shape[1], k + 10))
+        for _ in range(2):
+            q, _ = np.linalg.qr(centred @ (centred.T @ q))
+        _, s, vt = np.linalg.svd(q.T @ centred, full_matrices=False)
+    comps = vt[:k]
+    return comps, centred @ comps.T
