@@ -1,0 +1,187 @@
+"""Poisson blend (Eq. 9) and symmetric fill (Fig. 5h): numbers, not just shapes."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+
+from preprocess.blend import (
+    SOURCE_MIRRORED,
+    SOURCE_MODEL,
+    SOURCE_OBSERVED,
+    SOURCE_OUTSIDE,
+    BlendConfig,
+    blend_uv,
+    poisson_blend,
+    poisson_system,
+    symmetric_fill,
+)
+
+DIRECT = BlendConfig(solver="direct")
+FAST = BlendConfig(solver="mgcg")
+U = 64
+
+
+def _images(size=U, seed=0):
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    target = np.stack([0.5 + 0.2 * xx, 0.4 + 0.2 * yy, 0.3 + 0.1 * xx * yy], -1).astype(np.float32)
+    source = np.clip(target + 0.2 + 0.05 * rng.standard_normal(target.shape), 0, 1).astype(np.float32)
+    return target, source
+
+
+def _face_mask(size=U, profile=True):
+    m = np.zeros((size, size), np.uint8)
+    cv2.ellipse(m, (size // 2, size // 2), (int(size * 0.38), int(size * 0.45)), 0, 0, 360, 1, -1)
+    if profile:
+        m[:, int(size * 0.6):] = 0
+    cv2.circle(m, (int(size * 0.35), int(size * 0.4)), max(size // 16, 1), 0, -1)  # an eye hole
+    return m.astype(bool)
+
+
+def _residual(out, target, source, mask):
+    a, n_cross = poisson_system(mask)
+    g = out[mask].astype(np.float64) - source[mask]
+    return np.abs(a @ g - n_cross[:, None] * (target[mask] - source[mask])).max()
+
+
+@pytest.mark.parametrize("config", [DIRECT, FAST], ids=["direct", "mgcg"])
+def test_constant_offset_source_blends_back_to_target(config):
+    target, _ = _images()
+    mask = _face_mask()
+    source = np.where(mask[..., None], target + 0.25, 0.0).astype(np.float32)  # garbage outside Omega
+    out = poisson_blend(target, source, mask, config)
+    assert np.abs(out - target).max() < (1e-5 if config is DIRECT else 0.2 / 255)
+
+
+@pytest.mark.parametrize("config", [DIRECT, FAST], ids=["direct", "mgcg"])
+def test_linear_ramp(config):
+    # A ramp target and a ramp source (other slope, offset) on a band touching the image borders:
+    # guidance and boundary agree on the target ramp, so f is the target ramp exactly.
+    yy, xx = np.mgrid[0:U, 0:U].astype(np.float32)
+    target = np.repeat((0.2 + 0.008 * xx + 0.002 * yy)[..., None], 3, 2)
+    source = np.repeat((0.5 + 0.008 * xx + 0.002 * yy)[..., None], 3, 2)
+    mask = np.zeros((U, U), bool)
+    mask[:, 10:50] = True
+    out = poisson_blend(target, source, mask, config)
+    assert np.abs(out - target).max() < (1e-5 if config is DIRECT else 0.2 / 255)
+    # Flip the roles: the source ramp is kept, shifted so it meets the target on the boundary.
+    out = poisson_blend(source, target, mask, config)
+    assert np.abs(out - source).max() < (1e-5 if config is DIRECT else 0.2 / 255)
+
+
+def test_outside_mask_is_target_and_inside_follows_source_gradient():
+    target, source = _images()
+    mask = _face_mask()
+    out = poisson_blend(target, source, mask, DIRECT)
+    np.testing.assert_array_equal(out[~mask], target[~mask])
+    assert _residual(out, target, source, mask) < 1e-4
+
+
+@pytest.mark.parametrize("profile", [True, False])
+def test_fast_solver_matches_direct_and_satisfies_equation(profile):
+    target, source = _images(128)
+    mask = _face_mask(128, profile)
+    ref = poisson_blend(target, source, mask, DIRECT)
+    out = poisson_blend(target, source, mask, FAST)
+    assert np.abs(out - ref).max() < 1 / 255
+    assert _residual(out, target, source, mask) < 0.05 / 255 * 4  # scaled by the stencil's diagonal
+
+
+@pytest.mark.parametrize("name", ["components", "border", "holes"])
+@pytest.mark.parametrize("config", [DIRECT, FAST], ids=["direct", "mgcg"])
+def test_awkward_masks(name, config):
+    target, source = _images()
+    mask = np.zeros((U, U), bool)
+    if name == "components":
+        mask[5:20, 5:25] = True
+        mask[40:60, 30:62] = True
+    elif name == "border":
+        mask[0:30, 0:40] = True  # touches the top and left image borders (Neumann there)
+    else:
+        mask[4:60, 4:60] = True
+        mask[10:14, 10:14] = mask[30:33, 40:50] = False
+    out = poisson_blend(target, source, mask, config)
+    ref = poisson_blend(target, source, mask, DIRECT)
+    assert np.abs(out - ref).max() < 1 / 255
+    assert _residual(out, target, source, mask) < 1e-3
+    np.testing.assert_array_equal(out[~mask], target[~mask])
+
+
+def test_empty_and_full_masks():
+    target, source = _images()
+    np.testing.assert_array_equal(poisson_blend(target, source, np.zeros((U, U), bool)), target)
+    out = poisson_blend(target, source, np.ones((U, U), bool))
+    offset = (target.astype(np.float64) - source).mean((0, 1))
+    assert np.abs(out - source - offset).max() < 1e-6  # pinned: f = source + mean(target - source)
+    assert np.abs(out.mean((0, 1), dtype=np.float64) - target.mean((0, 1), dtype=np.float64)).max() < 1e-6
+
+
+def test_symmetric_fill_column_flip():
+    uv = np.zeros((8, 8, 3), np.float32)
+    mask = np.zeros((8, 8), bool)
+    uv[2, 1] = (0.1, 0.2, 0.3)
+    mask[2, 1] = True  # observed on the left, missing at its mirror (2, 6)
+    uv[5, 3] = uv[5, 4] = 0.7
+    mask[5, 3] = mask[5, 4] = True  # a symmetric observed pair stays observed
+    filled, fmask, smap = symmetric_fill(uv, mask)
+    np.testing.assert_array_equal(filled[2, 6], uv[2, 1])
+    assert smap[2, 6] == SOURCE_MIRRORED and smap[2, 1] == SOURCE_OBSERVED
+    assert smap[5, 3] == smap[5, 4] == SOURCE_OBSERVED
+    assert (smap == SOURCE_MODEL).sum() == 64 - 4 and fmask.sum() == 4
+    flip = np.arange(64).reshape(8, 8)[:, ::-1].ravel().astype(np.int64)
+    filled2, fmask2, smap2 = symmetric_fill(uv, mask, mirror_index=flip)
+    np.testing.assert_array_equal(filled2, filled)
+    np.testing.assert_array_equal(fmask2, fmask)
+    np.testing.assert_array_equal(smap2, smap)
+    face = np.ones((8, 8), bool)
+    face[0] = False
+    _, _, smap3 = symmetric_fill(uv, mask, face_mask=face)
+    assert (smap3[0] == SOURCE_OUTSIDE).all() and smap3[2, 6] == SOURCE_MIRRORED
+
+
+def test_symmetric_fill_no_mirror_entries():
+    uv = np.ones((4, 4, 3), np.float32)
+    mask = np.zeros((4, 4), bool)
+    mask[:, 0] = True
+    _, fmask, smap = symmetric_fill(uv, mask, mirror_index=np.full(16, -1, np.int64))
+    np.testing.assert_array_equal(fmask, mask)
+    assert (smap[:, 1:] == SOURCE_MODEL).all()
+
+
+def test_blend_uv_profile_end_to_end():
+    target, source = _images()
+    mask = _face_mask(profile=True)
+    uv_bl, smap = blend_uv(source, mask, target)
+    assert uv_bl.dtype == np.float32 and uv_bl.shape == (U, U, 3)
+    assert uv_bl.min() >= 0 and uv_bl.max() <= 1
+    assert (smap == SOURCE_MIRRORED).sum() > 0
+    filled, fmask, _ = symmetric_fill(source, mask)
+    ref = poisson_blend(target, filled, fmask, DIRECT)
+    assert np.abs(uv_bl - np.clip(ref, 0, 1)).max() < 1 / 255
+
+
+@pytest.mark.parametrize(
+    ("args", "error", "match"),
+    [
+        ((np.zeros((8, 8, 3), np.float32), np.zeros((8, 8), bool), np.zeros((8, 9, 3), np.float32)),
+         ValueError, "uv_bfm must be a"),
+        ((np.zeros((8, 8, 3), np.uint8), np.zeros((8, 8), bool), np.zeros((8, 8, 3), np.float32)),
+         TypeError, "astype"),
+        ((np.zeros((8, 8, 3), np.float32), np.zeros((8, 8), np.uint8), np.zeros((8, 8, 3), np.float32)),
+         TypeError, "uv_mask must have dtype bool"),
+        ((np.zeros((8, 8, 3), np.float32), np.zeros((8, 8), bool), np.zeros((16, 16, 3), np.float32)),
+         ValueError, "resample"),
+        ((np.full((8, 8, 3), np.nan, np.float32), np.zeros((8, 8), bool), np.zeros((8, 8, 3), np.float32)),
+         ValueError, "NaN"),
+    ],
+)
+def test_blend_uv_rejects_bad_inputs(args, error, match):
+    with pytest.raises(error, match=match):
+        blend_uv(*args)
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="solver must be one of"):
+        BlendConfig(solver="fft")
