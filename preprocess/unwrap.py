@@ -1,0 +1,142 @@
+"""UV_gt: the incomplete UV map read from a photo under an eroded face mask (Section 3.3, Fig. 4).
+
+From an image and the fitted mesh in its pixel coordinates:
+
+1. the face region of the model (skin + eyes) is projected into the image (z-buffered), optionally
+   intersected with a segmentation mask (a face parser's skin mask, or the synthetic world's
+   face mask), and eroded by a radius proportional to the face size, because fitted silhouettes
+   are never exact and texels near them pick up background or hair;
+2. every texel of the UV layout is mapped to the image and kept only if the surface there is
+   visible (front-facing, not occluded, inside the image), the point lies inside the eroded mask,
+   optionally the surface is not seen at a grazing angle, and the texel is not in the mouth interior.
+
+Pure functions: arrays in, arrays out.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from common.facemodel import FaceModel
+from common.geometry import vertex_normals
+from common.render import Fragments, interpolate, rasterize, unwrap_to_uv, uv_fragments
+
+
+@dataclass(frozen=True)
+class UVGTConfig:
+    uv_size: int = 256
+    """U, the UV map side in texels."""
+    erosion_frac: float = 0.03
+    """Erosion radius as a fraction of the face size (sqrt of the projected face-mask area)."""
+    erosion_px: int | None = None
+    """Absolute erosion radius in pixels; overrides ``erosion_frac`` when set."""
+    max_view_angle_deg: float | None = 80.0
+    """Drop texels whose surface normal is more than this from the view direction; None = no cut."""
+    depth_tol: float | None = None
+    """Z-buffer tolerance in depth units; None = 1% of the mesh's depth extent."""
+    exclude_regions: tuple[str, ...] = ("mouth",)
+    """Named UV regions never taken from photos (the mouth interior)."""
+
+
+@dataclass(frozen=True, eq=False)
+class UVGT:
+    """uv: (B, U, U, 3) float32 in [0, 1] (0 where not observed); mask: (B, U, U) bool observed texels;
+    face_mask: (B, H, W) bool projected face region; eroded: (B, H, W) bool the mask texels must lie in."""
+
+    uv: np.ndarray
+    mask: np.ndarray
+    face_mask: np.ndarray
+    eroded: np.ndarray
+
+
+@dataclass(frozen=True, eq=False)
+class UVLayoutCache:
+    """What depends only on (model, U): the UV-space fragments and the excluded-texel mask (U, U) bool."""
+
+    uv_frags: Fragments
+    excluded: np.ndarray
+    face_weight: torch.Tensor  # (V, 1) float32: 1 on skin + eyes, 0 elsewhere
+
+
+def layout_cache(model: FaceModel, config: UVGTConfig = UVGTConfig()) -> UVLayoutCache:
+    """Precompute the per-(model, U) parts of :func:`uv_gt_from_images`; reuse it across samples."""
+    uv = torch.from_numpy(np.ascontiguousarray(model.uv, np.float32))
+    tris = torch.from_numpy(np.ascontiguousarray(model.triangles, np.int64))
+    frags = uv_fragments(uv, tris, config.uv_size)
+    excluded = np.zeros((config.uv_size,) * 2, bool)
+    for name in config.exclude_regions:
+        excluded |= model.region_uv_mask(name, config.uv_size)
+    weight = (model.regions["face"] | model.regions["eyes"]) & ~model.regions["mouth"]
+    return UVLayoutCache(frags, excluded, torch.from_numpy(weight.astype(np.float32)[:, None]))
+
+
+def erosion_radius(face_mask: np.ndarray, config: UVGTConfig) -> int:
+    """Erosion radius in pixels for one (H, W) bool face mask."""
+    if config.erosion_px is not None:
+        return int(config.erosion_px)
+    return int(round(config.erosion_frac * np.sqrt(face_mask.sum())))
+
+
+def erode(mask: np.ndarray, radius: int) -> np.ndarray:
+    """Binary erosion of an (H, W) bool mask by a disc of ``radius`` pixels (pixels outside count as empty)."""
+    if radius <= 0:
+        return mask.copy()
+    k = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1))
+    return cv2.erode(mask.astype(np.uint8), k, borderType=cv2.BORDER_CONSTANT, borderValue=0).astype(bool)
+
+
+def uv_gt_from_images(images: np.ndarray, verts_px, model: FaceModel, config: UVGTConfig = UVGTConfig(),
+                      seg_mask: np.ndarray | None = None, cache: UVLayoutCache | None = None) -> UVGT:
+    """UV_gt and its mask for a batch of photos (Fig. 4).
+
+    images: (B, H, W, 3) uint8 RGB (or float in [0, 1]); verts_px: (B, V, 3) numpy or torch, the fitted
+    mesh in image pixels (x right, y down, z nearer-is-larger; see ``common.geometry``); seg_mask:
+    optional (B, H, W) bool pixels that may be face (e.g. from a face parser). Returns :class:`UVGT`.
+    """
+    if images.ndim != 4 or images.shape[-1] != 3:
+        raise ValueError(f"images: expected (B, H, W, 3), found {images.shape}")
+    b, h, w = images.shape[:3]
+    verts = torch.as_tensor(np.asarray(verts_px) if not isinstance(verts_px, torch.Tensor) else verts_px,
+                            dtype=torch.float32)
+    if verts.shape != (b, model.n_vertices, 3):
+        raise ValueError(f"verts_px: expected ({b}, {model.n_vertices}, 3), found {tuple(verts.shape)}")
+    if not torch.isfinite(verts).all():
+        raise ValueError("verts_px: contains NaN/inf (the shape fit diverged)")
+    if seg_mask is not None and seg_mask.shape != (b, h, w):
+        raise ValueError(f"seg_mask: expected {(b, h, w)}, found {seg_mask.shape}")
+    cache = layout_cache(model, config) if cache is None else cache
+    tris = torch.from_numpy(np.ascontiguousarray(model.triangles, np.int64))
+    frags = rasterize(verts, tris, (h, w), cull_backfaces=True)
+
+    face = (interpolate(frags, cache.face_weight)[..., 0] >= 0.5).numpy()  # (B, H, W)
+    if seg_mask is not None:
+        face &= seg_mask
+    eroded = np.stack([erode(face[i], erosion_radius(face[i], config)) for i in range(b)])
+
+    img = torch.from_numpy(images.astype(np.float32) / (255.0 if images.dtype == np.uint8 else 1.0))
+    stack = torch.cat([img.permute(0, 3, 1, 2), torch.from_numpy(eroded[:, None].astype(np.float32))], 1)
+    uv_t = torch.from_numpy(np.ascontiguousarray(model.uv, np.float32))
+    uv_img, uv_mask = unwrap_to_uv(stack, verts, tris, uv_t, config.uv_size, depth_tol=config.depth_tol,
+                                   fragments=frags, uv_frags=cache.uv_frags)
+    # Bilinear reads of the eroded mask: require all contributing pixels inside it.
+    keep = uv_mask[:, 0] & (uv_img[:, 3] > 0.999)
+    if config.max_view_angle_deg is not None:
+        keep &= _facing(verts, tris, cache.uv_frags) >= np.cos(np.radians(config.max_view_angle_deg))
+    keep &= ~torch.from_numpy(cache.excluded)[None]
+    uv = (uv_img[:, :3] * keep[:, None]).permute(0, 2, 3, 1).numpy()
+    return UVGT(uv=np.clip(uv, 0.0, 1.0), mask=keep.numpy(), face_mask=face, eroded=eroded)
+
+
+def _facing(verts: torch.Tensor, tris: torch.Tensor, uv_frags: Fragments) -> torch.Tensor:
+    """cos(angle between the surface normal and the view direction) per texel: (B, U, U)."""
+    y_up = verts * torch.tensor([1.0, -1.0, 1.0])  # back to a right-handed frame for the outward normals
+    normals = vertex_normals(y_up, tris)  # (B, V, 3); the view direction is +z (orthographic)
+    b = verts.shape[0]
+    frags = Fragments(uv_frags.tri_id.expand(b, -1, -1), uv_frags.bary.expand(b, -1, -1, -1),
+                      uv_frags.depth.expand(b, -1, -1), uv_frags.triangles)
+    return F.normalize(interpolate(frags, normals), dim=-1, eps=1e-12)[..., 2]
