@@ -1,0 +1,197 @@
+"""The "fits shapes" stage: photo -> working-resolution face crop + 62 parameters + mesh in its pixels.
+
+Two fitters behind one interface (:class:`ShapeFitter`):
+
+* ``given``: parameters come with the sample (the synthetic world's truth, or a user's NPZ/CSV),
+  already expressed in the working image's frame;
+* ``tddfa``: the 3DDFA_V2 regressor (:mod:`preprocess.tddfa`) on a FaceBoxes detection
+  (in-the-wild photos) or on the fixed box of pre-aligned FFHQ / CelebA-HQ images.
+
+Every result's parameters are in the *working image's* frame: ``common.geometry.project_to_image``
+with ``frame_size = image_size`` puts the mesh on the stored image. A photo that cannot be fitted
+gives a typed failure (:class:`FitResult` with ``reason``), never an exception.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import cv2
+import numpy as np
+
+from common.facemodel import FaceModel
+from common.geometry import N_PARAMS, params_to_euler, project_to_image, split_params
+
+Fitter = Literal["given", "tddfa"]
+
+
+@dataclass(frozen=True)
+class FitConfig:
+    fitter: Fitter = "given"
+    """``given`` (parameters supplied by the source) or ``tddfa`` (3DDFA_V2 regressor)."""
+    image_size: int = 256
+    """Working resolution S: the stored image is S x S."""
+    tddfa_weights: Path | None = None
+    """mb1_120x120.pth / mb05_120x120.pth (3DDFA_V2 ``weights/``); needed for ``tddfa``."""
+    param_stats: Path | None = None
+    """param_mean_std_62d_120x120.pkl (3DDFA_V2 ``configs/``); needed for ``tddfa``."""
+    detector_weights: Path | None = None
+    """FaceBoxesProd.pth; needed for ``tddfa`` on in-the-wild photos."""
+    landmarks_dir: Path | None = None
+    """3DDFA's ``c++/weights`` (sparse 68-landmark basis); needed for ``second_pass``."""
+    second_pass: bool = False
+    """Re-crop from the first fit's landmarks and regress again (3DDFA_V2's landmark crop policy)."""
+    context: float = 1.25
+    """In-the-wild crops: side of the working crop relative to 3DDFA's ROI box around the detection."""
+    min_face_px: float = 24.0
+    """Detections smaller than this (box side, photo pixels) count as no face."""
+    max_outside: float = 0.25
+    """A fit whose projected vertices fall outside the working image more than this fraction is diverged."""
+    device: str = "cpu"
+    """Torch device for the detector and the regressor."""
+
+
+@dataclass(frozen=True, eq=False)
+class FitResult:
+    """image: (S, S, 3) uint8 working crop (or None on failure); params: (62,) float32 in its frame;
+    pose: (3,) yaw/pitch/roll degrees; verts_px: (V, 3) float32 mesh in working pixels;
+    box: (4,) the face box in the working image; reason: None or a failure name."""
+
+    image: np.ndarray | None
+    params: np.ndarray | None = None
+    pose: np.ndarray | None = None
+    verts_px: np.ndarray | None = None
+    box: np.ndarray | None = None
+    reason: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.reason is None
+
+
+def crop_params_to_image(params: np.ndarray, roi_boxes: np.ndarray, frame_size: float, size: int = 120) -> np.ndarray:
+    """Re-express 3DDFA parameters of ROI crops in the photo's own frame.
+
+    params: (N, 62) regressed on ROI crops ``[sx, sy, ex, ey]`` (N, 4) of side ``size``; frame_size: the
+    photo's height S. Returns (N, 62) float32 whose pose ``[s'R | t']`` satisfies
+    ``project_to_image(V, pose', S) == preprocess.tddfa.params_to_image_vertices(params, rois, V)``:
+    with ``k = roi / size``, ``s' = k s``, ``t'_x = k t_x + sx - k/2``, ``t'_y = k t_y + S - sy - k (size + 1/2)``,
+    ``t'_z = k t_z`` (square ROIs; see the half-pixel note in :mod:`preprocess.tddfa`).
+    """
+    params = np.asarray(params, np.float64).reshape(-1, N_PARAMS)
+    rois = np.asarray(roi_boxes, np.float64).reshape(-1, 4)
+    k = ((rois[:, 2] - rois[:, 0]) + (rois[:, 3] - rois[:, 1])) / (2 * size)
+    pose, _, _ = split_params(params.copy())
+    out = params.copy()
+    new = pose * k[:, None, None]
+    new[:, 0, 3] += rois[:, 0] - 0.5 * k
+    new[:, 1, 3] += frame_size - rois[:, 1] - k * (size + 0.5)
+    out[:, :12] = new.reshape(-1, 12)
+    return out.astype(np.float32)
+
+
+def mesh_in_image(model: FaceModel, params: np.ndarray, image_size: int) -> np.ndarray:
+    """(N, 62) image-frame parameters -> (N, V, 3) float32 mesh in the working image's pixels."""
+    pose, a_id, a_exp = split_params(np.asarray(params, np.float32))
+    return project_to_image(model.shape(a_id[:, :model.n_id], a_exp[:, :model.n_exp]), pose, float(image_size))
+
+
+def _square_crop(image: np.ndarray, centre: np.ndarray, side: float, size: int) -> np.ndarray:
+    """Cut the square of ``side`` photo pixels around ``centre`` (x, y) and resize it to (size, size)."""
+    a = side / size
+    x0, y0 = centre[0] - side / 2, centre[1] - side / 2
+    m = np.array([[a, 0, x0 + 0.5 * a - 0.5], [0, a, y0 + 0.5 * a - 0.5]])
+    interp = cv2.INTER_AREA if a > 1 else cv2.INTER_LINEAR
+    if a > 1:  # area-average for downscaling: warpAffine has no INTER_AREA, so pre-shrink the photo
+        small = cv2.resize(image, None, fx=1 / a, fy=1 / a, interpolation=cv2.INTER_AREA)
+        m = np.array([[1.0, 0, x0 / a], [0, 1.0, y0 / a]])
+        return cv2.warpAffine(small, m, (size, size), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+                              borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+    return cv2.warpAffine(image, m, (size, size), flags=interp | cv2.WARP_INVERSE_MAP,
+                          borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+
+
+class ShapeFitter:
+    """Per-worker fitter: holds the face model and, for ``tddfa``, the networks (built lazily, once)."""
+
+    def __init__(self, model: FaceModel, config: FitConfig):
+        self.model = model
+        self.config = config
+        self._detector = None
+        self._regressor = None
+        if config.fitter == "tddfa":
+            missing = [n for n in ("tddfa_weights", "param_stats") if getattr(config, n) is None]
+            if missing:
+                raise ValueError(f"fitter 'tddfa' needs {missing}: the 3DDFA_V2 regressor weights and parameter "
+                                 f"statistics (see README, 'Real photos')")
+            if model.n_id < 40 or model.n_exp < 10:
+                raise ValueError(f"fitter 'tddfa' predicts 40 identity + 10 expression BFM coefficients; face model "
+                                 f"{model.name!r} has {model.n_id} + {model.n_exp}: use a 3DDFA BFM model")
+        elif config.fitter != "given":
+            raise ValueError(f"unknown fitter {config.fitter!r}; expected 'given' or 'tddfa'")
+
+    # ------------------------------------------------------------------ networks (lazy)
+    def _nets(self, need_detector: bool):
+        from preprocess.detect import FaceBoxesDetector
+        from preprocess.tddfa import TDDFARegressor
+
+        cfg = self.config
+        if self._regressor is None:
+            self._regressor = TDDFARegressor.from_paths(cfg.tddfa_weights, cfg.param_stats, cfg.landmarks_dir,
+                                                        second_pass=cfg.second_pass, device=cfg.device)
+        if need_detector and self._detector is None:
+            if cfg.detector_weights is None:
+                raise ValueError("in-the-wild photos need a face detector: pass --detector-weights "
+                                 "(FaceBoxesProd.pth), or use an aligned source (ffhq, celeba-hq)")
+            self._detector = FaceBoxesDetector.from_path(cfg.detector_weights, device=cfg.device)
+        return self._detector, self._regressor
+
+    # ------------------------------------------------------------------------- fitting
+    def fit_given(self, image: np.ndarray, params: np.ndarray) -> FitResult:
+        """Image already at the working resolution and parameters in its frame (synthetic truth, user files)."""
+        s = self.config.image_size
+        if image.shape[:2] != (s, s):
+            image = cv2.resize(image, (s, s), interpolation=cv2.INTER_AREA)
+        return self._finish(image, np.asarray(params, np.float32)[None], box=np.array([0, 0, s, s], np.float32))
+
+    def fit_photo(self, image: np.ndarray, aligned: bool) -> FitResult:
+        """``tddfa`` on a photo (H, W, 3) uint8 RGB: aligned sources use a fixed box, others the detector."""
+        from preprocess.detect import AlignedCrop
+
+        s = self.config.image_size
+        detector, regressor = self._nets(need_detector=not aligned)
+        if aligned:
+            work = cv2.resize(image, (s, s), interpolation=cv2.INTER_AREA if image.shape[0] > s else cv2.INTER_LINEAR)
+            box = AlignedCrop().detect(work).boxes[0, :4].astype(np.float32)
+        else:
+            det = detector.detect(image, select="largest")
+            if not det.found:
+                return FitResult(None, reason="no_face")
+            b = det.boxes[0, :4].astype(np.float64)
+            if min(b[2] - b[0], b[3] - b[1]) < self.config.min_face_px:
+                return FitResult(None, reason="no_face")
+            from preprocess.tddfa import roi_from_bbox
+
+            roi = roi_from_bbox(b[None])[0].astype(np.float64)
+            side = (roi[2] - roi[0]) * self.config.context
+            centre = (roi[:2] + roi[2:]) / 2
+            work = _square_crop(image, centre, side, s)
+            scale = s / side
+            origin = centre - side / 2
+            box = np.concatenate([(b[:2] - origin) * scale, (b[2:] - origin) * scale]).astype(np.float32)
+        fit = regressor.predict(work, box[None])
+        params = crop_params_to_image(fit.params, fit.roi_boxes, float(s))
+        return self._finish(work, params, box)
+
+    def _finish(self, image: np.ndarray, params: np.ndarray, box: np.ndarray) -> FitResult:
+        s = self.config.image_size
+        if not np.isfinite(params).all():
+            return FitResult(image, reason="nan")
+        verts = mesh_in_image(self.model, params, s)[0]
+        inside = ((verts[:, 0] >= 0) & (verts[:, 0] < s) & (verts[:, 1] >= 0) & (verts[:, 1] < s)).mean()
+        if not np.isfinite(verts).all() or inside < 1.0 - self.config.max_outside:
+            return FitResult(image, params=params[0], reason="fit_diverged")
+        pose = params_to_euler(params)[0].astype(np.float32)
+        return FitResult(image, params=params[0], pose=pose, verts_px=verts.astype(np.float32), box=box)
