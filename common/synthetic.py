@@ -118,7 +118,7 @@ class SyntheticFace:
 
 
 # ----------------------------------------------------------------------------------- helpers
-def _uv_raster(model: FaceModel, size: int):
+def layout_raster(model: FaceModel, size: int):
     """UV-space fragments of the model's layout (1, U, U) and the coverage mask (U, U) bool."""
     frags = render.uv_fragments(torch.as_tensor(model.uv), torch.as_tensor(model.triangles), size)
     return frags, (frags.tri_id[0] >= 0).numpy()
@@ -335,7 +335,7 @@ def generate(index: int, config: SyntheticConfig, model: FaceModel, uv_raster=No
     frame = np.einsum("ij,vj->vi", pose[0, :, :3], shape) + pose[0, :, 3]
     normals = vertex_normals(torch.as_tensor(frame, dtype=torch.float32)[None], tris)[0].numpy()
     shading_v = ambient + light_col * np.clip(normals @ light_dir, 0, None)[:, None]
-    uv_frags, cover = _uv_raster(model, u_sz) if uv_raster is None else uv_raster
+    uv_frags, cover = layout_raster(model, u_sz) if uv_raster is None else uv_raster
     if cover.shape != (u_sz, u_sz):
         raise ValueError(f"uv_raster: made for a {cover.shape} UV map, the config asks for {(u_sz, u_sz)}")
     detail = _detail(rng, cfg, cover, _beard_area(model, u_sz))
@@ -377,7 +377,7 @@ def generate(index: int, config: SyntheticConfig, model: FaceModel, uv_raster=No
 
 def generate_batch(indices: Sequence[int], config: SyntheticConfig, model: FaceModel) -> list[SyntheticFace]:
     """:func:`generate` for each index (each face is independent of the others)."""
-    uv_raster = _uv_raster(model, config.uv_size)
+    uv_raster = layout_raster(model, config.uv_size)
     return [generate(int(i), config, model, uv_raster) for i in indices]
 
 

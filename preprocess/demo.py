@@ -32,16 +32,17 @@ def run_demo(cfg: DemoConfig) -> Path:
     """
     from common.imageio import write_png
     from common.procedural import build_procedural_model
-    from common.synthetic import SyntheticConfig, generate, preview_grid
+    from common.synthetic import SyntheticConfig, generate, layout_raster, preview_grid
 
     model = build_procedural_model()
     scfg = SyntheticConfig(image_size=cfg.image_size, uv_size=cfg.uv_size, seed=cfg.seed,
                            occluder_prob=cfg.occluder_prob)
+    raster = layout_raster(model, cfg.uv_size)  # the UV layout's rasterisation, shared by every face
     faces = []
     with Progress(transient=True) as progress:
         task = progress.add_task("rendering synthetic faces", total=cfg.count)
         for i in range(cfg.count):
-            faces.append(generate(i, scfg, model))
+            faces.append(generate(i, scfg, model, raster))
             progress.advance(task)
     cfg.out.mkdir(parents=True, exist_ok=True)
     path = cfg.out / "preview.png"

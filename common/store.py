@@ -1,0 +1,885 @@
+"""The training store: schema, writer, reader and build lock of the Zarr v3 store ``uvprep build`` writes.
+
+One sample per photo, in manifest order (sorted source keys). Every sample-aligned array is chunked
+along the sample axis only, ``chunk`` samples per chunk, so one build task owns one chunk of every
+array and tasks never write the same object. A task writes its data arrays, then ``reason`` and
+``status``, and *last* ``chunk_done[c] = 1`` (its own (1,)-chunked object): a chunk whose
+``chunk_done`` is 0 is redone on resume, whatever it holds.
+
+Arrays (N samples, H = W = ``image_size``, U = ``uv_size``, K = ``n_tex``):
+
+====================  ===================  =======  ==================================================
+name                  shape                dtype    meaning
+====================  ===================  =======  ==================================================
+image                 (N, H, W, 3)         uint8    the photo at the working resolution, RGB
+face_mask             (N, H, W)            bool     face pixels (not occluded)
+uv_gt                 (N, U, U, 3)         uint8    incomplete UV texture unwrapped from the photo
+uv_gt_mask            (N, U, U)            bool     observed texels of ``uv_gt``
+uv_bl                 (N, U, U, 3)         uint8    blended complete UV texture (pseudo ground truth)
+uv_source             (N, U, U)            uint8    per-texel source label of ``uv_bl`` (blend stage)
+params                (N, 62)              float32  3DDFA 62-parameter fit (see common.geometry)
+pose                  (N, 3)               float32  yaw, pitch, roll in degrees
+tex_coeff             (N, K)               float32  texture-basis coefficients (Eq. 8)
+uv_ctr, uv_ctr_mask   (N, hc, wc, 3 | -)   u8/bool  centre crop (Section 3.4) and its mask
+ctr_valid             (N,)                 bool     the sample yields a centre crop
+uv_sd, uv_sd_mask     (N, hs, ws, 3 | -)   u8/bool  side crop and its mask
+sd_valid              (N,)                 bool     the sample yields a side crop
+uv_true               (N, U, U, 3)         uint8    synthetic stores only: the exact UV texture
+status                (N,)                 uint8    PENDING / OK / FAILED
+reason                (N,)                 uint8    :class:`Reason` of a failed sample, 0 otherwise
+chunk_done            (n_chunks,)          uint8    1 once chunk c is completely written
+manifest_path         (N,)                 str      source key of sample i (variable-length UTF-8)
+manifest_size         (N,)                 int64    its size in bytes
+manifest_mtime        (N,)                 float64  its modification time (POSIX seconds)
+====================  ===================  =======  ==================================================
+
+Float arrays are filled with NaN, everything else with 0 (``status`` 0 is PENDING), so an OK sample
+whose float arrays were never written shows up in :meth:`StoreReader.validate`.
+
+The build lock is a JSON file ``.uvprep-build.lock`` inside the store directory, created with
+``O_CREAT | O_EXCL`` (atomic on local and POSIX network file systems). Object stores (``s3://`` and
+other URLs) have no atomic create here: :func:`acquire_build_lock` refuses them; run one build per
+store there. While the lock exists, listing the group's members with zarr warns about one
+unrecognised object; the lock is removed when the build ends.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import getpass
+import hashlib
+import json
+import os
+import socket
+import struct
+import uuid
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, fields
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import zarr
+
+SCHEMA_VERSION = 1
+"""Bumped whenever an array, dtype, shape rule or attribute changes meaning; old stores are then refused."""
+N_PARAMS = 62
+LOCK_NAME = ".uvprep-build.lock"
+
+
+class Status(enum.IntEnum):
+    """Per-sample processing state stored in ``status`` (uint8)."""
+
+    PENDING = 0
+    OK = 1
+    FAILED = 2
+
+
+PENDING, OK, FAILED = Status.PENDING, Status.OK, Status.FAILED
+
+
+class Reason(enum.IntEnum):
+    """Why a sample failed, stored in ``reason`` (uint8). Values are part of the schema: never renumber."""
+
+    NONE = 0
+    READ_ERROR = 1
+    NOT_AN_IMAGE = 2
+    DECODE_ERROR = 3
+    TRUNCATED = 4
+    UNSUPPORTED_MODE = 5
+    TOO_SMALL = 6
+    BAD_ANNOTATION = 7
+    NO_FACE = 20
+    FIT_DIVERGED = 21
+    NAN = 22
+    LOW_COVERAGE = 23
+    STAGE_ERROR = 40
+
+    @property
+    def short(self) -> str:
+        """Short lower-case name, e.g. ``"no_face"``."""
+        return self.name.lower()
+
+    @property
+    def description(self) -> str:
+        return _REASON_TEXT[self]
+
+    @classmethod
+    def from_short(cls, name: str) -> Reason:
+        """Inverse of :attr:`short`; raises ValueError listing the known names."""
+        try:
+            return cls[name.upper()]
+        except KeyError:
+            raise ValueError(f"unknown failure reason {name!r}; known: {', '.join(r.short for r in cls)}") from None
+
+
+_REASON_TEXT = {
+    Reason.NONE: "no failure",
+    Reason.READ_ERROR: "the file could not be read (missing, permission denied, I/O error)",
+    Reason.NOT_AN_IMAGE: "the bytes are not in any image format we read (empty, text, unknown signature)",
+    Reason.DECODE_ERROR: "an image signature, but the decoder rejected the data (corrupt)",
+    Reason.TRUNCATED: "the file ends early (no JPEG EOI after the last scan / no PNG IEND chunk)",
+    Reason.UNSUPPORTED_MODE: "decoded, but the pixel type or channel count is not one we convert",
+    Reason.TOO_SMALL: "decoded, but the image is smaller than the source's min_size",
+    Reason.BAD_ANNOTATION: "the sample's annotation file (e.g. AFLW2000 .mat) is missing or malformed",
+    Reason.NO_FACE: "the detector found no face",
+    Reason.FIT_DIVERGED: "the 3DMM fit did not converge or left the image",
+    Reason.NAN: "a stage produced NaN or infinite values",
+    Reason.LOW_COVERAGE: "too few UV texels were observed to be useful",
+    Reason.STAGE_ERROR: "a stage raised an unexpected exception (see the build log)",
+}
+
+_COMPRESSORS = ("zstd", "blosc-zstd", "blosc-lz4", "none")
+
+
+class StoreMismatch(ValueError):
+    """An existing store was built with different settings than this run."""
+
+
+class StoreLocked(RuntimeError):
+    """Another build holds the store's build lock."""
+
+
+# ------------------------------------------------------------------------------------------ layout
+@dataclass(frozen=True)
+class StoreLayout:
+    """Shapes and storage settings of a store (recorded in its attributes)."""
+
+    n_samples: int
+    """N: samples (manifest entries) in the store."""
+    image_size: int
+    """H = W: working resolution of ``image`` and ``face_mask``."""
+    uv_size: int
+    """U: side of the UV maps."""
+    ctr_shape: tuple[int, int]
+    """(hc, wc) of the centre crop (``preprocess.crops.CropLayout.ctr_region.shape``)."""
+    sd_shape: tuple[int, int]
+    """(hs, ws) of the side crop."""
+    n_tex: int
+    """K: texture-basis coefficients per sample."""
+    chunk: int = 64
+    """Samples per chunk (one build task writes one chunk)."""
+    has_truth: bool = False
+    """Synthetic stores also hold ``uv_true``."""
+    compressor: str = "zstd"
+    """One of zstd | blosc-zstd | blosc-lz4 | none."""
+    clevel: int = 3
+    """Compression level (zstd 1..22, blosc 1..9)."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "ctr_shape", tuple(int(v) for v in self.ctr_shape))
+        object.__setattr__(self, "sd_shape", tuple(int(v) for v in self.sd_shape))
+        for name in ("n_samples", "image_size", "uv_size", "chunk"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"StoreLayout.{name}: expected >= 1, found {getattr(self, name)}")
+        if self.n_tex < 0:
+            raise ValueError(f"StoreLayout.n_tex: expected >= 0, found {self.n_tex}")
+        for name in ("ctr_shape", "sd_shape"):
+            shp = getattr(self, name)
+            if len(shp) != 2 or min(shp) < 1:
+                raise ValueError(f"StoreLayout.{name}: expected two positive sizes, found {shp}")
+        if self.compressor not in _COMPRESSORS:
+            raise ValueError(f"StoreLayout.compressor: expected one of {', '.join(_COMPRESSORS)}, "
+                             f"found {self.compressor!r}")
+        top = 22 if self.compressor == "zstd" else 9
+        if self.compressor != "none" and not 1 <= self.clevel <= top:
+            raise ValueError(f"StoreLayout.clevel: {self.compressor} takes 1..{top}, found {self.clevel}")
+
+    @property
+    def n_chunks(self) -> int:
+        return -(-self.n_samples // self.chunk)
+
+    def chunk_bounds(self, chunk_index: int) -> tuple[int, int]:
+        """Sample range [start, stop) of chunk ``chunk_index``."""
+        if not 0 <= chunk_index < self.n_chunks:
+            raise IndexError(f"chunk index {chunk_index} out of range: the store has {self.n_chunks} chunks")
+        start = chunk_index * self.chunk
+        return start, min(start + self.chunk, self.n_samples)
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["ctr_shape"], d["sd_shape"] = list(self.ctr_shape), list(self.sd_shape)
+        return d
+
+    @classmethod
+    def from_json(cls, d: Mapping) -> StoreLayout:
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"store layout has unknown fields {sorted(unknown)}; written by a newer uvtex?")
+        return cls(**{k: tuple(v) if k.endswith("_shape") else v for k, v in d.items()})
+
+
+class ArraySpec(NamedTuple):
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    chunks: tuple[int, ...]
+
+
+ARRAY_DOCS = {
+    "image": "photo at the working resolution, (N, H, W, 3) uint8 RGB",
+    "face_mask": "face pixels, (N, H, W) bool",
+    "uv_gt": "incomplete UV texture from the photo, (N, U, U, 3) uint8 RGB",
+    "uv_gt_mask": "observed texels of uv_gt, (N, U, U) bool",
+    "uv_bl": "blended complete UV texture, (N, U, U, 3) uint8 RGB",
+    "uv_source": "per-texel source label of uv_bl, (N, U, U) uint8",
+    "params": "62 3DMM parameters [sR|t](12) id(40) exp(10), (N, 62) float32",
+    "pose": "yaw, pitch, roll in degrees, (N, 3) float32",
+    "tex_coeff": "texture-basis coefficients, (N, K) float32",
+    "uv_ctr": "centre UV crop, (N, hc, wc, 3) uint8",
+    "uv_ctr_mask": "centre crop mask, (N, hc, wc) bool",
+    "ctr_valid": "sample yields a centre crop, (N,) bool",
+    "uv_sd": "side UV crop (mirrored to the face's left), (N, hs, ws, 3) uint8",
+    "uv_sd_mask": "side crop mask, (N, hs, ws) bool",
+    "sd_valid": "sample yields a side crop, (N,) bool",
+    "uv_true": "synthetic ground-truth UV texture, (N, U, U, 3) uint8",
+    "status": "0 pending, 1 ok, 2 failed, (N,) uint8",
+    "reason": "failure reason code (common.store.Reason), (N,) uint8",
+    "chunk_done": "1 once the chunk is completely written, (n_chunks,) uint8",
+    "manifest_path": "source key of each sample, (N,) variable-length UTF-8",
+    "manifest_size": "source file size in bytes, (N,) int64",
+    "manifest_mtime": "source modification time in POSIX seconds, (N,) float64",
+}
+
+MANIFEST_ARRAYS = ("manifest_path", "manifest_size", "manifest_mtime")
+_MANIFEST_CHUNK = 65536
+
+
+def array_specs(layout: StoreLayout) -> dict[str, ArraySpec]:
+    """Every sample-aligned array of the schema plus ``chunk_done``: name -> (shape, dtype, chunks).
+
+    Sample-aligned arrays are chunked ``(chunk, *full_rest)``; ``chunk_done`` is chunked (1,).
+    The manifest arrays are described by :func:`manifest_specs`.
+    """
+    n, h, u, k, c = layout.n_samples, layout.image_size, layout.uv_size, layout.n_tex, layout.chunk
+    hc, wc = layout.ctr_shape
+    hs, ws = layout.sd_shape
+    u8, b, f4 = np.dtype(np.uint8), np.dtype(bool), np.dtype(np.float32)
+    rest: dict[str, tuple[tuple[int, ...], np.dtype]] = {
+        "image": ((h, h, 3), u8), "face_mask": ((h, h), b),
+        "uv_gt": ((u, u, 3), u8), "uv_gt_mask": ((u, u), b), "uv_bl": ((u, u, 3), u8), "uv_source": ((u, u), u8),
+        "params": ((N_PARAMS,), f4), "pose": ((3,), f4), "tex_coeff": ((k,), f4),
+        "uv_ctr": ((hc, wc, 3), u8), "uv_ctr_mask": ((hc, wc), b), "ctr_valid": ((), b),
+        "uv_sd": ((hs, ws, 3), u8), "uv_sd_mask": ((hs, ws), b), "sd_valid": ((), b),
+    }
+    if layout.has_truth:
+        rest["uv_true"] = ((u, u, 3), u8)
+    rest["status"] = ((), u8)
+    rest["reason"] = ((), u8)
+    specs = {name: ArraySpec((n, *shp), dt, (min(c, n), *shp)) for name, (shp, dt) in rest.items()}
+    specs["chunk_done"] = ArraySpec((layout.n_chunks,), u8, (1,))
+    return specs
+
+
+def manifest_specs(layout: StoreLayout) -> dict[str, ArraySpec]:
+    """The manifest arrays: name -> (shape, dtype, chunks); ``manifest_path`` has dtype ``str`` (VLen UTF-8)."""
+    n = layout.n_samples
+    ch = (min(n, _MANIFEST_CHUNK),)
+    return {"manifest_path": ArraySpec((n,), np.dtype(object), ch),
+            "manifest_size": ArraySpec((n,), np.dtype(np.int64), ch),
+            "manifest_mtime": ArraySpec((n,), np.dtype(np.float64), ch)}
+
+
+def _compressors(layout: StoreLayout):
+    if layout.compressor == "none":
+        return None
+    if layout.compressor == "zstd":
+        return (zarr.codecs.ZstdCodec(level=layout.clevel),)
+    cname = layout.compressor.split("-", 1)[1]
+    return (zarr.codecs.BloscCodec(cname=cname, clevel=layout.clevel, shuffle="shuffle"),)
+
+
+def _fill(dtype: np.dtype):
+    return np.nan if dtype.kind == "f" else (False if dtype.kind == "b" else 0)
+
+
+# ---------------------------------------------------------------------------------------- manifest
+def manifest_sha256(paths: Iterable[str], sizes: Iterable[int], mtimes: Iterable[float]) -> str:
+    """Stable hex sha256 of a manifest: per entry ``utf8(path) 0x00 int64-le(size) float64-le(mtime)``, in order."""
+    h = hashlib.sha256()
+    for p, s, m in zip(paths, sizes, mtimes, strict=True):
+        h.update(str(p).encode("utf-8") + b"\0" + struct.pack("<qd", int(s), float(m)))
+    return h.hexdigest()
+
+
+def _manifest_arrays(manifest) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Accept ``(paths, sizes, mtimes)`` or an object with ``to_arrays()`` (``preprocess.sources.Manifest``)."""
+    if hasattr(manifest, "to_arrays"):
+        manifest = manifest.to_arrays()
+    try:
+        paths, sizes, mtimes = manifest
+    except (TypeError, ValueError):
+        raise TypeError("manifest: expected (paths, sizes, mtimes) or an object with to_arrays(), found "
+                        f"{type(manifest).__name__}") from None
+    paths = np.asarray([str(p) for p in paths], dtype=object)
+    sizes, mtimes = np.asarray(sizes, np.int64), np.asarray(mtimes, np.float64)
+    if not len(paths) == len(sizes) == len(mtimes):
+        raise ValueError(f"manifest: {len(paths)} paths, {len(sizes)} sizes and {len(mtimes)} mtimes differ")
+    return paths, sizes, mtimes
+
+
+# ------------------------------------------------------------------------------------------ create
+_REQUIRED_ATTRS = ("config", "face_model_hash", "texture_basis_hash")
+_RESERVED_ATTRS = ("schema_version", "layout", "manifest", "created", "package_version")
+
+
+def _package_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("uvtex")
+    except Exception:  # noqa: BLE001 - not installed as a distribution
+        return "unknown"
+
+
+def _check_attrs(attrs: Mapping) -> dict:
+    missing = [k for k in _REQUIRED_ATTRS if k not in attrs]
+    if missing:
+        raise ValueError(f"store attrs: missing {missing}; expected at least {list(_REQUIRED_ATTRS)} "
+                         f"(config: the JSON-able build config, the two hashes: fingerprints of the models)")
+    reserved = [k for k in _RESERVED_ATTRS if k in attrs]
+    if reserved:
+        raise ValueError(f"store attrs: {reserved} are set by common.store itself; remove them")
+    if not isinstance(attrs["config"], Mapping):
+        raise TypeError(f"store attrs['config']: expected a dict, found {type(attrs['config']).__name__}")
+    try:
+        return json.loads(json.dumps(dict(attrs)))
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"store attrs must be JSON-able (dicts, lists, str, numbers, bool, None): {e}") from None
+
+
+def _is_url(path) -> bool:
+    return isinstance(path, str) and "://" in path and not path.startswith("file://")
+
+
+def _local(path) -> Path | None:
+    if isinstance(path, (str, os.PathLike)) and not _is_url(path):
+        s = os.fspath(path)
+        return Path(s[len("file://"):] if s.startswith("file://") else s)
+    return None
+
+
+def _store_arg(path):
+    local = _local(path)
+    return str(local) if local is not None else path
+
+
+def _exists(path) -> bool:
+    local = _local(path)
+    if local is not None:
+        return (local / "zarr.json").is_file()
+    try:
+        zarr.open_group(path, mode="r")
+        return True
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError):
+        return False
+
+
+def create_store(path, layout: StoreLayout, attrs: Mapping, manifest, overwrite: bool = False) -> zarr.Group:
+    """Create an empty store: every array of the schema (all samples PENDING) and the root attributes.
+
+    attrs: JSON-able dict with at least ``config`` (the build config as a dict), ``face_model_hash``
+    and ``texture_basis_hash``; other keys (model names, source kind, ...) are stored as given.
+    manifest: ``(paths, sizes, mtimes)`` with ``layout.n_samples`` entries, or an object with
+    ``to_arrays()``. Sample ``i`` of the store is manifest entry ``i``.
+    An existing store is refused unless ``overwrite``; then its arrays are deleted and recreated
+    (other files, like a held build lock, stay). A non-Zarr folder is never overwritten.
+    """
+    user = _check_attrs(attrs)
+    paths, sizes, mtimes = _manifest_arrays(manifest)
+    if len(paths) != layout.n_samples:
+        raise ValueError(f"manifest has {len(paths)} entries, the layout {layout.n_samples} samples")
+    local = _local(path)
+    if _exists(path):
+        if not overwrite:
+            raise FileExistsError(f"{path} already holds a store; resume it with open_for_build or pass "
+                                  f"--overwrite to rebuild")
+        group = zarr.open_group(_store_arg(path), mode="r+")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", zarr.errors.ZarrUserWarning)
+            members = list(group.keys())
+        for name in members:
+            del group[name]
+    else:
+        if local is not None and local.exists() and (not local.is_dir() or _non_lock_entries(local)):
+            raise FileExistsError(f"{path} exists and is not a Zarr store; refusing to write into it "
+                                  f"(choose another --out or remove it yourself)")
+        group = zarr.open_group(_store_arg(path), mode="a")
+    comp = _compressors(layout)
+    for name, spec in array_specs(layout).items():
+        a = group.create_array(name, shape=spec.shape, dtype=spec.dtype, chunks=spec.chunks,
+                               fill_value=_fill(spec.dtype), compressors=comp if name != "chunk_done" else None,
+                               attributes={"description": ARRAY_DOCS[name]})
+        del a
+    for name, spec in manifest_specs(layout).items():
+        dtype = str if name == "manifest_path" else spec.dtype
+        group.create_array(name, shape=spec.shape, dtype=dtype, chunks=spec.chunks, fill_value=_fill(spec.dtype)
+                           if name != "manifest_path" else "", compressors=(zarr.codecs.ZstdCodec(level=3),),
+                           attributes={"description": ARRAY_DOCS[name]})
+    group["manifest_path"][:] = paths
+    group["manifest_size"][:] = sizes
+    group["manifest_mtime"][:] = mtimes
+    root = {"schema_version": SCHEMA_VERSION, "layout": layout.to_json(), **user,
+            "manifest": {"count": int(len(paths)), "sha256": manifest_sha256(paths, sizes, mtimes)},
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "package_version": _package_version()}
+    group.attrs.put(root)
+    return group
+
+
+def _non_lock_entries(folder: Path) -> list[str]:
+    return [p.name for p in folder.iterdir() if p.name != LOCK_NAME]
+
+
+def _flat(d, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(d, Mapping):
+        return {prefix: d}
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
+def _short(v) -> str:
+    s = json.dumps(v) if not isinstance(v, str) else v
+    return s if len(s) <= 80 else s[:77] + "..."
+
+
+def _differences(stored: Mapping, layout: StoreLayout, user: Mapping, m_count: int, m_sha: str) -> list[str]:
+    diffs = []
+    if stored.get("schema_version") != SCHEMA_VERSION:
+        diffs.append(f"schema_version: store {stored.get('schema_version')}, this code {SCHEMA_VERSION}")
+    want = {"layout": layout.to_json(), "config": user["config"]}
+    want.update({k: user[k] for k in user if k != "config"})
+    for top, value in want.items():
+        a, b = _flat(stored.get(top), top), _flat(value, top)
+        for key in sorted(set(a) | set(b)):
+            old, new = a.get(key, "<absent>"), b.get(key, "<absent>")
+            if old != new:
+                diffs.append(f"{key}: store {_short(old)}, this run {_short(new)}")
+    sm = stored.get("manifest", {})
+    if sm.get("sha256") != m_sha:
+        diffs.append(f"manifest: store {sm.get('count')} entries (sha256 {str(sm.get('sha256'))[:12]}...), "
+                     f"this run {m_count} entries (sha256 {m_sha[:12]}...)")
+    return diffs
+
+
+def open_for_build(path, layout: StoreLayout, attrs: Mapping, manifest) -> zarr.Group:
+    """Open an existing store to resume a build; raise :class:`StoreMismatch` unless it was built the same way.
+
+    Compared: schema version, every layout field, every (nested) config key, the face-model and
+    texture-basis hashes (and any other attrs given) and the manifest hash. The message names each
+    differing field with both values, and, for the manifest, how many entries were added / removed /
+    changed.
+    """
+    user = _check_attrs(attrs)
+    paths, sizes, mtimes = _manifest_arrays(manifest)
+    if not _exists(path):
+        raise FileNotFoundError(f"no store at {path}; create it with create_store")
+    group = zarr.open_group(_store_arg(path), mode="r+")
+    stored = dict(group.attrs)
+    sha = manifest_sha256(paths, sizes, mtimes)
+    diffs = _differences(stored, layout, user, len(paths), sha)
+    if any(d.startswith("manifest:") for d in diffs) and all(n in group for n in MANIFEST_ARRAYS):
+        old = (group["manifest_path"][:], group["manifest_size"][:], group["manifest_mtime"][:])
+        added, removed, changed = _manifest_diff((paths, sizes, mtimes), old)
+        diffs[-1] += (f": {len(added)} added, {len(removed)} removed, {len(changed)} changed"
+                      + (f" (e.g. {(added + removed + changed)[0]})" if added or removed or changed else ""))
+    if diffs:
+        raise StoreMismatch(f"{path} was built with different settings than this run:\n  - "
+                            + "\n  - ".join(diffs) + "\npass --overwrite to rebuild")
+    return group
+
+
+def _manifest_diff(new, old) -> tuple[list[str], list[str], list[str]]:
+    """(added, removed, changed) keys of manifest ``new`` relative to ``old``; each is (paths, sizes, mtimes)."""
+    a = {str(p): (int(s), float(m)) for p, s, m in zip(*new, strict=True)}
+    b = {str(p): (int(s), float(m)) for p, s, m in zip(*old, strict=True)}
+    return (sorted(set(a) - set(b)), sorted(set(b) - set(a)), sorted(k for k in set(a) & set(b) if a[k] != b[k]))
+
+
+# -------------------------------------------------------------------------------------------- lock
+@dataclass(frozen=True)
+class BuildLock:
+    """A held build lock; release it (or use it as a context manager) when the build ends."""
+
+    path: str
+    """The lock file."""
+    info: dict
+    """What the lock file holds: pid, host, user, owner, started, token."""
+
+    def release(self) -> None:
+        """Remove the lock file if it is still ours (a lock taken over by someone else is left alone)."""
+        held = _read_lock(Path(self.path))
+        if held is not None and held.get("token") == self.info["token"]:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
+
+    def __enter__(self) -> BuildLock:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def _read_lock(lock: Path) -> dict | None:
+    try:
+        return json.loads(lock.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return {"pid": -1, "host": "?", "started": "?", "note": "unreadable lock file"}
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    return True
+
+
+def _lock_path(path) -> Path:
+    local = _local(path)
+    if local is None:
+        raise NotImplementedError(f"build lock: {path} is not a local path; object stores have no atomic "
+                                  f"create-if-absent here, so run a single build per store there (no lock)")
+    return local / LOCK_NAME
+
+
+def read_build_lock(path) -> dict | None:
+    """The current holder of the store's build lock (pid, host, user, owner, started), or None."""
+    return _read_lock(_lock_path(path))
+
+
+def _try_create(lock: Path, info: dict) -> bool:
+    try:
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "w") as f:
+        json.dump(info, f)
+        f.flush()
+        os.fsync(f.fileno())
+    return True
+
+
+def acquire_build_lock(path, owner: str = "uvprep build") -> BuildLock:
+    """Take the store's build lock (creating the store folder if needed) or raise :class:`StoreLocked`.
+
+    A lock whose holder ran on this host and whose pid is no longer alive is stale and taken over
+    (moved aside atomically with ``os.rename``, so of two processes taking over only one wins).
+    A lock from another host cannot be checked: the message says how to clear it by hand.
+    """
+    lock = _lock_path(path)
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    host = socket.gethostname()
+    info = {"pid": os.getpid(), "host": host, "user": _user(), "owner": owner,
+            "started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "token": uuid.uuid4().hex}
+    for _ in range(3):
+        if _try_create(lock, info):
+            return BuildLock(str(lock), info)
+        held = _read_lock(lock)
+        if held is None:
+            continue  # released meanwhile
+        if held.get("host") == host and not _pid_alive(int(held.get("pid", -1))):
+            aside = lock.with_name(f"{LOCK_NAME}.stale-{info['token']}")
+            try:
+                os.rename(lock, aside)
+            except FileNotFoundError:
+                continue  # someone else moved it first
+            moved = _read_lock(aside)
+            if moved is not None and moved.get("token") != held.get("token"):
+                # we moved a fresh lock taken in between: put it back and report it as the holder
+                os.rename(aside, lock)
+                held = moved
+                break
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(aside)
+            continue
+        break
+    if held is None:
+        raise StoreLocked(f"could not take the build lock {lock}: it kept changing hands; try again")
+    raise StoreLocked(
+        f"{path} is being built by pid {held.get('pid')} on {held.get('host')} (user {held.get('user', '?')}, "
+        f"{held.get('owner', '?')}, started {held.get('started')}). Wait for it to finish. If that build is dead "
+        f"(e.g. its machine crashed), delete {lock} and run again; a lock from this host whose process has "
+        f"exited is taken over automatically.")
+
+
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except Exception:  # noqa: BLE001 - no passwd entry in some containers
+        return "?"
+
+
+# ------------------------------------------------------------------------------------------- write
+def _open(path_or_group, mode: str) -> zarr.Group:
+    if isinstance(path_or_group, zarr.Group):
+        return path_or_group
+    return zarr.open_group(_store_arg(path_or_group), mode=mode)
+
+
+def layout_of(group: zarr.Group) -> StoreLayout:
+    """The :class:`StoreLayout` recorded in a store's attributes (refuses other schema versions)."""
+    attrs = group.attrs
+    ver = attrs.get("schema_version")
+    if ver != SCHEMA_VERSION:
+        raise StoreMismatch(f"store schema version {ver}, this code reads version {SCHEMA_VERSION}; "
+                            f"rebuild the store with this version (pass --overwrite)")
+    return StoreLayout.from_json(attrs["layout"])
+
+
+def _coerce(name: str, value, spec: ArraySpec, n: int) -> np.ndarray:
+    a = np.asarray(value)
+    want = (n, *spec.shape[1:])
+    if a.shape != want:
+        raise ValueError(f"write_chunk: {name} expected shape {want}, found {a.shape}")
+    dt = spec.dtype
+    if dt.kind == "b" and a.dtype.kind != "b":
+        raise TypeError(f"write_chunk: {name} is a bool mask, found {a.dtype}; pass a bool array")
+    if dt.kind in "ui" and a.dtype.kind not in "ui":
+        raise TypeError(f"write_chunk: {name} is {dt}, found {a.dtype}; convert images with "
+                        f"common.imageio.to_uint8 first")
+    if dt.kind in "ui" and a.size and (a.min() < np.iinfo(dt).min or a.max() > np.iinfo(dt).max):
+        raise ValueError(f"write_chunk: {name} values must lie in [{np.iinfo(dt).min}, {np.iinfo(dt).max}], "
+                         f"found [{a.min()}, {a.max()}]")
+    if dt.kind == "f" and a.dtype.kind not in "fiub":
+        raise TypeError(f"write_chunk: {name} is {dt}, found {a.dtype}")
+    return a.astype(dt, copy=False)
+
+
+def write_chunk(path_or_group, chunk_index: int, arrays: Mapping[str, np.ndarray]) -> None:
+    """Write one chunk-aligned region (samples ``chunk_bounds(chunk_index)``), then mark it done.
+
+    path_or_group: the store path or URL (workers should pass the path: the store is opened here, so
+    nothing zarr-related is pickled) or an open group. arrays: name -> (n, ...) values for the n
+    samples of the chunk, dtypes as in :func:`array_specs` (integers and floats are range-checked and
+    cast; masks must be bool). ``status`` is required and must be OK or FAILED for every sample;
+    ``reason`` is required when any sample failed (default 0). Arrays not given keep their fill
+    value. Order: data arrays, ``reason``, ``status``, and last ``chunk_done[chunk_index] = 1``.
+    All checks run before anything is written.
+    """
+    group = _open(path_or_group, "r+")
+    layout = layout_of(group)
+    specs = array_specs(layout)
+    start, stop = layout.chunk_bounds(int(chunk_index))
+    n = stop - start
+    unknown = sorted(set(arrays) - (set(specs) - {"chunk_done"}))
+    if unknown:
+        raise KeyError(f"write_chunk: unknown arrays {unknown}; the schema has "
+                       f"{sorted(set(specs) - {'chunk_done'})}")
+    if "status" not in arrays:
+        raise KeyError("write_chunk: 'status' is required (OK or FAILED for every sample of the chunk)")
+    data = {k: _coerce(k, v, specs[k], n) for k, v in arrays.items()}
+    status = data["status"]
+    if not np.isin(status, (OK, FAILED)).all():
+        raise ValueError(f"write_chunk: status must be OK (1) or FAILED (2) for every sample, found "
+                         f"{sorted(set(np.unique(status).tolist()))}")
+    reason = data.setdefault("reason", np.zeros(n, np.uint8))
+    known = [r.value for r in Reason]
+    if not np.isin(reason, known).all():
+        raise ValueError(f"write_chunk: unknown reason codes {sorted(set(reason.tolist()) - set(known))}")
+    if ((status == FAILED) & (reason == Reason.NONE)).any() or ((status == OK) & (reason != Reason.NONE)).any():
+        raise ValueError("write_chunk: failed samples need a reason != 0 and OK samples reason 0")
+    for name in sorted(set(data) - {"status", "reason"}):
+        group[name][start:stop] = data[name]
+    group["reason"][start:stop] = reason
+    group["status"][start:stop] = status
+    group["chunk_done"][chunk_index] = 1
+
+
+def completed_chunks(path_or_group) -> np.ndarray:
+    """(n_chunks,) bool: chunks whose writer finished (``chunk_done == 1``)."""
+    return _open(path_or_group, "r")["chunk_done"][:] == 1
+
+
+# -------------------------------------------------------------------------------------------- read
+class StoreReader:
+    """Read-only access to a finished or partial store (local path or a URL zarr understands)."""
+
+    def __init__(self, path) -> None:
+        self.path = path
+        self.group = zarr.open_group(_store_arg(path), mode="r")
+        self.layout = layout_of(self.group)
+
+    def __len__(self) -> int:
+        return self.layout.n_samples
+
+    def __repr__(self) -> str:
+        return f"StoreReader({self.path!r}, n={len(self)}, image_size={self.layout.image_size})"
+
+    @property
+    def attrs(self) -> dict:
+        return dict(self.group.attrs)
+
+    @property
+    def names(self) -> list[str]:
+        """Sample-aligned array names (everything :meth:`sample` returns besides ``index`` and ``path``)."""
+        return [k for k in array_specs(self.layout) if k != "chunk_done"]
+
+    def status(self) -> np.ndarray:
+        return self.group["status"][:]
+
+    def ok_indices(self) -> np.ndarray:
+        """(n_ok,) int64 indices of samples with status OK, ascending."""
+        return np.flatnonzero(self.status() == OK)
+
+    def paths(self) -> np.ndarray:
+        """(N,) source keys (manifest order)."""
+        return np.asarray(self.group["manifest_path"][:], dtype=object)
+
+    def sample(self, i: int, names: Sequence[str] | None = None) -> dict[str, Any]:
+        """All arrays (or ``names``) of sample ``i`` with its leading axis dropped, plus ``index`` and ``path``."""
+        n = len(self)
+        if not -n <= i < n:
+            raise IndexError(f"sample {i} out of range for a store of {n} samples")
+        i = int(i) % n
+        out: dict[str, Any] = {k: self.group[k][i] for k in self._names(names)}
+        out["index"], out["path"] = i, str(self.group["manifest_path"][i])
+        return out
+
+    def batch(self, indices, names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        """Arrays (or ``names``) for ``indices`` (any order, repeats allowed): name -> (len(indices), ...)."""
+        idx = np.asarray(indices, np.int64).reshape(-1)
+        if idx.size and (idx.min() < 0 or idx.max() >= len(self)):
+            raise IndexError(f"batch indices must lie in [0, {len(self)}), found [{idx.min()}, {idx.max()}]")
+        uniq, inv = np.unique(idx, return_inverse=True)
+        out = {k: self.group[k].get_orthogonal_selection((uniq,))[inv] for k in self._names(names)}
+        out["index"] = idx
+        return out
+
+    def _names(self, names) -> list[str]:
+        if names is None:
+            return self.names
+        bad = sorted(set(names) - set(self.names))
+        if bad:
+            raise KeyError(f"unknown arrays {bad}; the store has {self.names}")
+        return list(names)
+
+    def counts(self) -> dict[str, Any]:
+        """{"ok", "failed", "pending", "failed_by_reason": {short name: n}, "chunks_done", "n_chunks"}."""
+        st, rs = self.status(), self.group["reason"][:]
+        by = {Reason(int(r)).short if int(r) in Reason._value2member_map_ else f"unknown_{int(r)}": int(c)
+              for r, c in zip(*np.unique(rs[st == FAILED], return_counts=True), strict=True)}
+        return {"ok": int((st == OK).sum()), "failed": int((st == FAILED).sum()), "pending": int((st == PENDING).sum()),
+                "failed_by_reason": by, "chunks_done": int(completed_chunks(self.group).sum()),
+                "n_chunks": self.layout.n_chunks}
+
+    def failures(self) -> list[tuple[int, str, str]]:
+        """(index, source key, reason short name) of every failed sample."""
+        st, rs = self.status(), self.group["reason"][:]
+        idx = np.flatnonzero(st == FAILED)
+        paths = self.group["manifest_path"][idx] if idx.size else []
+        return [(int(i), str(p), Reason(int(rs[i])).short if int(rs[i]) in Reason._value2member_map_ else "?")
+                for i, p in zip(idx, paths, strict=True)]
+
+    def storage(self) -> dict[str, tuple[int, int]]:
+        """name -> (stored bytes, raw bytes) for every array (stored bytes exclude metadata)."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", zarr.errors.ZarrUserWarning)
+            return {k: (int(a.nbytes_stored()), int(a.nbytes)) for k, a in self.group.arrays()}
+
+    def validate(self) -> list[str]:
+        """Problems found (empty when the store is sound): see :func:`validate_store`."""
+        return validate_store(self.group)
+
+
+def _examples(mask: np.ndarray, offset: int = 0, k: int = 5) -> str:
+    idx = np.flatnonzero(mask)[:k] + offset
+    return ", ".join(str(int(i)) for i in idx) + (", ..." if mask.sum() > k else "")
+
+
+def _check_schema(group: zarr.Group, layout: StoreLayout) -> list[str]:
+    problems = []
+    specs = {**array_specs(layout), **manifest_specs(layout)}
+    for name, spec in specs.items():
+        if name not in group:
+            problems.append(f"{name}: missing")
+            continue
+        a = group[name]
+        dtype_ok = (a.dtype.kind in "OTU" or str(a.dtype).startswith("StringDType")) if name == "manifest_path" \
+            else a.dtype == spec.dtype
+        if tuple(a.shape) != spec.shape or not dtype_ok or tuple(a.chunks) != spec.chunks:
+            problems.append(f"{name}: expected shape {spec.shape} {spec.dtype} chunks {spec.chunks}, found "
+                            f"{tuple(a.shape)} {a.dtype} chunks {tuple(a.chunks)}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", zarr.errors.ZarrUserWarning)
+        extra = sorted(set(group.array_keys()) - set(specs))
+    if extra:
+        problems.append(f"unexpected arrays {extra} (not in schema version {SCHEMA_VERSION})")
+    return problems
+
+
+def _check_values(group: zarr.Group, layout: StoreLayout) -> list[str]:
+    problems = []
+    st, rs, done = group["status"][:], group["reason"][:], group["chunk_done"][:]
+    if not np.isin(st, list(Status)).all():
+        problems.append(f"status: values outside {{0, 1, 2}} at samples {_examples(~np.isin(st, list(Status)))}")
+    if not np.isin(done, (0, 1)).all():
+        problems.append("chunk_done: values other than 0 / 1")
+    if not np.isin(rs, [r.value for r in Reason]).all():
+        problems.append(f"reason: unknown codes at samples {_examples(~np.isin(rs, [r.value for r in Reason]))}")
+    if ((st == FAILED) & (rs == 0)).any():
+        problems.append(f"reason: failed samples without a reason: {_examples((st == FAILED) & (rs == 0))}")
+    if ((st == OK) & (rs != 0)).any():
+        problems.append(f"reason: OK samples with a failure reason: {_examples((st == OK) & (rs != 0))}")
+    per_chunk_pending = np.add.reduceat((st == PENDING).astype(np.int64), np.arange(0, len(st), layout.chunk))
+    bad = (done == 1) & (per_chunk_pending > 0)
+    if bad.any():
+        problems.append(f"chunk_done: chunks {_examples(bad)} are marked done but hold PENDING samples")
+    ok = st == OK
+    if ok.any():
+        for name in ("params", "pose", "tex_coeff"):
+            vals = group[name][:]
+            nonfinite = ok & ~np.isfinite(vals.reshape(len(vals), -1)).all(1)
+            if nonfinite.any():
+                problems.append(f"{name}: {int(nonfinite.sum())} OK samples have NaN/inf values: "
+                                f"{_examples(nonfinite)}")
+            if name == "pose":
+                lim = np.array([90.0, 180.0, 180.0], np.float32)
+                with np.errstate(invalid="ignore"):
+                    out = ok & (np.abs(vals) > lim + 1e-3).any(1)
+                if out.any():
+                    problems.append(f"pose: {int(out.sum())} OK samples outside |yaw| <= 90, |pitch|, |roll| <= 180 "
+                                    f"degrees: {_examples(out)}")
+    return problems
+
+
+def validate_store(path_or_group) -> list[str]:
+    """Check a store against the schema; returns human-readable problems (empty list: sound).
+
+    Checks: schema version and attributes; every array present with the schema's shape, dtype and
+    chunks (bool masks are bool by dtype); no unexpected arrays; manifest sorted with unique keys and
+    matching its recorded sha256; status / reason / chunk_done codes valid and consistent (a chunk
+    marked done holds no PENDING sample, failed samples carry a reason); OK samples have finite
+    ``params``, ``pose`` and ``tex_coeff`` and a pose within |yaw| <= 90, |pitch|, |roll| <= 180.
+    Image pixels are not read.
+    """
+    group = _open(path_or_group, "r")
+    try:
+        layout = layout_of(group)
+    except (StoreMismatch, KeyError, ValueError, TypeError) as e:
+        return [f"attributes: {e}"]
+    missing = [k for k in (*_REQUIRED_ATTRS, "manifest", "created") if k not in group.attrs]
+    problems = [f"attributes: missing {missing}"] if missing else []
+    problems += _check_schema(group, layout)
+    if any(p.split(":")[0] in ("status", "reason", "chunk_done", "params", "pose", "tex_coeff") for p in problems):
+        return problems
+    problems += _check_values(group, layout)
+    if not any(p.startswith("manifest") for p in problems):
+        paths = [str(p) for p in group["manifest_path"][:]]
+        if any(a >= b for a, b in zip(paths, paths[1:], strict=False)):
+            problems.append("manifest_path: keys are not sorted and unique")
+        sha = manifest_sha256(paths, group["manifest_size"][:], group["manifest_mtime"][:])
+        if sha != group.attrs.get("manifest", {}).get("sha256"):
+            problems.append("manifest: arrays do not match the recorded sha256 (edited after creation?)")
+    return problems

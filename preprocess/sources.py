@@ -1,0 +1,527 @@
+"""Photo sources for ``uvprep build``: what to process (a manifest) and how to read one sample (decode, no fitting).
+
+Every source is a frozen dataclass with a ``kind``, ``manifest()`` (the sorted list of its samples,
+each with size and modification time, so a resumed build can tell whether the collection changed)
+and ``load(i, manifest) -> SampleInput``. ``load`` never raises for bad data: an unreadable,
+truncated, corrupt or tiny file gives a :class:`SampleInput` with ``image=None`` and a
+:class:`common.store.Reason` in ``failure``, which the build records in the store.
+
+Kinds: ``synthetic`` (the procedural face world with exact ground truth), ``ffhq`` and
+``celeba-hq`` (pre-aligned portraits, a folder or a ``.zip``), ``folder`` (any images, recursive,
+in the wild) and ``aflw2000`` (AFLW2000-3D ``imageXXXXX.jpg`` + ``.mat`` annotations).
+
+Keys are paths relative to the source root with ``/`` separators (zip members likewise, with a
+single top-level folder shared by all members stripped, so ``images1024x1024.zip`` and its
+extracted folder give the same keys). Hidden files and folders (name starting with ``.``, e.g.
+macOS ``._x.jpg``) and ``__MACOSX`` are skipped. Resizing to the working resolution belongs to the
+stage chain; :func:`resize_square` is provided for aligned sources.
+"""
+
+from __future__ import annotations
+
+import calendar
+import dataclasses
+import os
+import zipfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import cv2
+import numpy as np
+
+from common.store import Reason, manifest_sha256
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+GREY = 128
+"""Background that transparent pixels are composited over (mid-grey: neutral for detection and fitting)."""
+
+
+# ---------------------------------------------------------------------------------------- manifest
+@dataclass(frozen=True)
+class ManifestEntry:
+    """One sample of a source: its key (relative path), size in bytes and mtime (POSIX seconds)."""
+
+    path: str
+    size: int
+    mtime: float
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """The samples of a source, sorted by key (unique). Sample ``i`` of a store is ``entries[i]``."""
+
+    entries: tuple[ManifestEntry, ...]
+
+    def __post_init__(self) -> None:
+        ents = tuple(sorted(self.entries, key=lambda e: e.path))
+        dup = [a.path for a, b in zip(ents, ents[1:], strict=False) if a.path == b.path]
+        if dup:
+            raise ValueError(f"manifest: duplicate keys {dup[:5]}")
+        object.__setattr__(self, "entries", ents)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __getitem__(self, i: int) -> ManifestEntry:
+        return self.entries[i]
+
+    def __iter__(self) -> Iterator[ManifestEntry]:
+        return iter(self.entries)
+
+    @property
+    def paths(self) -> list[str]:
+        return [e.path for e in self.entries]
+
+    def to_arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(paths (N,) object str, sizes (N,) int64, mtimes (N,) float64): what the store keeps."""
+        return (np.asarray(self.paths, dtype=object), np.asarray([e.size for e in self.entries], np.int64),
+                np.asarray([e.mtime for e in self.entries], np.float64))
+
+    @classmethod
+    def from_arrays(cls, paths, sizes, mtimes) -> Manifest:
+        return cls(tuple(ManifestEntry(str(p), int(s), float(m)) for p, s, m in zip(paths, sizes, mtimes, strict=True)))
+
+    def sha256(self) -> str:
+        """Stable hex digest of keys, sizes and mtimes (:func:`common.store.manifest_sha256`)."""
+        return manifest_sha256(*self.to_arrays())
+
+    def diff(self, other: Manifest) -> tuple[list[str], list[str], list[str]]:
+        """Keys (added, removed, changed) going from ``other`` (e.g. the store's) to ``self`` (e.g. the disk's).
+
+        changed: in both, with a different size or mtime.
+        """
+        a = {e.path: (e.size, e.mtime) for e in self.entries}
+        b = {e.path: (e.size, e.mtime) for e in other.entries}
+        return sorted(a.keys() - b.keys()), sorted(b.keys() - a.keys()), sorted(k for k in a.keys() & b.keys()
+                                                                                 if a[k] != b[k])
+
+
+# ------------------------------------------------------------------------------------------ sample
+@dataclass(frozen=True, eq=False)
+class SampleInput:
+    """One decoded sample, input to the stage chain.
+
+    image: (H, W, 3) uint8 RGB at the file's resolution, or None when ``failure`` is set.
+    given_params: (62,) float32 known 3DMM parameters (synthetic truth), else None.
+    truth: synthetic only: ``uv_true`` (U, U, 3) uint8, ``uv_visible`` (U, U) bool, ``face_mask``
+    (H, W) bool, ``tex_coeff`` (K,) float32.
+    landmarks: (68, 2) float32 ground-truth landmarks in image pixels (x right, y down, the project's
+    convention: pixel j covers [j, j + 1)), AFLW2000 only.
+    aligned: the image is a pre-aligned portrait (FFHQ, CelebA-HQ); False for photos in the wild.
+    meta: source-specific raw data (AFLW2000: the ``.mat`` fields).
+    """
+
+    index: int
+    key: str
+    image: np.ndarray | None
+    failure: Reason | None = None
+    given_params: np.ndarray | None = None
+    truth: dict[str, np.ndarray] | None = None
+    landmarks: np.ndarray | None = None
+    aligned: bool = False
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.failure is None
+
+
+# ---------------------------------------------------------------------------------------- decoding
+def _sniff(data: bytes) -> str | None:
+    """Image format from the leading bytes, or None."""
+    if data[:3] == b"\xff\xd8\xff":
+        return "jpeg"
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        return "png"
+    if data[:2] == b"BM":
+        return "bmp"
+    if data[:4] in (b"II*\x00", b"MM\x00*"):
+        return "tiff"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "webp"
+    if data[:6] in (b"GIF87a", b"GIF89a"):
+        return "gif"
+    return None
+
+
+def _truncated(fmt: str, data: bytes) -> bool:
+    """JPEG: no EOI marker after the last SOS (entropy-coded data never holds an unstuffed 0xFF 0xDA), or
+    anywhere when there is no SOS; PNG: no IEND chunk. Bytes after EOI / IEND are allowed. Other formats:
+    left to the decoder (cv2 5 rejects truncated files outright; it does not return partial images)."""
+    if fmt == "jpeg":
+        sos = data.rfind(b"\xff\xda")
+        return data.find(b"\xff\xd9", sos + 2 if sos >= 0 else 2) < 0
+    if fmt == "png":
+        return data.rfind(b"IEND\xaeB`\x82") < 0
+    return False
+
+
+def _composite(colour: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    """colour (H, W, C) uint8 over :data:`GREY` with alpha (H, W) uint8 -> (H, W, C) uint8."""
+    a = alpha.astype(np.float32)[..., None] / 255.0
+    return np.clip(colour.astype(np.float32) * a + GREY * (1.0 - a) + 0.5, 0, 255).astype(np.uint8)
+
+
+def _to_rgb8(img: np.ndarray) -> np.ndarray | None:
+    """cv2's decoded array (grey, grey+alpha, BGR or BGRA; uint8 or uint16) -> (H, W, 3) uint8 RGB, or None."""
+    if img.dtype == np.uint16:
+        img = ((img.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
+    if img.dtype != np.uint8:
+        return None
+    if img.ndim == 2:
+        img = img[..., None]
+    if img.ndim != 3 or img.shape[2] not in (1, 2, 3, 4):
+        return None
+    c = img.shape[2]
+    if c in (2, 4):
+        img = _composite(img[..., :c - 1], img[..., c - 1])
+    if img.shape[2] == 1:
+        return np.ascontiguousarray(np.repeat(img, 3, 2))
+    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+
+
+def decode_image(data: bytes, min_size: int = 64) -> tuple[np.ndarray | None, Reason | None]:
+    """Decode image file bytes into (H, W, 3) uint8 RGB; never raises for bad data.
+
+    Returns ``(rgb, None)`` or ``(None, reason)``: NOT_AN_IMAGE (empty, or no known signature:
+    JPEG, PNG, BMP, TIFF, WebP, GIF), TRUNCATED (JPEG without EOI after its last scan, PNG without
+    IEND), DECODE_ERROR (the decoder rejects the data), UNSUPPORTED_MODE (float or other exotic
+    pixel types, more than 4 channels), TOO_SMALL (``min(H, W) < min_size``).
+
+    Conversions: grey -> RGB (replicated); 16-bit -> 8-bit (``round(v / 257)``); alpha (RGBA or grey +
+    alpha, palette PNGs with transparency) is composited over mid-grey 128 rather than dropped, since
+    fully transparent pixels often hold arbitrary colours; palette PNGs are expanded by the decoder.
+    JPEGs are decoded with ``IMREAD_COLOR``, which applies the EXIF orientation (``IMREAD_UNCHANGED``
+    ignores it) and converts CMYK / YCCK (Adobe) to RGB; other formats use ``IMREAD_UNCHANGED``
+    (their EXIF orientation, rare, is not applied).
+    """
+    data = bytes(data) if not isinstance(data, bytes) else data
+    fmt = _sniff(data) if data else None
+    if fmt is None:
+        return None, Reason.NOT_AN_IMAGE
+    if _truncated(fmt, data):
+        return None, Reason.TRUNCATED
+    flag = cv2.IMREAD_COLOR if fmt == "jpeg" else cv2.IMREAD_UNCHANGED
+    try:
+        img = cv2.imdecode(np.frombuffer(data, np.uint8), flag)
+    except (cv2.error, ValueError, MemoryError):
+        img = None
+    if img is None or img.size == 0:
+        return None, Reason.DECODE_ERROR
+    rgb = _to_rgb8(img)
+    if rgb is None:
+        return None, Reason.UNSUPPORTED_MODE
+    if min(rgb.shape[:2]) < min_size:
+        return None, Reason.TOO_SMALL
+    return rgb, None
+
+
+def resize_square(img: np.ndarray, size: int) -> np.ndarray:
+    """Centre-crop an (H, W, C) or (H, W) image to a square and resize it to (size, size, ...).
+
+    Downscaling uses ``cv2.INTER_AREA`` (no aliasing), upscaling ``cv2.INTER_CUBIC``. Same dtype.
+    """
+    if img.ndim not in (2, 3) or min(img.shape[:2]) < 1:
+        raise ValueError(f"resize_square: expected an (H, W) or (H, W, C) image, found shape {img.shape}")
+    if size < 1:
+        raise ValueError(f"resize_square: size must be >= 1, found {size}")
+    h, w = img.shape[:2]
+    s = min(h, w)
+    y0, x0 = (h - s) // 2, (w - s) // 2
+    sq = img[y0:y0 + s, x0:x0 + s]
+    if s == size:
+        return np.ascontiguousarray(sq)
+    interp = cv2.INTER_AREA if s > size else cv2.INTER_CUBIC
+    return cv2.resize(np.ascontiguousarray(sq), (size, size), interpolation=interp)
+
+
+# --------------------------------------------------------------------------------- file collections
+def _is_image(name: str) -> bool:
+    return name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def _hidden(rel: str) -> bool:
+    return any(part.startswith(".") or part == "__MACOSX" for part in rel.split("/"))
+
+
+def _scan_folder(root: Path, keep) -> Manifest:
+    """Every file under ``root`` (recursive, not following linked folders) whose key passes ``keep``."""
+    if not root.is_dir():
+        raise FileNotFoundError(f"no folder at {root}; pass the folder holding the images (or a .zip)")
+    entries = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        rel_dir = Path(dirpath).relative_to(root).as_posix()
+        for name in filenames:
+            rel = name if rel_dir == "." else f"{rel_dir}/{name}"
+            if keep(rel) and not _hidden(rel):
+                st = os.stat(os.path.join(dirpath, name))
+                entries.append(ManifestEntry(rel, int(st.st_size), float(st.st_mtime)))
+    return Manifest(tuple(entries))
+
+
+def _zip_members(zf: zipfile.ZipFile, keep) -> dict[str, zipfile.ZipInfo]:
+    """key -> member for the kept members; a top-level folder shared by all kept members is stripped."""
+    infos = [z for z in zf.infolist() if not z.is_dir() and keep(z.filename) and not _hidden(z.filename)]
+    tops = {z.filename.split("/", 1)[0] for z in infos}
+    strip = len(tops) == 1 and all("/" in z.filename for z in infos)
+    return {(z.filename.split("/", 1)[1] if strip else z.filename): z for z in infos}
+
+
+def _zip_mtime(info: zipfile.ZipInfo) -> float:
+    """Member time stamp as POSIX seconds, read as UTC (zip stores local time without a zone: stable everywhere)."""
+    return float(calendar.timegm((*info.date_time, 0, 0, 0)))
+
+
+@dataclass(frozen=True)
+class _ImageFiles:
+    """Images in a folder (recursive) or a ``.zip``; the base of the photo-collection sources."""
+
+    images: str
+    """Folder or ``.zip`` holding the images."""
+    min_size: int = 64
+    """Images whose shorter side is below this fail with ``too_small``."""
+
+    kind: ClassVar[str] = "files"
+    aligned: ClassVar[bool] = False
+
+    @property
+    def is_zip(self) -> bool:
+        return str(self.images).lower().endswith(".zip")
+
+    def _keep(self, key: str) -> bool:
+        return _is_image(key)
+
+    def manifest(self) -> Manifest:
+        """Sorted image keys with sizes and mtimes (zip: uncompressed size and member time)."""
+        if self.is_zip:
+            if not Path(self.images).is_file():
+                raise FileNotFoundError(f"no zip file at {self.images}")
+            with zipfile.ZipFile(self.images) as zf:
+                members = _zip_members(zf, self._keep)
+            return Manifest(tuple(ManifestEntry(k, int(z.file_size), _zip_mtime(z)) for k, z in members.items()))
+        return _scan_folder(Path(self.images), self._keep)
+
+    def load(self, i: int, manifest: Manifest) -> SampleInput:
+        """Read and decode sample ``i`` of ``manifest`` (see :func:`decode_image`)."""
+        return self.load_many([i], manifest)[0]
+
+    def load_many(self, indices: Sequence[int], manifest: Manifest) -> list[SampleInput]:
+        """:meth:`load` for several samples, opening a zip only once."""
+        if not self.is_zip:
+            return [self._sample(int(i), manifest[int(i)].path, self._read_file(manifest[int(i)].path))
+                    for i in indices]
+        try:
+            zf = zipfile.ZipFile(self.images)
+        except (OSError, zipfile.BadZipFile):
+            return [self._failed(int(i), manifest[int(i)].path, Reason.READ_ERROR) for i in indices]
+        with zf:
+            members = _zip_members(zf, self._keep)
+            out = []
+            for i in indices:
+                key = manifest[int(i)].path
+                data = None
+                if key in members:
+                    try:
+                        data = zf.read(members[key])
+                    except (OSError, zipfile.BadZipFile, EOFError, ValueError):
+                        data = None
+                out.append(self._sample(int(i), key, data))
+            return out
+
+    def _read_file(self, key: str) -> bytes | None:
+        try:
+            return (Path(self.images) / key).read_bytes()
+        except OSError:
+            return None
+
+    def _failed(self, i: int, key: str, reason: Reason) -> SampleInput:
+        return SampleInput(index=i, key=key, image=None, failure=reason, aligned=self.aligned)
+
+    def _sample(self, i: int, key: str, data: bytes | None) -> SampleInput:
+        if data is None:
+            return self._failed(i, key, Reason.READ_ERROR)
+        img, why = decode_image(data, self.min_size)
+        if why is not None:
+            return self._failed(i, key, why)
+        return SampleInput(index=i, key=key, image=img, aligned=self.aligned)
+
+
+@dataclass(frozen=True)
+class FFHQSource(_ImageFiles):
+    """FFHQ: aligned 1024² portraits (``00000/00000.png`` ...) or the 128² thumbnails, a folder or a ``.zip``."""
+
+    kind: ClassVar[str] = "ffhq"
+    aligned: ClassVar[bool] = True
+
+
+@dataclass(frozen=True)
+class CelebAHQSource(_ImageFiles):
+    """CelebA-HQ: a folder (or ``.zip``) of aligned portraits (``0.jpg`` ... ``29999.jpg``, any layout)."""
+
+    kind: ClassVar[str] = "celeba-hq"
+    aligned: ClassVar[bool] = True
+
+
+@dataclass(frozen=True)
+class FolderSource(_ImageFiles):
+    """Any images under a folder (recursive) or in a ``.zip``: photos in the wild (need detection)."""
+
+    kind: ClassVar[str] = "folder"
+    aligned: ClassVar[bool] = False
+
+
+# -------------------------------------------------------------------------------------------- AFLW
+_AFLW_FIELDS = ("Pose_Para", "Shape_Para", "Exp_Para", "pt3d_68")
+
+
+@dataclass(frozen=True)
+class AFLW2000Source:
+    """AFLW2000-3D: ``imageXXXXX.jpg`` with ``imageXXXXX.mat`` (Pose_Para, Shape_Para, Exp_Para, pt3d_68, ...).
+
+    The raw ``.mat`` fields go to ``SampleInput.meta`` (converting them to the 62 parameters is the fit
+    stage's job); ``landmarks`` are ``pt3d_68[:2].T - 0.5`` (68, 2), the 68 ground-truth points in
+    the project's pixel convention (as ``benchmarks/nme_aflw2000.py``). A manifest entry's size is the
+    jpg's plus the mat's, its mtime the later of the two, so editing an annotation counts as a change.
+    """
+
+    images: str
+    """Folder holding the ``.jpg`` / ``.mat`` pairs."""
+    min_size: int = 64
+
+    kind: ClassVar[str] = "aflw2000"
+    aligned: ClassVar[bool] = False
+
+    def manifest(self) -> Manifest:
+        root = Path(self.images)
+        jpgs = _scan_folder(root, lambda k: k.lower().endswith(".jpg"))
+        out = []
+        for e in jpgs:
+            mat = (root / e.path).with_suffix(".mat")
+            st = mat.stat() if mat.is_file() else None
+            out.append(ManifestEntry(e.path, e.size + (st.st_size if st else 0),
+                                     max(e.mtime, float(st.st_mtime)) if st else e.mtime))
+        return Manifest(tuple(out))
+
+    def load(self, i: int, manifest: Manifest) -> SampleInput:
+        key = manifest[int(i)].path
+        jpg = Path(self.images) / key
+        try:
+            data = jpg.read_bytes()
+        except OSError:
+            return SampleInput(index=int(i), key=key, image=None, failure=Reason.READ_ERROR)
+        img, why = decode_image(data, self.min_size)
+        if why is not None:
+            return SampleInput(index=int(i), key=key, image=None, failure=why)
+        meta = _read_aflw_mat(jpg.with_suffix(".mat"))
+        if meta is None:
+            return SampleInput(index=int(i), key=key, image=None, failure=Reason.BAD_ANNOTATION)
+        lm = (np.asarray(meta["pt3d_68"], np.float32)[:2].T - 0.5).astype(np.float32)
+        return SampleInput(index=int(i), key=key, image=img, landmarks=lm, meta=meta)
+
+    def load_many(self, indices: Sequence[int], manifest: Manifest) -> list[SampleInput]:
+        return [self.load(int(i), manifest) for i in indices]
+
+
+def _read_aflw_mat(path: Path) -> dict[str, np.ndarray] | None:
+    """The ``.mat`` fields (``__header__`` etc. dropped), or None if unreadable or lacking the needed fields."""
+    import scipy.io as sio
+
+    try:
+        mat = sio.loadmat(str(path))
+    except Exception:  # noqa: BLE001 - scipy raises many types for malformed files; bad data must not crash
+        return None
+    if any(k not in mat for k in _AFLW_FIELDS) or np.asarray(mat["pt3d_68"]).shape != (3, 68):
+        return None
+    return {k: v for k, v in mat.items() if not k.startswith("__")}
+
+
+# --------------------------------------------------------------------------------------- synthetic
+def _default_synthetic_config():
+    from common.synthetic import SyntheticConfig
+
+    return SyntheticConfig()
+
+
+def _default_procedural_config():
+    from common.procedural import ProceduralConfig
+
+    return ProceduralConfig()
+
+
+@dataclass(frozen=True)
+class SyntheticSource:
+    """The synthetic face world (:mod:`common.synthetic`) on the procedural face model, with exact truth.
+
+    Sample ``i`` is ``generate(i, replace(config, seed=seed), model)``; keys are ``synthetic://seed/i``
+    (zero-padded so they sort numerically), size 0, mtime 0. ``given_params`` is the true fit.
+    """
+
+    count: int
+    """Number of faces."""
+    seed: int = 0
+    """World seed (overrides ``config.seed``)."""
+    config: Any = field(default_factory=_default_synthetic_config)
+    """:class:`common.synthetic.SyntheticConfig`."""
+    model_config: Any = field(default_factory=_default_procedural_config)
+    """:class:`common.procedural.ProceduralConfig` of the face model."""
+
+    kind: ClassVar[str] = "synthetic"
+    aligned: ClassVar[bool] = False
+
+    def __post_init__(self) -> None:
+        if self.count < 1:
+            raise ValueError(f"SyntheticSource.count: expected >= 1, found {self.count}")
+
+    def _key(self, i: int) -> str:
+        return f"synthetic://{self.seed}/{i:0{max(len(str(self.count - 1)), 1)}d}"
+
+    def manifest(self) -> Manifest:
+        return Manifest(tuple(ManifestEntry(self._key(i), 0, 0.0) for i in range(self.count)))
+
+    def load(self, i: int, manifest: Manifest) -> SampleInput:
+        return self.load_many([i], manifest)[0]
+
+    def load_many(self, indices: Sequence[int], manifest: Manifest) -> list[SampleInput]:
+        """Generate the faces (the face model and UV raster are built once per call)."""
+        from common.imageio import to_uint8
+        from common.procedural import build_procedural_model
+        from common.synthetic import generate_batch
+
+        cfg = dataclasses.replace(self.config, seed=self.seed)
+        ids = []
+        for i in indices:
+            key = manifest[int(i)].path
+            prefix = f"synthetic://{self.seed}/"
+            if not key.startswith(prefix):
+                raise ValueError(f"manifest entry {i} is {key!r}, not a sample of this synthetic source ({prefix}...)")
+            ids.append(int(key[len(prefix):]))
+        model = build_procedural_model(self.model_config)
+        faces = generate_batch(ids, cfg, model)
+        return [SampleInput(index=int(i), key=manifest[int(i)].path, image=f.image, given_params=f.params,
+                            truth={"uv_true": to_uint8(f.uv_true), "uv_visible": f.uv_visible,
+                                   "face_mask": f.face_mask, "tex_coeff": f.tex_coeff})
+                for i, f in zip(indices, faces, strict=True)]
+
+
+# ----------------------------------------------------------------------------------------- factory
+SOURCES = {s.kind: s for s in (SyntheticSource, FFHQSource, CelebAHQSource, FolderSource, AFLW2000Source)}
+
+
+def make_source(kind: str, **kwargs):
+    """Build a source by kind (``synthetic``, ``ffhq``, ``celeba-hq``, ``folder``, ``aflw2000``; ``_`` = ``-``).
+
+    kwargs are the source's fields, e.g. ``make_source("ffhq", images="ffhq/images1024x1024.zip")``.
+    """
+    norm = kind.strip().lower().replace("_", "-")
+    norm = {"celebahq": "celeba-hq", "aflw2000-3d": "aflw2000"}.get(norm, norm)
+    if norm not in SOURCES:
+        raise ValueError(f"unknown source kind {kind!r}; expected one of: {', '.join(SOURCES)}")
+    cls = SOURCES[norm]
+    names = [f.name for f in dataclasses.fields(cls)]
+    bad = sorted(set(kwargs) - set(names))
+    if bad:
+        raise TypeError(f"source {norm!r} takes {names}, not {bad}")
+    return cls(**kwargs)
