@@ -664,9 +664,10 @@ def write_chunk(path_or_group, chunk_index: int, arrays: Mapping[str, np.ndarray
     nothing zarr-related is pickled) or an open group. arrays: name -> (n, ...) values for the n
     samples of the chunk, dtypes as in :func:`array_specs` (integers and floats are range-checked and
     cast; masks must be bool). ``status`` is required and must be OK or FAILED for every sample;
-    ``reason`` is required when any sample failed (default 0). Arrays not given keep their fill
-    value. Order: data arrays, ``reason``, ``status``, and last ``chunk_done[chunk_index] = 1``.
-    All checks run before anything is written.
+    ``reason`` is required when any sample failed (default 0). Arrays not given are reset to their
+    fill value (NaN / 0 / False), so rewriting a chunk on resume leaves nothing of an earlier,
+    interrupted attempt. Order: data arrays, ``reason``, ``status``, and last
+    ``chunk_done[chunk_index] = 1``. All checks run before anything is written.
     """
     group = _open(path_or_group, "r+")
     layout = layout_of(group)
@@ -690,8 +691,12 @@ def write_chunk(path_or_group, chunk_index: int, arrays: Mapping[str, np.ndarray
         raise ValueError(f"write_chunk: unknown reason codes {sorted(set(reason.tolist()) - set(known))}")
     if ((status == FAILED) & (reason == Reason.NONE)).any() or ((status == OK) & (reason != Reason.NONE)).any():
         raise ValueError("write_chunk: failed samples need a reason != 0 and OK samples reason 0")
-    for name in sorted(set(data) - {"status", "reason"}):
-        group[name][start:stop] = data[name]
+    for name, spec in specs.items():
+        if name not in ("status", "reason", "chunk_done"):
+            value = data.get(name)
+            if value is None:
+                value = np.full((n, *spec.shape[1:]), _fill(spec.dtype), spec.dtype)  # all-fill: no object stored
+            group[name][start:stop] = value
     group["reason"][start:stop] = reason
     group["status"][start:stop] = status
     group["chunk_done"][chunk_index] = 1

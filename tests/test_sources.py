@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import struct
 import zipfile
@@ -320,10 +321,11 @@ def test_aflw2000(tmp_path):
 
 # ----------------------------------------------------------------------------------------------- synthetic
 def test_synthetic_deterministic():
+    from common.procedural import ProceduralConfig
     from common.synthetic import SyntheticConfig
 
     cfg = SyntheticConfig(image_size=32, uv_size=32, supersample=1, clutter_shapes=2)
-    src = SyntheticSource(count=12, seed=5, config=cfg)
+    src = SyntheticSource(count=12, seed=5, config=cfg, model_config=ProceduralConfig(grid=41))
     man = src.manifest()
     assert man[3].path == "synthetic://5/03" and man[3].size == 0 and man[3].mtime == 0.0
     assert man.paths == sorted(man.paths)
@@ -337,7 +339,7 @@ def test_synthetic_deterministic():
     assert s.image.shape == (32, 32, 3) and s.image.dtype == np.uint8
     assert s.given_params.shape == (62,) and s.given_params.dtype == np.float32
     assert s.truth["uv_true"].dtype == np.uint8 and s.truth["uv_visible"].dtype == bool
-    other = SyntheticSource(count=12, seed=6, config=cfg)
+    other = dataclasses.replace(src, seed=6)
     with pytest.raises(ValueError, match="synthetic://6/"):
         other.load(3, man)
 

@@ -154,6 +154,26 @@ def test_write_chunk_rejects_bad_input_before_writing(store):
     assert r.counts()["failed"] == 1 and r.validate() == []
 
 
+def test_rewrite_resets_arrays_not_given(store):
+    S.write_chunk(store, 0, _chunk_arrays(LAYOUT, 0))
+    S.write_chunk(store, 0, {"status": np.full(4, FAILED), "reason": np.full(4, Reason.DECODE_ERROR)})
+    r = S.StoreReader(store)
+    b = r.batch(range(4), ["image", "params", "uv_gt_mask"])
+    assert (b["image"] == 0).all() and np.isnan(b["params"]).all() and not b["uv_gt_mask"].any()
+    assert r.counts()["failed_by_reason"] == {"decode_error": 4}
+
+
+def test_url_store(tmp_path):
+    url = f"memory://uvtex-test/{tmp_path.name}/store.zarr"  # an fsspec URL, as s3:// or gs:// would be
+    S.create_store(url, LAYOUT, ATTRS, MANIFEST)
+    S.write_chunk(url, 1, _chunk_arrays(LAYOUT, 1))
+    assert S.open_for_build(url, LAYOUT, ATTRS, MANIFEST) is not None
+    r = S.StoreReader(url)
+    assert r.counts()["ok"] == 3 and r.validate() == [] and S.completed_chunks(url).tolist() == [False, True, False]
+    with pytest.raises(FileExistsError):
+        S.create_store(url, LAYOUT, ATTRS, MANIFEST)
+
+
 def test_open_for_build_checks_every_field(store):
     assert isinstance(S.open_for_build(store, LAYOUT, ATTRS, MANIFEST), zarr.Group)
     other = {**ATTRS, "config": {"image_size": 16, "fit": {"iters": 5, "lr": 0.1}}, "face_model_hash": "ffff"}
