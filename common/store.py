@@ -888,3 +888,38 @@ def validate_store(path_or_group) -> list[str]:
         if sha != group.attrs.get("manifest", {}).get("sha256"):
             problems.append("manifest: arrays do not match the recorded sha256 (edited after creation?)")
     return problems
+
+
+# ------------------------------------------------------------------------------------ texture basis
+TEXTURE_GROUP = "texture"
+
+
+def write_texture_basis(path_or_group, mean: np.ndarray, basis: np.ndarray, valid: np.ndarray, name: str,
+                        fingerprint: str) -> None:
+    """Store the linear UV texture model the build used (``texture/{mean,basis,valid}``), written once.
+
+    mean: (U, U, 3) float32; basis: (U, U, 3, K) float32 (stored float16); valid: (U, U) bool. The group's
+    attributes hold ``name`` and ``fingerprint``; it is written last, so a present fingerprint means complete.
+    """
+    group = _open(path_or_group, "r+")
+    tex = group.require_group(TEXTURE_GROUP)
+    for key, arr, dt in (("mean", mean, np.float32), ("basis", basis, np.float16), ("valid", valid, bool)):
+        arr = np.asarray(arr, dt)
+        if key in tex:
+            del tex[key]
+        tex.create_array(key, shape=arr.shape, dtype=arr.dtype, chunks=arr.shape,
+                         compressors=(zarr.codecs.ZstdCodec(level=3),))[...] = arr
+    tex.attrs.put({"name": name, "fingerprint": fingerprint})
+
+
+def read_texture_basis(path_or_group) -> dict | None:
+    """The stored texture model as ``{mean, basis (float32), valid, name, fingerprint}``, or None if absent."""
+    group = _open(path_or_group, "r")
+    if TEXTURE_GROUP not in group:
+        return None
+    tex = group[TEXTURE_GROUP]
+    attrs = dict(tex.attrs)
+    if "fingerprint" not in attrs:  # interrupted while writing
+        return None
+    return {"mean": tex["mean"][...], "basis": tex["basis"][...].astype(np.float32), "valid": tex["valid"][...],
+            "name": attrs["name"], "fingerprint": attrs["fingerprint"]}

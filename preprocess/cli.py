@@ -10,11 +10,6 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Build face-texture training stores from photo collections (Yin et al.).")
 
 
-def _not_yet(what: str, issue: str) -> None:
-    typer.secho(f"{what} is not implemented yet ({issue}).", fg="yellow", err=True)
-    raise typer.Exit(code=2)
-
-
 @app.command()
 def demo(
     out: Path = typer.Option(Path("out/demo"), help="Output folder for the preview PNG and config."),
@@ -35,29 +30,63 @@ def demo(
 
 @app.command()
 def build(
+    out: Path = typer.Option(..., help="Output Zarr store (created, or resumed when it exists)."),
     src: str = typer.Option("synthetic", help="synthetic | ffhq | celeba-hq | folder | aflw2000"),
-    out: Path = typer.Option(..., help="Output Zarr store."),
+    images: Path = typer.Option(None, help="Image folder or .zip (all sources but synthetic)."),
+    count: int = typer.Option(256, min=1, help="synthetic: number of faces."),
+    seed: int = typer.Option(0, help="synthetic: world seed."),
+    image_size: int = typer.Option(256, min=32, help="Working resolution S of the stored image."),
+    uv_size: int = typer.Option(256, min=32, help="UV map side U."),
+    chunk: int = typer.Option(64, min=1, help="Samples per chunk (one Dask task each)."),
+    fitter: str = typer.Option(None, help="given | tddfa (default: given for synthetic, tddfa otherwise)."),
+    face_model: str = typer.Option(None, help="procedural | bfm-public (default: procedural for synthetic)."),
+    bfm_v1_dir: Path = typer.Option(None, help="3DDFA (v1) asset folder, for --face-model bfm-public."),
+    bfm_v2_dir: Path = typer.Option(None, help="3DDFA_V2 asset folder (configs/, weights/, FaceBoxes/)."),
+    tddfa_weights: Path = typer.Option(None, help="3DDFA_V2 mb1/mb05_120x120.pth (default: in --bfm-v2-dir)."),
+    detector_weights: Path = typer.Option(None, help="FaceBoxesProd.pth (default: in --bfm-v2-dir)."),
+    erosion: float = typer.Option(0.03, min=0.0, help="Face-mask erosion radius / face size."),
+    texture_model: str = typer.Option("pca", help="pca | model | PATH to a saved basis .npz."),
+    n_tex: int = typer.Option(40, min=1, help="PCA texture basis size K."),
+    pca_samples: int = typer.Option(1024, min=2, help="Samples the PCA basis is learned from."),
+    ridge_lambda: float = typer.Option(1.0, min=0.0, help="Eq. 8 ridge weight."),
+    frontal_yaw: float = typer.Option(10.0, help="|yaw| <= this (deg) gives a centre crop."),
+    profile_yaw: float = typer.Option(30.0, help="|yaw| >= this (deg) gives a side crop."),
+    workers: int = typer.Option(None, min=0, help="Local Dask workers (0 = run in this process; default: CPUs)."),
+    threads: int = typer.Option(1, min=1, help="Threads per worker."),
+    scheduler: str = typer.Option(None, help="Join a running Dask scheduler at this address."),
+    overwrite: bool = typer.Option(False, help="Rebuild a store that was built differently."),
 ) -> None:
     """Preprocess a photo collection into a resumable Zarr training store."""
-    _not_yet("uvprep build", "issue 5: Dask-parallel preprocessing into a Zarr store")
+    flags = dict(locals())
+    from preprocess.buildcli import BuildArgs, run_build
+
+    raise typer.Exit(code=run_build(BuildArgs(**flags)))
 
 
 @app.command()
 def info(store: Path) -> None:
     """Print a store's schema, counts, config and failure reasons."""
-    _not_yet("uvprep info", "issue 5")
+    from preprocess.inspect import print_info
+
+    print_info(store)
 
 
 @app.command()
 def check(store: Path) -> None:
     """Validate a store (shapes, dtypes, completion, value ranges); non-zero exit when broken."""
-    _not_yet("uvprep check", "issue 5")
+    from preprocess.inspect import check_store
+
+    raise typer.Exit(code=check_store(store))
 
 
 @app.command()
-def show(store: Path, index: str = "0", out: Path = Path("grid.png")) -> None:
-    """Write image | UV_gt | UV_bl | crops for the given samples side by side."""
-    _not_yet("uvprep show", "issue 5")
+def show(store: Path, index: str = typer.Option("0,1,2,3", help="Comma-separated sample indices."),
+         out: Path = typer.Option(Path("grid.png"), help="Output PNG.")) -> None:
+    """Write image | UV_gt | UV_bl | source map | crops for the given samples side by side."""
+    from preprocess.inspect import show_samples
+
+    indices = [int(i) for i in index.split(",") if i.strip()]
+    typer.echo(f"wrote {show_samples(store, indices, out)}")
 
 
 if __name__ == "__main__":

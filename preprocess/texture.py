@@ -142,20 +142,24 @@ class MaskedPCAConfig:
     """Also use each map's mirror image (column flip or ``mirror_index``) as an extra sample."""
     fit_size: int | None = 64
     """Learn at this UV resolution (area-downsampled) and upsample the basis; None = full size."""
+    min_observed: float = 0.02
+    """Texels observed in fewer than this fraction of the maps (the rim, seen only at grazing angles) are not
+    learned: the mean and components there are extended smoothly from the learned texels instead."""
     seed: int = 0
     """Seed of the randomised SVD."""
 
 
 def learn_masked_pca(uv_maps: np.ndarray, masks: np.ndarray, valid: np.ndarray,
                      config: MaskedPCAConfig = MaskedPCAConfig(), mirror_index: np.ndarray | None = None,
-                     name: str = "pca") -> UVTextureBasis:
+                     name: str = "pca", out_valid: np.ndarray | None = None) -> UVTextureBasis:
     """Learn a linear UV texture basis from incomplete maps by EM-PCA with missing data.
 
     uv_maps: (N, U, U, 3) in [0, 1] (float or uint8); masks: (N, U, U) bool observed texels; valid: (U, U)
     bool layout coverage; mirror_index: optional (U*U,) int64 texel -> mirror texel (-1 none), default a
     column flip. Missing entries start at the per-texel observed mean and are re-imputed from the
-    rank-K reconstruction each iteration. Returns a basis at the input resolution, components scaled so
-    that coefficients are ~N(0, 1) over the training maps.
+    rank-K reconstruction each iteration. Returns a basis at the input resolution (or at the resolution
+    of ``out_valid`` (U', U') bool, the layout coverage there, when the maps were downsampled beforehand),
+    components scaled so that coefficients are ~N(0, 1) over the training maps.
     """
     import cv2
 
@@ -166,9 +170,13 @@ def learn_masked_pca(uv_maps: np.ndarray, masks: np.ndarray, valid: np.ndarray,
     if config.symmetric:
         uv_maps, masks = _add_mirrors(uv_maps, masks, mirror_index)
     fs = u if config.fit_size is None else min(config.fit_size, u)
-    x, m = _downsample(uv_maps, masks, fs)  # (N, fs*fs*3), (N, fs*fs*3)
+    x, m = downsample_maps(uv_maps, masks, fs)  # (N, fs*fs*3), (N, fs*fs*3)
     vd = cv2.resize(valid.astype(np.float32), (fs, fs), interpolation=cv2.INTER_AREA) > 0.5
-    keep = np.repeat(vd.reshape(-1), 3)
+    known = vd & (m.reshape(-1, fs, fs, 3)[..., 0].mean(0) >= config.min_observed)
+    if not known.any():
+        raise ValueError("no texel is observed in enough maps to learn a texture basis; "
+                         "check the masks or lower MaskedPCAConfig.min_observed")
+    keep = np.repeat(known.reshape(-1), 3)
     x, m = x[:, keep], m[:, keep]
     k = min(config.n_components, x.shape[0] - 1, x.shape[1])
     count = m.sum(0)
@@ -187,9 +195,39 @@ def learn_masked_pca(uv_maps: np.ndarray, masks: np.ndarray, valid: np.ndarray,
     full_mean = np.zeros((fs * fs * 3,), np.float32)
     full_comps = np.zeros((k, fs * fs * 3), np.float32)
     full_mean[keep], full_comps[:, keep] = mean, comps
-    mean_img = _upsample(full_mean.reshape(1, fs, fs, 3), u)[0]
-    basis_img = _upsample(full_comps.reshape(k, fs, fs, 3), u).transpose(1, 2, 3, 0)
+    stacked = np.concatenate([full_mean.reshape(fs, fs, 3), full_comps.reshape(k, fs, fs, 3).transpose(1, 2, 0, 3)
+                              .reshape(fs, fs, 3 * k)], 2)
+    stacked = extend_smoothly(stacked, known, vd)
+    if out_valid is not None:
+        u, valid = out_valid.shape[0], out_valid
+    mean_img = _upsample(stacked[None, :, :, :3], u)[0]
+    basis_img = _upsample(stacked[:, :, 3:].reshape(fs, fs, k, 3).transpose(2, 0, 1, 3), u).transpose(1, 2, 3, 0)
     return UVTextureBasis(mean=mean_img, basis=np.ascontiguousarray(basis_img), valid=valid.copy(), name=name)
+
+
+def extend_smoothly(img: np.ndarray, known: np.ndarray, valid: np.ndarray, max_rings: int = 4096) -> np.ndarray:
+    """Fill ``valid & ~known`` texels of img (H, W, C) ring by ring with the mean of their known 3x3 neighbours.
+
+    known, valid: (H, W) bool. Texels outside ``valid`` are left as they are. Vectorised per ring.
+    """
+    from scipy.ndimage import uniform_filter
+
+    out = np.where(known[..., None], img, 0.0).astype(np.float32)
+    have = known.copy()
+    for _ in range(max_rings):
+        todo = valid & ~have
+        if not todo.any():
+            break
+        w = have.astype(np.float32)
+        num = uniform_filter(out * w[..., None], size=(3, 3, 1), mode="constant")
+        den = uniform_filter(w, size=3, mode="constant")
+        grow = todo & (den > 0)
+        if not grow.any():  # a valid island with no known texel: fall back to the global mean
+            out[todo] = out[have].mean(0) if have.any() else 0.0
+            break
+        out[grow] = num[grow] / den[grow][:, None]
+        have |= grow
+    return out
 
 
 def _as_unit_float(a: np.ndarray) -> np.ndarray:
@@ -211,8 +249,12 @@ def _add_mirrors(uv, masks, mirror_index):
     return np.concatenate([uv, muv.reshape(uv.shape)]), np.concatenate([masks, mm.reshape(masks.shape)])
 
 
-def _downsample(uv, masks, fs):
-    """Mask-aware area downsampling to (N, fs*fs*3) values and observed flags (>= half observed)."""
+def downsample_maps(uv: np.ndarray, masks: np.ndarray, fs: int) -> tuple[np.ndarray, np.ndarray]:
+    """Mask-aware area downsampling of UV maps (N, U, U, 3) in [0, 1] with masks (N, U, U) bool.
+
+    Returns values (N, fs*fs*3) float32 (mean of the observed texels under each new texel) and observed
+    flags (N, fs*fs*3) bool (at least half of the texels under it observed).
+    """
     import cv2
 
     n, u = uv.shape[:2]

@@ -1,0 +1,368 @@
+"""``uvprep build``: a photo collection -> a resumable Zarr training store, in parallel with Dask.
+
+Plan of a build:
+
+1. enumerate the source once into a sorted manifest (stored: sample ``i`` is always the same image);
+2. create the store, or reopen it to resume (refused if config, face model, texture model or manifest differ);
+3. texture model: the face model's own basis, a saved basis file, or -- the default -- a masked PCA basis
+   learned from the UV_gt of ``pca_samples`` samples spread over the manifest (a deterministic pre-pass);
+   it is written into the store before any chunk, so a resumed build reuses it;
+4. one task per chunk of samples that is not yet complete: decode -> fit -> UV_gt -> Eq. 8 -> Eq. 9 -> crops,
+   written to that chunk's own region (no two tasks share a Zarr chunk: no locks, no races); the chunk's
+   completion record is written last, so a build killed at any point resumes to the same arrays.
+
+Workers receive only the store path and the frozen config; they open the store themselves.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from common.store import (
+    FAILED,
+    OK,
+    Reason,
+    StoreLayout,
+    StoreMismatch,
+    acquire_build_lock,
+    completed_chunks,
+    create_store,
+    open_for_build,
+    read_texture_basis,
+    write_chunk,
+    write_texture_basis,
+)
+from preprocess.sources import ManifestEntry
+from preprocess.stages import StageConfig, StageContext, Timer, build_face_model, run_geometry, run_stages
+from preprocess.texture import UVTextureBasis, downsample_maps, learn_masked_pca
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    """What goes into a store (recorded in it): the source, the stage settings, the storage layout."""
+
+    source: Any
+    """A source from :mod:`preprocess.sources` (a frozen dataclass)."""
+    stages: StageConfig = field(default_factory=StageConfig)
+    """Stage settings."""
+    chunk: int = 64
+    """Samples per chunk and per task."""
+    compressor: str = "zstd"
+    """Store compressor (zstd | blosc-zstd | blosc-lz4 | none)."""
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How this run executes (not recorded: changing these never invalidates a store)."""
+
+    out: str
+    """Store path."""
+    workers: int = 0
+    """Local Dask worker processes; 0 runs every chunk in this process (eager)."""
+    threads: int = 1
+    """Threads per worker (torch intra-op threads are set to this)."""
+    scheduler: str | None = None
+    """Address of a running Dask scheduler to join instead of starting a local cluster."""
+    overwrite: bool = False
+    """Delete and rebuild an existing store built differently."""
+    retries: int = 2
+    """Dask retries of a failing chunk task before it is reported as failed."""
+    progress: bool = True
+    """Show a progress bar and the summary table."""
+
+
+@dataclass
+class BuildSummary:
+    """What a build did: sample counts by outcome, time per stage (summed over tasks), chunks."""
+
+    n_samples: int
+    ok: int = 0
+    failed: Counter = field(default_factory=Counter)
+    skipped_chunks: int = 0
+    done_chunks: int = 0
+    failed_chunks: dict[int, str] = field(default_factory=dict)
+    stage_seconds: Counter = field(default_factory=Counter)
+    wall_seconds: float = 0.0
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def complete(self) -> bool:
+        return not self.failed_chunks
+
+
+@dataclass(frozen=True)
+class ChunkReport:
+    chunk: int
+    n: int
+    ok: int
+    failed: dict[str, int]
+    seconds: dict[str, float]
+    errors: tuple[str, ...] = ()
+
+
+# ------------------------------------------------------------------------------------------- config
+def config_record(cfg: BuildConfig) -> dict:
+    """The JSON-able config stored in the store (paths as strings, the source with its kind)."""
+    def clean(v):
+        if isinstance(v, Path):
+            return str(v)
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        if isinstance(v, list | tuple):
+            return [clean(x) for x in v]
+        return v
+
+    src = dataclasses.asdict(cfg.source)
+    src["kind"] = cfg.source.kind
+    return clean({"source": src, "stages": dataclasses.asdict(cfg.stages), "chunk": cfg.chunk,
+                  "compressor": cfg.compressor})
+
+
+def _texture_identity(cfg: StageConfig, model) -> str:
+    tm = cfg.texture_model
+    if tm == "pca":
+        return "pca:" + json.dumps({"pca": dataclasses.asdict(cfg.pca), "samples": cfg.pca_samples}, sort_keys=True)
+    if tm == "model":
+        return f"model:{model.fingerprint()}"
+    return f"file:{UVTextureBasis.load(tm).fingerprint()}"
+
+
+def _n_tex(cfg: StageConfig, model) -> int:
+    tm = cfg.texture_model
+    if tm == "pca":
+        return cfg.pca.n_components
+    if tm == "model":
+        if model.tex_basis is None:
+            raise ValueError(f"--texture-model model: face model {model.name!r} has no texture basis; use pca")
+        return model.n_tex
+    return UVTextureBasis.load(tm).n_components
+
+
+class _ManifestView:
+    """Read-only manifest rows [start, stop) read from the store (tasks never pickle the whole manifest)."""
+
+    def __init__(self, group, start: int, stop: int):
+        self.start = start
+        self.paths = group["manifest_path"][start:stop]
+        self.sizes = group["manifest_size"][start:stop]
+        self.mtimes = group["manifest_mtime"][start:stop]
+
+    def __getitem__(self, i: int) -> ManifestEntry:
+        k = int(i) - self.start
+        return ManifestEntry(str(self.paths[k]), int(self.sizes[k]), float(self.mtimes[k]))
+
+
+def _load_inputs(out: str, cfg: BuildConfig, indices: np.ndarray):
+    import zarr
+
+    group = zarr.open_group(out, mode="r")
+    view = _ManifestView(group, int(indices.min()), int(indices.max()) + 1)
+    return cfg.source.load_many([int(i) for i in indices], view)
+
+
+def _basis_from_store(out: str) -> UVTextureBasis:
+    t = read_texture_basis(out)
+    if t is None:
+        raise RuntimeError(f"{out} has no texture basis yet; the build writes it before any chunk")
+    return UVTextureBasis(mean=t["mean"], basis=t["basis"], valid=t["valid"], name=t["name"])
+
+
+# -------------------------------------------------------------------------------------------- tasks
+def process_chunk(out: str, chunk_index: int, cfg: BuildConfig, threads: int | None = None) -> ChunkReport:
+    """Build one chunk of the store end to end and write it (the unit of work of a Dask task)."""
+    import zarr
+
+    from common.store import layout_of
+
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+    t0 = time.perf_counter()
+    layout = layout_of(zarr.open_group(out, mode="r"))
+    start, stop = layout.chunk_bounds(chunk_index)
+    timer = Timer()
+    inputs = _load_inputs(out, cfg, np.arange(start, stop))
+    t0 = timer.add("decode", t0)
+    ctx = StageContext.build(cfg.stages, basis=_basis_from_store(out))
+    timer.add("setup", t0)
+    arrays, errors = run_stages(inputs, ctx, timer)
+    if layout.has_truth:
+        u = layout.uv_size
+        arrays["uv_true"] = np.stack([s.truth["uv_true"] if s.truth is not None else np.zeros((u, u, 3), np.uint8)
+                                      for s in inputs])
+    t0 = time.perf_counter()
+    write_chunk(out, chunk_index, arrays)
+    timer.add("write", t0)
+    status, reason = arrays["status"], arrays["reason"]
+    failed = Counter(Reason(int(r)).short for r in reason[status == FAILED])
+    return ChunkReport(chunk_index, stop - start, int((status == OK).sum()), dict(failed), dict(timer.seconds),
+                       tuple(errors[:5]))
+
+
+def prepass_batch(out: str, indices: np.ndarray, cfg: BuildConfig, fit_size: int,
+                  threads: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """UV_gt of some samples, downsampled for the PCA: (n, fs*fs*3) float32 values and observed flags."""
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+    inputs = _load_inputs(out, cfg, np.asarray(indices))
+    geo = run_geometry(inputs, StageContext.build(cfg.stages), Timer())
+    keep = geo.reason == 0
+    return downsample_maps(geo.uv_gt[keep], geo.uv_gt_mask[keep], fit_size)
+
+
+# ------------------------------------------------------------------------------------------ running
+class _Runner:
+    """Maps a function over argument tuples, eagerly or on Dask; yields results as they complete."""
+
+    def __init__(self, run: RunOptions):
+        self.run = run
+        self.client = None
+        self.cluster = None
+        if run.scheduler is not None or run.workers > 0:
+            from dask.distributed import Client, LocalCluster
+
+            if run.scheduler is not None:
+                self.client = Client(run.scheduler)
+            else:
+                self.cluster = LocalCluster(n_workers=run.workers, threads_per_worker=run.threads, processes=True,
+                                            dashboard_address=None)
+                self.client = Client(self.cluster)
+
+    def map(self, fn, arg_list, key: str):
+        """Yield (args, result or exception) for each args tuple."""
+        if self.client is None:
+            for args in arg_list:
+                try:
+                    yield args, fn(*args)
+                except Exception as e:  # noqa: BLE001 - reported per chunk, the build goes on
+                    yield args, e
+            return
+        from dask.distributed import as_completed
+
+        tag = uuid.uuid4().hex[:8]
+        futures = {self.client.submit(fn, *args, self.run.threads, key=f"{key}-{i}-{tag}", retries=self.run.retries,
+                                      pure=False): args
+                   for i, args in enumerate(arg_list)}
+        for fut in as_completed(futures):
+            try:
+                yield futures[fut], fut.result()
+            except Exception as e:  # noqa: BLE001
+                yield futures[fut], e
+
+    def close(self):
+        if self.client is not None:
+            self.client.close()
+        if self.cluster is not None:
+            self.cluster.close()
+
+
+def _learn_basis(out: str, cfg: BuildConfig, model, runner: _Runner, n: int, progress) -> UVTextureBasis:
+    stages = cfg.stages
+    if stages.texture_model == "model":
+        return UVTextureBasis.from_face_model(model, stages.uvgt.uv_size)
+    if stages.texture_model != "pca":
+        return UVTextureBasis.load(stages.texture_model)
+    from common.uvtools import texel_mirror_index
+    from preprocess.unwrap import layout_cache
+
+    fs = stages.pca.fit_size or stages.uvgt.uv_size
+    idx = np.unique(np.linspace(0, n - 1, min(stages.pca_samples, n)).round().astype(np.int64))
+    batches = [(out, idx[i:i + cfg.chunk], cfg, fs) for i in range(0, len(idx), cfg.chunk)]
+    xs, ms = [], []
+    task = progress.add("learning the texture basis (pre-pass)", len(idx))
+    for args, res in runner.map(prepass_batch, batches, "prepass"):
+        if isinstance(res, Exception):
+            raise RuntimeError(f"texture-basis pre-pass failed on samples {args[1][0]}..{args[1][-1]}: {res}") from res
+        xs.append(res[0])
+        ms.append(res[1])
+        progress.advance(task, len(args[1]))
+    x, m = np.concatenate(xs), np.concatenate(ms)
+    if len(x) < 2:
+        raise RuntimeError(f"only {len(x)} of the {len(idx)} pre-pass samples could be fitted; cannot learn a PCA "
+                           f"texture basis (use --texture-model model or a basis file)")
+    valid_full = layout_cache(model, stages.uvgt).uv_frags.tri_id[0].numpy() >= 0
+    import cv2
+
+    valid_fs = cv2.resize(valid_full.astype(np.float32), (fs, fs), interpolation=cv2.INTER_AREA) > 0.5
+    pca_cfg = dataclasses.replace(stages.pca, fit_size=None)
+    basis = learn_masked_pca(x.reshape(-1, fs, fs, 3), m.reshape(-1, fs, fs, 3)[..., 0], valid_fs, pca_cfg,
+                             mirror_index=texel_mirror_index(model, fs), name=f"pca:{len(x)}", out_valid=valid_full)
+    k = stages.pca.n_components
+    if basis.n_components < k:  # fewer maps than components: pad with zero components (their coefficients stay 0)
+        pad = np.zeros((*basis.basis.shape[:3], k - basis.n_components), np.float32)
+        basis = UVTextureBasis(basis.mean, np.concatenate([basis.basis, pad], 3), basis.valid, basis.name)
+    return basis
+
+
+def build_store(cfg: BuildConfig, run: RunOptions) -> BuildSummary:
+    """Run (or resume) a build; returns the summary. Raises on config mismatch or a held lock."""
+    from preprocess.progress import BuildProgress
+
+    t_start = time.perf_counter()
+    manifest = cfg.source.manifest()
+    n = len(manifest)
+    if n == 0:
+        raise ValueError(f"source {cfg.source.kind!r} has no samples (empty folder or zip?)")
+    model = build_face_model(cfg.stages)
+    ctx = StageContext.build(cfg.stages, model=model)
+    layout = StoreLayout(n_samples=n, image_size=cfg.stages.fit.image_size, uv_size=cfg.stages.uvgt.uv_size,
+                         ctr_shape=ctx.crop_layout.ctr_region.shape, sd_shape=ctx.crop_layout.sd_region.shape,
+                         n_tex=_n_tex(cfg.stages, model), chunk=cfg.chunk, has_truth=cfg.source.kind == "synthetic",
+                         compressor=cfg.compressor)
+    attrs = {"config": config_record(cfg), "face_model_hash": model.fingerprint(),
+             "texture_basis_hash": _texture_identity(cfg.stages, model), "face_model": model.name,
+             "source_kind": cfg.source.kind}
+    summary = BuildSummary(n_samples=n)
+    with acquire_build_lock(run.out), BuildProgress(enabled=run.progress) as progress:
+        try:
+            open_for_build(run.out, layout, attrs, manifest)
+            create = False
+        except FileNotFoundError:
+            create = True
+        except StoreMismatch:
+            if not run.overwrite:
+                raise
+            create = True
+        if create:
+            create_store(run.out, layout, attrs, manifest, overwrite=run.overwrite)
+        runner = _Runner(run)
+        try:
+            if read_texture_basis(run.out) is None:
+                basis = _learn_basis(run.out, cfg, model, runner, n, progress)
+                write_texture_basis(run.out, basis.mean, basis.basis, basis.valid, basis.name, basis.fingerprint())
+            done = completed_chunks(run.out)
+            summary.skipped_chunks = int(done.sum())
+            todo = [(run.out, c, cfg) for c in np.flatnonzero(~done)]
+            task = progress.add("building", sum(layout.chunk_bounds(c)[1] - layout.chunk_bounds(c)[0]
+                                                for _, c, _ in todo))
+            for args, rep in runner.map(process_chunk, todo, "chunk"):
+                _record(summary, args[1], rep)
+                progress.advance(task, rep.n if isinstance(rep, ChunkReport) else
+                                 np.subtract(*layout.chunk_bounds(args[1])[::-1]))
+        finally:
+            runner.close()
+        summary.wall_seconds = time.perf_counter() - t_start
+    return summary
+
+
+def _record(summary: BuildSummary, chunk: int, rep) -> None:
+    if isinstance(rep, Exception):
+        summary.failed_chunks[int(chunk)] = f"{type(rep).__name__}: {rep}"
+        return
+    summary.done_chunks += 1
+    summary.ok += rep.ok
+    summary.failed.update(rep.failed)
+    summary.stage_seconds.update(rep.seconds)
+    summary.errors.extend(rep.errors)

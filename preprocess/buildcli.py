@@ -1,0 +1,108 @@
+"""Flags of ``uvprep build`` -> the frozen :class:`preprocess.build.BuildConfig` and :class:`RunOptions`."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from rich.console import Console
+
+
+@dataclass(frozen=True)
+class BuildArgs:
+    """The command line, as typed (see ``uvprep build --help``)."""
+
+    out: Path
+    src: str = "synthetic"
+    images: Path | None = None
+    count: int = 256
+    seed: int = 0
+    image_size: int = 256
+    uv_size: int = 256
+    chunk: int = 64
+    fitter: str | None = None
+    face_model: str | None = None
+    bfm_v1_dir: Path | None = None
+    bfm_v2_dir: Path | None = None
+    tddfa_weights: Path | None = None
+    detector_weights: Path | None = None
+    erosion: float = 0.03
+    texture_model: str = "pca"
+    n_tex: int = 40
+    pca_samples: int = 1024
+    ridge_lambda: float = 1.0
+    frontal_yaw: float = 10.0
+    profile_yaw: float = 30.0
+    workers: int | None = None
+    threads: int = 1
+    scheduler: str | None = None
+    overwrite: bool = False
+
+
+def _first_existing(*paths: Path) -> Path | None:
+    return next((p for p in paths if p is not None and p.exists()), None)
+
+
+def make_config(a: BuildArgs):
+    """Returns (BuildConfig, RunOptions). Real-photo defaults come from the 3DDFA_V2 folder when given."""
+    from common.synthetic import SyntheticConfig
+    from preprocess.build import BuildConfig, RunOptions
+    from preprocess.crops import CropConfig
+    from preprocess.fit import FitConfig
+    from preprocess.sources import SyntheticSource, make_source
+    from preprocess.stages import StageConfig
+    from preprocess.texture import MaskedPCAConfig
+    from preprocess.unwrap import UVGTConfig
+
+    synthetic = a.src == "synthetic"
+    if synthetic:
+        source = SyntheticSource(count=a.count, seed=a.seed,
+                                 config=SyntheticConfig(image_size=a.image_size, uv_size=a.uv_size))
+    else:
+        if a.images is None:
+            raise ValueError(f"--src {a.src} needs --images (a folder or .zip of images)")
+        source = make_source(a.src, images=str(a.images))
+    fitter = a.fitter or ("given" if synthetic else "tddfa")
+    v2 = a.bfm_v2_dir
+    fit = FitConfig(fitter=fitter, image_size=a.image_size)
+    if fitter == "tddfa":
+        fit = replace(fit,
+                      tddfa_weights=a.tddfa_weights or _first_existing(*(v2 / "weights" / f for f in (
+                          "mb1_120x120.pth", "mb05_120x120.pth"))) if v2 else a.tddfa_weights,
+                      param_stats=(v2 / "configs" / "param_mean_std_62d_120x120.pkl") if v2 else None,
+                      detector_weights=a.detector_weights or ((v2 / "FaceBoxes" / "weights" / "FaceBoxesProd.pth")
+                                                              if v2 else None))
+    stages = StageConfig(
+        face_model=a.face_model or ("procedural" if synthetic else "bfm-public"),
+        bfm_v1_dir=a.bfm_v1_dir, bfm_v2_dir=a.bfm_v2_dir, fit=fit,
+        uvgt=UVGTConfig(uv_size=a.uv_size, erosion_frac=a.erosion), texture_model=a.texture_model,
+        pca=MaskedPCAConfig(n_components=a.n_tex), pca_samples=a.pca_samples, ridge_lambda=a.ridge_lambda,
+        crops=CropConfig(frontal_yaw_max=a.frontal_yaw, profile_yaw_min=a.profile_yaw))
+    workers = a.workers if a.workers is not None else max(1, (os.cpu_count() or 1) // a.threads)
+    run = RunOptions(out=str(a.out), workers=workers, threads=a.threads, scheduler=a.scheduler,
+                     overwrite=a.overwrite)
+    return BuildConfig(source=source, stages=stages, chunk=a.chunk), run
+
+
+def run_build(a: BuildArgs, console: Console | None = None) -> int:
+    """Run the build and print the summary; exit code 0 when every chunk is written, 1 otherwise."""
+    from common.store import StoreLocked, StoreMismatch
+    from preprocess.build import build_store
+    from preprocess.progress import summary_table
+
+    console = console or Console(stderr=True)
+    try:
+        cfg, run = make_config(a)
+        summary = build_store(cfg, run)
+    except (StoreMismatch, StoreLocked, ValueError, FileNotFoundError, FileExistsError) as e:
+        console.print(f"[red]uvprep build: {e}")
+        return 2
+    console.print(summary_table(summary))
+    for err in summary.errors[:5]:
+        console.print(f"[yellow]{err}")
+    if not summary.complete:
+        console.print(f"[red]{len(summary.failed_chunks)} chunk(s) failed after retries; rerun the same command to "
+                      f"retry them (completed chunks are kept)")
+        return 1
+    return 0

@@ -1,0 +1,222 @@
+"""The per-sample stage chain of ``uvprep build``, as pure functions over a batch of decoded samples.
+
+decode (the source) -> crop/align + shape fit (:mod:`preprocess.fit`) -> UV_gt under the eroded face mask
+(:mod:`preprocess.unwrap`) -> texture fit, Eq. 8 (:mod:`preprocess.texture`) -> symmetric fill + Poisson
+blend, Eq. 9 (:mod:`preprocess.blend`) -> partial crops (:mod:`preprocess.crops`).
+
+:func:`run_stages` turns a list of :class:`preprocess.sources.SampleInput` into the arrays of one store
+chunk. A sample that fails at any stage gets ``status = FAILED`` and a reason code; the others go on.
+"""
+
+from __future__ import annotations
+
+import time
+import traceback
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from common.facemodel import FaceModel
+from common.imageio import to_uint8
+from common.store import FAILED, OK, Reason
+from common.uvtools import texel_mirror_index
+from preprocess.blend import BlendConfig, blend_uv
+from preprocess.crops import CropConfig, CropLayout, crop_layout, cut_partial_crops
+from preprocess.fit import FitConfig, ShapeFitter
+from preprocess.texture import MaskedPCAConfig, UVTextureBasis, ridge_texture_fit
+from preprocess.unwrap import UVGTConfig, UVLayoutCache, layout_cache, uv_gt_from_images
+
+
+@dataclass(frozen=True)
+class StageConfig:
+    """Everything that decides the content of a store (recorded in it; a mismatch refuses a resume)."""
+
+    face_model: str = "procedural"
+    """``procedural`` (built in) or ``bfm-public`` (3DDFA's public BFM files; needs bfm_v1_dir / bfm_v2_dir)."""
+    bfm_v1_dir: Path | None = None
+    """3DDFA (v1) asset folder (``train.configs``, ``visualize``, ``derived``) for ``bfm-public``."""
+    bfm_v2_dir: Path | None = None
+    """3DDFA_V2 asset folder (``configs``) for ``bfm-public``."""
+    fit: FitConfig = field(default_factory=FitConfig)
+    """Crop/align and shape-fit settings (``fit.image_size`` is the working resolution)."""
+    uvgt: UVGTConfig = field(default_factory=UVGTConfig)
+    """UV_gt settings (``uvgt.uv_size`` is U)."""
+    texture_model: str = "pca"
+    """``pca`` (learned from this store's UV_gt), ``model`` (the face model's own basis) or a saved basis .npz."""
+    pca: MaskedPCAConfig = field(default_factory=MaskedPCAConfig)
+    """Masked-PCA settings for ``texture_model = pca``."""
+    pca_samples: int = 1024
+    """UV_gt maps (spread evenly over the manifest) the PCA basis is learned from."""
+    ridge_lambda: float = 1.0
+    """Eq. 8 ridge weight."""
+    blend: BlendConfig = field(default_factory=BlendConfig)
+    """Eq. 9 blend settings."""
+    crops: CropConfig = field(default_factory=CropConfig)
+    """Partial-crop thresholds."""
+
+
+def build_face_model(cfg: StageConfig) -> FaceModel:
+    """The face model named by the config (deterministic: every worker builds the same one)."""
+    if cfg.face_model == "procedural":
+        from common.procedural import build_procedural_model
+
+        return build_procedural_model()
+    if cfg.face_model == "bfm-public":
+        if cfg.bfm_v1_dir is None or cfg.bfm_v2_dir is None:
+            raise ValueError("face model 'bfm-public' needs --bfm-v1-dir and --bfm-v2-dir (3DDFA / 3DDFA_V2 asset "
+                             "folders; see README, 'Real photos')")
+        from common.loaders import load_tddfa_dense_public
+
+        return load_tddfa_dense_public(cfg.bfm_v1_dir, cfg.bfm_v2_dir)
+    raise ValueError(f"unknown face model {cfg.face_model!r}; expected 'procedural' or 'bfm-public'")
+
+
+@dataclass(eq=False)
+class StageContext:
+    """What a worker builds once per task: model, fitter, per-layout caches, crop layout, texture basis."""
+
+    config: StageConfig
+    model: FaceModel
+    fitter: ShapeFitter
+    uv_cache: UVLayoutCache
+    crop_layout: CropLayout
+    mirror_index: np.ndarray
+    basis: UVTextureBasis | None = None
+
+    @classmethod
+    def build(cls, config: StageConfig, basis: UVTextureBasis | None = None,
+              model: FaceModel | None = None) -> StageContext:
+        model = build_face_model(config) if model is None else model
+        u = config.uvgt.uv_size
+        cache = layout_cache(model, config.uvgt)
+        return cls(config=config, model=model, fitter=ShapeFitter(model, config.fit), uv_cache=cache,
+                   crop_layout=crop_layout(model, u, config.crops),
+                   mirror_index=texel_mirror_index(model, u, cache.uv_frags), basis=basis)
+
+
+class Timer:
+    """Accumulates wall time per stage name."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = defaultdict(float)
+
+    def add(self, name: str, t0: float) -> float:
+        now = time.perf_counter()
+        self.seconds[name] += now - t0
+        return now
+
+
+@dataclass(eq=False)
+class GeometryResult:
+    """Output of the fit + UV_gt stages for n samples (failed samples keep zeros and a reason)."""
+
+    reason: np.ndarray  # (n,) uint8
+    image: np.ndarray  # (n, S, S, 3) uint8
+    face_mask: np.ndarray  # (n, S, S) bool
+    params: np.ndarray  # (n, 62) float32 (NaN when failed)
+    pose: np.ndarray  # (n, 3) float32
+    uv_gt: np.ndarray  # (n, U, U, 3) float32 in [0, 1]
+    uv_gt_mask: np.ndarray  # (n, U, U) bool
+    errors: list[str] = field(default_factory=list)
+
+
+def run_geometry(inputs, ctx: StageContext, timer: Timer) -> GeometryResult:
+    """Fit every decoded sample, then unwrap UV_gt for the fitted ones in one batch."""
+    cfg = ctx.config
+    n, s, u = len(inputs), cfg.fit.image_size, cfg.uvgt.uv_size
+    out = GeometryResult(reason=np.zeros(n, np.uint8), image=np.zeros((n, s, s, 3), np.uint8),
+                         face_mask=np.zeros((n, s, s), bool), params=np.full((n, 62), np.nan, np.float32),
+                         pose=np.full((n, 3), np.nan, np.float32), uv_gt=np.zeros((n, u, u, 3), np.float32),
+                         uv_gt_mask=np.zeros((n, u, u), bool))
+    verts, good, seg = [], [], []
+    t0 = time.perf_counter()
+    for k, sample in enumerate(inputs):
+        if not sample.ok:
+            out.reason[k] = int(sample.failure)
+            continue
+        try:
+            if cfg.fit.fitter == "given":
+                if sample.given_params is None:
+                    out.reason[k] = Reason.BAD_ANNOTATION
+                    continue
+                res = ctx.fitter.fit_given(sample.image, sample.given_params)
+            else:
+                res = ctx.fitter.fit_photo(sample.image, aligned=sample.aligned)
+        except Exception:  # noqa: BLE001 - a bad sample must not stop the chunk
+            out.reason[k] = Reason.STAGE_ERROR
+            out.errors.append(f"{sample.key}: fit: {traceback.format_exc(limit=3)}")
+            continue
+        if not res.ok:
+            out.reason[k] = Reason.from_short(res.reason)
+            continue
+        out.image[k], out.params[k], out.pose[k] = res.image, res.params, res.pose
+        verts.append(res.verts_px)
+        good.append(k)
+        seg.append(_segmentation(sample, s))
+    t0 = timer.add("fit", t0)
+    if good:
+        seg_mask = np.stack(seg) if all(m is not None for m in seg) else None
+        g = uv_gt_from_images(out.image[good], np.stack(verts), ctx.model, cfg.uvgt, seg_mask=seg_mask,
+                              cache=ctx.uv_cache)
+        out.uv_gt[good], out.uv_gt_mask[good], out.face_mask[good] = g.uv, g.mask, g.eroded
+        empty = [k for k, m in zip(good, g.mask, strict=True) if not m.any()]
+        out.reason[empty] = Reason.LOW_COVERAGE
+    timer.add("uv_gt", t0)
+    return out
+
+
+def _segmentation(sample, size: int) -> np.ndarray | None:
+    """The pixels that may be face, when the source knows them (the synthetic world's exact face mask plays the
+    part of the paper's face-parsing network, which excludes hair, hands and glasses). None otherwise."""
+    if sample.truth is None or "face_mask" not in sample.truth:
+        return None
+    m = np.asarray(sample.truth["face_mask"], bool)
+    return m if m.shape == (size, size) else None
+
+
+def run_stages(inputs, ctx: StageContext, timer: Timer | None = None) -> tuple[dict[str, np.ndarray], list[str]]:
+    """The whole chain for one chunk: inputs (list of SampleInput) -> (store arrays, error messages).
+
+    Arrays follow :func:`common.store.array_specs` (uint8 images/UVs, bool masks, float32 params); failed
+    samples have ``status = FAILED`` and a ``reason``; the rest of their rows keep fill values.
+    """
+    if ctx.basis is None:
+        raise ValueError("run_stages needs the texture basis (StageContext.basis)")
+    timer = Timer() if timer is None else timer
+    geo = run_geometry(inputs, ctx, timer)
+    n, u = len(inputs), ctx.config.uvgt.uv_size
+    ok = geo.reason == 0
+    hc, wc = ctx.crop_layout.ctr_region.shape
+    hs, ws = ctx.crop_layout.sd_region.shape
+    arrays = {
+        "image": geo.image, "face_mask": geo.face_mask, "params": geo.params, "pose": geo.pose,
+        "uv_gt": to_uint8(geo.uv_gt), "uv_gt_mask": geo.uv_gt_mask,
+        "uv_bl": np.zeros((n, u, u, 3), np.uint8), "uv_source": np.zeros((n, u, u), np.uint8),
+        "tex_coeff": np.full((n, ctx.basis.n_components), np.nan, np.float32),
+        "uv_ctr": np.zeros((n, hc, wc, 3), np.uint8), "uv_ctr_mask": np.zeros((n, hc, wc), bool),
+        "ctr_valid": np.zeros(n, bool), "uv_sd": np.zeros((n, hs, ws, 3), np.uint8),
+        "uv_sd_mask": np.zeros((n, hs, ws), bool), "sd_valid": np.zeros(n, bool),
+    }
+    idx = np.flatnonzero(ok)
+    t0 = time.perf_counter()
+    if idx.size:
+        coeff = ridge_texture_fit(geo.uv_gt[idx], geo.uv_gt_mask[idx], ctx.basis, lam=ctx.config.ridge_lambda)
+        arrays["tex_coeff"][idx] = coeff
+        uv_bfm = np.clip(ctx.basis.synthesize(coeff), 0.0, 1.0)
+        t0 = timer.add("texture", t0)
+        for j, k in enumerate(idx):
+            bl, src = blend_uv(geo.uv_gt[k], geo.uv_gt_mask[k], uv_bfm[j], face_mask=ctx.basis.valid,
+                               mirror_index=ctx.mirror_index, config=ctx.config.blend)
+            arrays["uv_bl"][k], arrays["uv_source"][k] = to_uint8(bl), src
+        t0 = timer.add("blend", t0)
+        for k in idx:
+            c = cut_partial_crops(arrays["uv_gt"][k], geo.uv_gt_mask[k], float(geo.pose[k, 0]), ctx.crop_layout,
+                                  ctx.config.crops, ctx.mirror_index)
+            arrays["uv_ctr"][k], arrays["uv_ctr_mask"][k], arrays["ctr_valid"][k] = c.uv_ctr, c.ctr_mask, c.ctr_valid
+            arrays["uv_sd"][k], arrays["uv_sd_mask"][k], arrays["sd_valid"][k] = c.uv_sd, c.sd_mask, c.sd_valid
+        timer.add("crops", t0)
+    arrays["status"] = np.where(ok, OK, FAILED).astype(np.uint8)
+    arrays["reason"] = geo.reason
+    return arrays, geo.errors
