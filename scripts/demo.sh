@@ -1,6 +1,14 @@
 #!/usr/bin/env bash
-# Set up (if needed) and run the main job on the embedded default; writes out/demo/preview.png.
+# Set up (if needed) and run the main job on the embedded default (the procedural face model and the
+# synthetic face world): a preview of the world, a small training store, and a preview grid of that store.
+#   out/demo/preview.png        image | true UV | visible UV, per synthetic face
+#   out/demo/store.zarr         the store `uvtrain` reads (uvprep info out/demo/store.zarr)
+#   out/demo/store_preview.png  image | UV_gt | UV_bl | source map | centre crop | side crop | true UV
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-.venv/bin/uvprep demo --out out/demo "$@"
+.venv/bin/uvprep demo --out out/demo --count 6
+.venv/bin/uvprep build --out out/demo/store.zarr --src synthetic --count 64 --image-size 128 --uv-size 128 \
+    --chunk 16 --pca-samples 64 --n-tex 16 "$@"
+.venv/bin/uvprep check out/demo/store.zarr
+.venv/bin/uvprep show out/demo/store.zarr --index 0,1,2,3,4,5,6,7 --out out/demo/store_preview.png
