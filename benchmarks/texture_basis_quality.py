@@ -85,14 +85,15 @@ class World:
 
 
 def make_world(n: int, image_size: int = 128, uv_size: int = 64, seed: int = 0, start: int = 0,
-               yaw_min: float = 0.0, ctx: StageContext | None = None) -> World:
+               yaw_min: float = 0.0, ctx: StageContext | None = None, supersample: int = 1) -> World:
     """Generate faces ``start .. start + n - 1`` of the synthetic world and run the fit + UV_gt stages on them.
 
     The fit is the ``given`` fitter (the true parameters), so the maps differ from the truth only by the
     unwrap (resampling, erosion, visibility): the texture questions are isolated from fitting errors.
     """
     model = ctx.model if ctx is not None else build_procedural_model()
-    syn = SyntheticConfig(image_size=image_size, uv_size=uv_size, seed=seed, yaw_min_deg=yaw_min)
+    syn = SyntheticConfig(image_size=image_size, uv_size=uv_size, seed=seed, yaw_min_deg=yaw_min,
+                          supersample=supersample)
     faces = generate_batch(range(start, start + n), syn, model)
     if ctx is None:
         cfg = StageConfig(fit=FitConfig(image_size=image_size), uvgt=UVGTConfig(uv_size=uv_size))
@@ -131,6 +132,13 @@ def block_split(size: int, block: int = 4) -> np.ndarray:
     return (i[:, None] + i[None, :]) % 2 == 0
 
 
+def fit_and_synthesize(values: np.ndarray, masks: np.ndarray, basis: UVTextureBasis, lam: float = 1.0) -> np.ndarray:
+    """Eq. 8 then ``mean + B c``, clipped to [0, 1]: (N, U, U, 3). A K = 0 basis predicts its mean."""
+    if basis.n_components == 0:
+        return np.repeat(np.clip(basis.mean, 0, 1)[None], len(values), 0)
+    return np.clip(basis.synthesize(ridge_texture_fit(values, masks, basis, lam)), 0, 1)
+
+
 def _mae(pred: np.ndarray, truth: np.ndarray, sel: np.ndarray) -> float:
     """Mean absolute error (1/255 units) over the selected texels (N, U, U) of (N, U, U, 3) maps."""
     if not sel.any():
@@ -147,12 +155,12 @@ def reconstruction_errors(basis: UVTextureBasis, fit_values: np.ndarray, test: W
     """
     u = basis.size
     half = block_split(u)[None]
-    pred_half = np.clip(basis.synthesize(ridge_texture_fit(fit_values, test.mask & half, basis, lam)), 0, 1)
+    pred_half = fit_and_synthesize(fit_values, test.mask & half, basis, lam)
     score = test.mask & ~half & test.face[None] & basis.valid[None]
     out = {"vis/2": _mae(pred_half, truth, score)}
     prof = np.abs(test.yaw) >= PROFILE_YAW
     if prof.any():
-        pred = np.clip(basis.synthesize(ridge_texture_fit(fit_values[prof], test.mask[prof], basis, lam)), 0, 1)
+        pred = fit_and_synthesize(fit_values[prof], test.mask[prof], basis, lam)
         hidden = ~test.mask[prof] & test.face[None] & basis.valid[None]
         out["hidden"] = _mae(pred, truth[prof], hidden)
     else:
@@ -234,8 +242,7 @@ def blend_study(basis: UVTextureBasis, test: World, trusted: np.ndarray, lam: fl
     prof = np.flatnonzero(np.abs(test.yaw) >= PROFILE_YAW)
     acc: dict[str, dict[str, list]] = {}
     for k in prof:
-        coeff = ridge_texture_fit(test.uv_gt[k:k + 1], test.mask[k:k + 1], basis, lam)
-        uv_bfm = np.clip(basis.synthesize(coeff)[0], 0, 1)
+        uv_bfm = fit_and_synthesize(test.uv_gt[k:k + 1], test.mask[k:k + 1], basis, lam)[0]
         bl, src = blend_uv(test.uv_gt[k], test.mask[k], uv_bfm, face_mask=basis.valid,
                            mirror_index=ctx.mirror_index, config=ctx.config.blend)
         filled, fill_mask, _ = symmetric_fill(test.uv_gt[k], test.mask[k], ctx.mirror_index, basis.valid)

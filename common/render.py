@@ -244,8 +244,8 @@ def _triangle_setup(keep, x, y, area, z, jmin, imin, bw, bh, n_f, h, w) -> tuple
     height, first pixel's flat index, global triangle id; and floats (K, 3) float32: depth at the
     first pixel centre, d/dx, d/dy.
     """
-    gid = torch.arange(keep.shape[0], device=keep.device)
-    area = torch.where(keep, area, 1)  # discarded triangles are sorted out below; avoid 0 division
+    gid = keep.nonzero().squeeze(1)  # compact first: culled and off-screen triangles cost nothing below
+    x, y, area, z, jmin, imin, bw, bh = (t.index_select(0, gid) for t in (x, y, area, z, jmin, imin, bw, bh))
     sgn = torch.sign(area)
     area_abs = (area * sgn).to(torch.float64)
     ox = jmin * _SUB + _HALF  # first pixel centre of the bbox, sub-pixel units
@@ -265,8 +265,7 @@ def _triangle_setup(keep, x, y, area, z, jmin, imin, bw, bh, n_f, h, w) -> tuple
     pix0 = torch.div(gid, n_f, rounding_mode="floor") * (h * w) + imin * w + jmin
     ints = torch.stack([*w0s, *ax, *by, bw, bh, pix0, gid], 1)
     floats = torch.stack([zo, dzdx, dzdy], 1).float()
-    group = torch.where(keep, _size_bucket(bw) * (1 << 20) + _size_bucket(bh), torch.iinfo(torch.int64).max)
-    order = torch.argsort(group)[: int(keep.sum())]
+    order = torch.argsort(_size_bucket(bw) * (1 << 20) + _size_bucket(bh))
     return ints[order], floats[order]
 
 

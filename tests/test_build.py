@@ -1,0 +1,379 @@
+"""``uvprep build`` end to end: eager vs Dask, kill and resume, bad inputs, refusals, reader round trip, CLI.
+
+Every store here is tiny (64 px images, 32² UV maps, 12 samples in chunks of 4) and every comparison is
+bytewise: a store is a pure function of its recorded config, whatever ran it and however often it stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import zarr
+from typer.testing import CliRunner
+
+from common.store import (
+    FAILED,
+    OK,
+    PENDING,
+    Reason,
+    StoreLocked,
+    StoreMismatch,
+    StoreReader,
+    acquire_build_lock,
+    array_specs,
+    completed_chunks,
+    manifest_specs,
+    read_build_lock,
+    read_texture_basis,
+)
+from preprocess.build import BuildConfig, RunOptions, build_store
+from preprocess.buildcli import BuildArgs, make_config
+from preprocess.cli import app
+from preprocess.fit import FitConfig
+from preprocess.sources import FolderSource
+from preprocess.stages import StageConfig
+from preprocess.unwrap import UVGTConfig
+from tests.conftest import ROOT, asset_path
+
+# The reference build: 3 chunks of 4 samples (the same flags drive the in-process and the CLI builds).
+SMALL = {"count": 12, "image_size": 64, "uv_size": 32, "chunk": 4, "pca_samples": 8, "n_tex": 4}
+
+
+def _cli_flags(out: Path, **kw) -> list[str]:
+    flags = {**SMALL, **kw}
+    return ["build", "--out", str(out), *[x for k, v in flags.items() for x in (f"--{k.replace('_', '-')}", str(v))]]
+
+
+def _config(out: Path, workers: int = 0, overwrite: bool = False, **kw) -> tuple[BuildConfig, RunOptions]:
+    cfg, run = make_config(BuildArgs(out=out, **{**SMALL, **kw}))
+    return cfg, dataclasses.replace(run, workers=workers, overwrite=overwrite, progress=False)
+
+
+def _build(out: Path, workers: int = 0, overwrite: bool = False, **kw):
+    return build_store(*_config(out, workers, overwrite, **kw))
+
+
+def _arrays(out: Path) -> dict[str, bytes]:
+    """Every array of the store (texture basis included) as raw bytes; manifest keys joined as UTF-8."""
+    group = zarr.open_group(str(out), mode="r")
+    res = {}
+    for prefix, g in (("", group), ("texture/", group["texture"])):
+        for name, a in g.arrays():
+            v = a[...]
+            res[prefix + name] = "\0".join(map(str, v)).encode() if v.dtype.kind in "OTU" else v.tobytes()
+    return res
+
+
+def _assert_same_arrays(a: Path, b: Path) -> None:
+    x, y = _arrays(a), _arrays(b)
+    assert sorted(x) == sorted(y)
+    differ = [k for k in x if x[k] != y[k]]
+    assert not differ, f"arrays differ between {a.name} and {b.name}: {differ}"
+
+
+def _files(out: Path) -> dict[str, str]:
+    """sha256 of every file under the store folder (metadata and chunks)."""
+    return {p.relative_to(out).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(out.rglob("*")) if p.is_file()}
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> Path:
+    """The reference store: eager (workers=0), built once per module, never modified by the tests."""
+    out = tmp_path_factory.mktemp("ref") / "ref.zarr"
+    summary = _build(out)
+    assert summary.complete and summary.ok == SMALL["count"]
+    return out
+
+
+# ------------------------------------------------------------------------------------------ end to end
+def test_eager_build_end_to_end(store):
+    r = StoreReader(store)
+    assert r.validate() == []
+    assert len(r) == 12 and r.layout.n_chunks == 3 and r.layout.has_truth
+    assert r.counts() == {"ok": 12, "failed": 0, "pending": 0, "failed_by_reason": {}, "chunks_done": 3,
+                          "n_chunks": 3}
+    specs = {**array_specs(r.layout), **manifest_specs(r.layout)}
+    for name, spec in specs.items():
+        a = r.group[name]
+        assert tuple(a.shape) == spec.shape and tuple(a.chunks) == spec.chunks, name
+        if name != "manifest_path":
+            assert a.dtype == spec.dtype, name
+    assert r.group["image"].shape == (12, 64, 64, 3) and r.group["uv_bl"].shape == (12, 32, 32, 3)
+    assert r.group["tex_coeff"].shape == (12, 4)
+    assert list(r.paths()) == [f"synthetic://0/{i:02d}" for i in range(12)]
+
+    # uv_true is the synthetic world's texture: identical to what the source generates for that sample
+    cfg, _ = _config(store)
+    truth = cfg.source.load_many([0, 7], cfg.source.manifest())
+    b = r.batch([0, 7], ["uv_true", "image", "params"])
+    for k, s in enumerate(truth):
+        assert np.array_equal(b["uv_true"][k], s.truth["uv_true"])
+        assert np.allclose(b["params"][k], s.given_params, atol=1e-5)
+    assert b["uv_true"].max() > 0
+
+    # the texture basis the chunks were fitted with is in the store, complete and finite
+    t = read_texture_basis(store)
+    assert t is not None and t["name"].startswith("pca:")
+    assert t["mean"].shape == (32, 32, 3) and t["basis"].shape == (32, 32, 3, 4) and t["valid"].shape == (32, 32)
+    assert np.isfinite(t["basis"]).all() and t["valid"].sum() > 100
+
+    # OK samples: every stage wrote something
+    ok = r.batch(np.arange(12), ["uv_gt_mask", "uv_bl", "tex_coeff", "face_mask"])
+    assert ok["uv_gt_mask"].reshape(12, -1).any(1).all() and ok["face_mask"].reshape(12, -1).any(1).all()
+    assert np.isfinite(ok["tex_coeff"]).all() and (ok["uv_bl"].reshape(12, -1).max(1) > 0).all()
+
+
+def test_rerun_skips_every_chunk_and_changes_nothing(store, tmp_path):
+    out = _copy(store, tmp_path / "again.zarr")
+    before = _files(out)
+    summary = _build(out)
+    assert summary.complete and summary.skipped_chunks == 3 and summary.done_chunks == 0 and summary.ok == 0
+    assert _files(out) == before  # no file rewritten, not even metadata
+    assert read_build_lock(out) is None
+
+
+def test_dask_result_equals_eager(store, tmp_path):
+    out = tmp_path / "dask.zarr"
+    summary = _build(out, workers=2)
+    assert summary.complete and summary.ok == 12 and summary.done_chunks == 3
+    _assert_same_arrays(store, out)
+
+
+# ------------------------------------------------------------------------------------------ kill, resume
+def _poll_done(out: Path) -> np.ndarray | None:
+    try:
+        return completed_chunks(out)
+    except Exception:  # noqa: BLE001 - the store may be half-created while we look
+        return None
+
+
+def test_kill_and_resume_gives_the_clean_build(store, tmp_path):
+    out = tmp_path / "killed.zarr"
+    cmd = [sys.executable, "-m", "preprocess.cli", *_cli_flags(out, workers=0)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 240
+    done = None
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            done = _poll_done(out)
+            if done is not None and done.any():
+                break
+            time.sleep(0.02)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        _, err = proc.communicate()
+    assert done is not None and done.any(), f"no chunk finished before the deadline: {err.decode()[-2000:]}"
+    killed_done = completed_chunks(out)
+    assert not killed_done.all(), "the build finished before it could be killed; make the chunks smaller"
+
+    # the killed build's lock is left behind: same host, dead (and reaped) pid -> taken over by the next build
+    lock = read_build_lock(out)
+    assert lock is not None and lock["pid"] == proc.pid
+    summary = _build(out)
+    assert summary.complete and summary.skipped_chunks == int(killed_done.sum())
+    assert summary.done_chunks == 3 - int(killed_done.sum())
+    assert read_build_lock(out) is None and StoreReader(out).validate() == []
+    _assert_same_arrays(store, out)
+
+
+# ------------------------------------------------------------------------------------------ bad inputs
+def _png(rgb_or_any: np.ndarray) -> bytes:
+    img = rgb_or_any
+    if img.ndim == 3 and img.shape[2] == 3:
+        img = cv2.cvtColor(img, cv2.COLOR_RGB2BGR)
+    ok, buf = cv2.imencode(".png", img)
+    assert ok
+    return buf.tobytes()
+
+
+def _synthetic_face(size: int = 96) -> np.ndarray:
+    from common.procedural import build_procedural_model
+    from common.synthetic import SyntheticConfig, generate
+
+    return generate(3, SyntheticConfig(image_size=size, uv_size=32), build_procedural_model()).image
+
+
+def _bad_folder(folder: Path) -> dict[str, Reason]:
+    """One file of each kind, and the reason each must fail with under the ``given`` fitter without params."""
+    from test_sources import _cmyk_jpeg  # the hand-made Adobe CMYK JPEG of the sources tests
+
+    face = _synthetic_face()
+    ok, jpg = cv2.imencode(".jpg", cv2.cvtColor(face, cv2.COLOR_RGB2BGR))
+    jpg = jpg.tobytes()
+    grey = cv2.cvtColor(face, cv2.COLOR_RGB2GRAY)
+    files = {
+        "good.png": (_png(face), Reason.BAD_ANNOTATION),
+        "good.jpg": (jpg, Reason.BAD_ANNOTATION),
+        "grey.png": (_png(grey), Reason.BAD_ANNOTATION),
+        "sixteen_bit.png": (_png(grey.astype(np.uint16) * 257), Reason.BAD_ANNOTATION),
+        "rgba.png": (_png(np.dstack([face[..., ::-1], np.full(grey.shape, 200, np.uint8)])), Reason.BAD_ANNOTATION),
+        "cmyk.jpg": (_cmyk_jpeg([face[..., 0], face[..., 1], face[..., 2], np.full(grey.shape, 255, np.uint8)]),
+                     Reason.BAD_ANNOTATION),
+        "truncated.jpg": (jpg[: len(jpg) // 2], Reason.TRUNCATED),
+        "truncated.png": (_png(face)[:-40], Reason.TRUNCATED),
+        "random.jpg": (np.random.default_rng(0).bytes(4000), Reason.NOT_AN_IMAGE),
+        "text.png": (b"not an image, just some text\n", Reason.NOT_AN_IMAGE),
+        "tiny.png": (_png(face[:10, :10]), Reason.TOO_SMALL),
+    }
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, (data, _) in files.items():
+        (folder / name).write_bytes(data)
+    return {name: why for name, (_, why) in files.items()}
+
+
+def _folder_config(folder: Path, texture_model: str = "model") -> BuildConfig:
+    stages = StageConfig(face_model="procedural", fit=FitConfig(fitter="given", image_size=64),
+                         uvgt=UVGTConfig(uv_size=32), texture_model=texture_model, pca_samples=8)
+    return BuildConfig(source=FolderSource(str(folder)), stages=stages, chunk=4)
+
+
+def test_bad_inputs_never_stop_the_build(tmp_path):
+    expected = _bad_folder(tmp_path / "photos")
+    out = tmp_path / "bad.zarr"
+    summary = build_store(_folder_config(tmp_path / "photos"), RunOptions(out=str(out), progress=False))
+    assert summary.complete and summary.ok == 0 and summary.done_chunks == 3
+    want = Counter(why.short for why in expected.values())
+    assert summary.failed == want == Counter(bad_annotation=6, truncated=2, not_an_image=2, too_small=1)
+
+    r = StoreReader(out)
+    assert r.validate() == []
+    got = {str(p): Reason(int(c)) for p, c in zip(r.paths(), r.group["reason"][:], strict=True)}
+    assert got == expected
+    assert (r.status() == FAILED).all() and r.counts()["failed_by_reason"] == dict(want)
+    assert {path: why for _, path, why in r.failures()} == {k: v.short for k, v in expected.items()}
+
+    # the collection changed: refused, with the number of added / changed files
+    (tmp_path / "photos" / "zz_new.png").write_bytes(_png(_synthetic_face()))
+    with pytest.raises(StoreMismatch, match=r"1 added, 0 removed, 0 changed"):
+        build_store(_folder_config(tmp_path / "photos"), RunOptions(out=str(out), progress=False))
+    (tmp_path / "photos" / "zz_new.png").unlink()
+    (tmp_path / "photos" / "text.png").write_bytes(b"edited text, longer than before\n")
+    with pytest.raises(StoreMismatch, match=r"0 added, 0 removed, 1 changed \(e\.g\. text\.png\)"):
+        build_store(_folder_config(tmp_path / "photos"), RunOptions(out=str(out), progress=False))
+
+
+def test_pca_prepass_without_any_fittable_sample_says_what_to_do(tmp_path):
+    """Folder photos need a real fitter; with none fittable there is nothing to learn a PCA basis from."""
+    _bad_folder(tmp_path / "photos")
+    with pytest.raises(RuntimeError, match="--texture-model model"):
+        build_store(_folder_config(tmp_path / "photos", texture_model="pca"),
+                    RunOptions(out=str(tmp_path / "pca.zarr"), progress=False))
+    assert read_build_lock(tmp_path / "pca.zarr") is None
+
+
+def test_real_faces_with_tddfa(tmp_path):
+    faces, v1, v2 = asset_path("faces"), asset_path("3ddfa_v1"), asset_path("3ddfa_v2")
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name in ("JianzhuGuo.jpg", "trump_hillary.jpg"):
+        shutil.copy(faces / name, photos / name)
+    noise = (np.random.default_rng(0).random((256, 256, 3)) * 255).astype(np.uint8)
+    (photos / "noise.png").write_bytes(_png(noise))
+    out = tmp_path / "real.zarr"
+    cfg, run = make_config(BuildArgs(out=out, src="folder", images=photos, fitter="tddfa", face_model="bfm-public",
+                                     bfm_v1_dir=v1, bfm_v2_dir=v2, image_size=96, uv_size=64, chunk=4,
+                                     pca_samples=8, n_tex=2, workers=0))
+    summary = build_store(cfg, dataclasses.replace(run, progress=False))
+    assert summary.complete and summary.ok == 2 and summary.failed == Counter(no_face=1), summary.errors
+    r = StoreReader(out)
+    assert r.validate() == []
+    assert {p: why for _, p, why in r.failures()} == {"noise.png": "no_face"}
+    ok = r.batch(r.ok_indices(), ["uv_gt_mask", "pose", "params"])
+    assert ok["uv_gt_mask"].reshape(2, -1).sum(1).min() > 100
+    assert (np.abs(ok["pose"][:, 0]) < 45).all()  # both photos are near-frontal
+
+
+# ------------------------------------------------------------------------------------------ refusals
+def test_changed_settings_are_refused_naming_the_field(store, tmp_path):
+    out = _copy(store, tmp_path / "mismatch.zarr")
+    before = _files(out)
+    with pytest.raises(StoreMismatch, match=r"config\.stages\.ridge_lambda: store 1\.0, this run 4\.0"):
+        _build(out, ridge_lambda=4.0)
+    with pytest.raises(StoreMismatch, match=r"layout\.uv_size: store 32, this run 48"):
+        _build(out, uv_size=48)
+    with pytest.raises(StoreMismatch, match=r"manifest: store 12 entries .* this run 13 entries .*: 1 added"):
+        _build(out, count=13)
+    assert _files(out) == before and read_build_lock(out) is None
+
+    # --overwrite rebuilds: same geometry, heavier ridge -> smaller coefficients, new config recorded
+    summary = _build(out, overwrite=True, ridge_lambda=4.0)
+    assert summary.complete and summary.ok == 12 and summary.skipped_chunks == 0
+    r, ref = StoreReader(out), StoreReader(store)
+    assert r.attrs["config"]["stages"]["ridge_lambda"] == 4.0 and r.validate() == []
+    for name in ("image", "uv_gt", "uv_gt_mask", "params"):
+        assert np.array_equal(r.group[name][...], ref.group[name][...]), name
+    assert np.linalg.norm(r.group["tex_coeff"][...]) < np.linalg.norm(ref.group["tex_coeff"][...])
+
+
+def test_concurrent_build_is_refused(store, tmp_path):
+    out = _copy(store, tmp_path / "locked.zarr")
+    with acquire_build_lock(out, owner="another build"):
+        with pytest.raises(StoreLocked, match=f"pid {os.getpid()}"):
+            _build(out)
+        assert read_build_lock(out)["owner"] == "another build"  # the refused build left the lock alone
+    assert read_build_lock(out) is None
+
+
+# ------------------------------------------------------------------------------------------ reader, CLI
+def test_reader_batch_equals_samples(store):
+    r = StoreReader(store)
+    idx = np.random.default_rng(0).permutation(12)[:7]
+    idx = np.append(idx, idx[0])  # repeats allowed
+    b = r.batch(idx)
+    assert np.array_equal(b["index"], idx)
+    for k, i in enumerate(idx):
+        s = r.sample(int(i))
+        for name in r.names:
+            assert np.array_equal(b[name][k], s[name], equal_nan=b[name].dtype.kind == "f"), (name, i)
+
+
+def test_cli_check_show_info(store, tmp_path):
+    runner = CliRunner()
+    res = runner.invoke(app, ["check", str(store)])
+    assert res.exit_code == 0 and "OK" in res.output
+
+    bad = _copy(store, tmp_path / "bad.zarr")
+    status = zarr.open_group(str(bad), mode="r+")["status"]
+    status[1] = PENDING  # a sample of completed chunk 0 lost its status
+    res = runner.invoke(app, ["check", str(bad)])
+    assert res.exit_code == 1 and "chunk_done: chunks 0 are marked done but hold PENDING samples" in res.output
+
+    png = tmp_path / "grid.png"
+    res = runner.invoke(app, ["show", str(store), "--index", "0,5,11", "--out", str(png)])
+    assert res.exit_code == 0 and png.is_file()
+    img = cv2.imread(str(png))
+    assert img is not None and img.shape[0] >= 3 * 32 and img.std() > 5
+
+    res = runner.invoke(app, ["info", str(store)])
+    assert res.exit_code == 0
+    assert "12: 12 ok, 0 failed, 0 pending" in res.output and "3 / 3 complete" in res.output
+
+
+def test_cli_build_help_and_refusal_exit_code(store, tmp_path):
+    runner = CliRunner()
+    res = runner.invoke(app, ["build", "--help"])
+    assert res.exit_code == 0
+    for flag in ("--out", "--src", "--chunk", "--workers", "--pca-samples", "--overwrite"):
+        assert flag in res.output
+    out = _copy(store, tmp_path / "cli.zarr")
+    res = runner.invoke(app, _cli_flags(out, workers=0, ridge_lambda=2.0))
+    assert res.exit_code == 2 and "ridge_lambda" in res.output
+    assert int((StoreReader(out).status() == OK).sum()) == 12
