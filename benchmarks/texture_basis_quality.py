@@ -25,6 +25,8 @@ against the truth, split by the source map (mirrored texels, code 2; model texel
 * ``pipeline``: :func:`preprocess.blend.blend_uv` as ``preprocess.stages`` calls it (Omega = observed +
   mirrored texels, Dirichlet ``f = UV_bfm`` on every crossing edge);
 * ``mirror only``: the symmetric fill without the Poisson step;
+* ``model into photo`` (prototype): Eq. 9 with the roles swapped: the model texels are the unknowns, guided
+  by UV_bfm's gradient, with the observed + mirrored texels as the Dirichlet boundary (kept unchanged);
 * ``trusted boundary`` (prototype): Eq. 9 with the Dirichlet condition only on crossing edges into texels
   where UV_bfm is trustworthy (observed in >= ``--trust`` of the training maps); edges into the never-observed
   rim are Neumann. The untrusted rim is then filled by a second Poisson solve that follows UV_bfm's gradient
@@ -232,30 +234,45 @@ def observed_fraction(masks: np.ndarray, ctx: StageContext, symmetric: bool = Tr
     return frac
 
 
-def blend_study(basis: UVTextureBasis, test: World, trusted: np.ndarray, lam: float = 1.0) -> dict[str, dict]:
+def blend_study(basis: UVTextureBasis, test: World, trusted: np.ndarray, albedo: bool = False,
+                lam: float = 1.0) -> dict[str, dict]:
     """Errors (1/255) on the hidden face texels of the profiles, by source code, for each blend variant.
 
-    Returns ``{variant: {"mirrored": e, "model": e, "all": e}}`` for variants ``UV_bfm``, ``mirror only``,
-    ``pipeline`` (UV_bl as built) and ``trusted boundary`` (:func:`trusted_blend`), against ``uv_true``.
+    albedo: blend maps made of ``uv_albedo`` under the same masks and score against it (the lighting-free
+    question); otherwise UV_gt against ``uv_true``. Returns ``{variant: {"mirrored", "model", "all"}}`` for
+    ``UV_bfm``, ``mirror only``, ``pipeline`` (UV_bl as built), ``trusted boundary`` (:func:`trusted_blend`),
+    plus ``{"boundary": {...}}``: UV_bfm's error on the model texels next to Omega (the Dirichlet boundary),
+    split into trusted and untrusted texels.
     """
     ctx = test.ctx
+    values, truth = (test.uv_albedo, test.uv_albedo) if albedo else (test.uv_gt, test.uv_true)
     prof = np.flatnonzero(np.abs(test.yaw) >= PROFILE_YAW)
     acc: dict[str, dict[str, list]] = {}
+    cross = np.ones((3, 3), np.uint8)
     for k in prof:
-        uv_bfm = fit_and_synthesize(test.uv_gt[k:k + 1], test.mask[k:k + 1], basis, lam)[0]
-        bl, src = blend_uv(test.uv_gt[k], test.mask[k], uv_bfm, face_mask=basis.valid,
-                           mirror_index=ctx.mirror_index, config=ctx.config.blend)
-        filled, fill_mask, _ = symmetric_fill(test.uv_gt[k], test.mask[k], ctx.mirror_index, basis.valid)
-        tb, _ = trusted_blend(test.uv_gt[k], test.mask[k], uv_bfm, basis.valid, trusted, ctx.mirror_index)
-        variants = {"UV_bfm": uv_bfm, "mirror only": np.where(fill_mask[..., None], filled, uv_bfm),
-                    "pipeline": bl, "trusted boundary": tb}
+        vals = np.where(test.mask[k][..., None], values[k], 0).astype(np.float32)
+        uv_bfm = fit_and_synthesize(vals[None], test.mask[k:k + 1], basis, lam)[0]
+        bl, src = blend_uv(vals, test.mask[k], uv_bfm, face_mask=basis.valid, mirror_index=ctx.mirror_index,
+                           config=ctx.config.blend)
+        filled, fill_mask, _ = symmetric_fill(vals, test.mask[k], ctx.mirror_index, basis.valid)
+        tb, _ = trusted_blend(vals, test.mask[k], uv_bfm, basis.valid, trusted, ctx.mirror_index)
+        ref = np.where(fill_mask[..., None], filled, uv_bfm).astype(np.float64)
+        swapped = np.clip(_dirichlet_solve(ref, uv_bfm.astype(np.float64), basis.valid & ~fill_mask, fill_mask), 0, 1)
+        variants = {"UV_bfm": uv_bfm, "mirror only": ref, "pipeline": bl, "trusted boundary": tb,
+                    "model into photo": swapped}
         hidden = ~test.mask[k] & test.face
         for name, pred in variants.items():
-            err = np.abs(pred - test.uv_true[k]).mean(-1) * 255.0
+            err = np.abs(pred - truth[k]).mean(-1) * 255.0
             d = acc.setdefault(name, {"mirrored": [], "model": [], "all": []})
             d["mirrored"].append(err[hidden & (src == SOURCE_MIRRORED)])
             d["model"].append(err[hidden & (src == SOURCE_MODEL)])
             d["all"].append(err[hidden])
+        ring = (cv2.dilate(fill_mask.astype(np.uint8), cross) > 0) & ~fill_mask & basis.valid
+        err = np.abs(uv_bfm - truth[k]).mean(-1) * 255.0
+        d = acc.setdefault("boundary", {"trusted": [], "untrusted": [], "untrusted share": []})
+        d["trusted"].append(err[ring & trusted])
+        d["untrusted"].append(err[ring & ~trusted])
+        d["untrusted share"].append(np.array([(ring & ~trusted).sum() / max(ring.sum(), 1)]))
     return {name: {key: float(np.concatenate(v).mean()) if sum(len(x) for x in v) else float("nan")
                    for key, v in d.items()} for name, d in acc.items()}
 
@@ -309,15 +326,23 @@ def main() -> None:
     for name, *vals in basis_table(train, test, tuple(args.ks)):
         print(f"{name:<16} " + " ".join(f"{v:>{w}.2f}" for v, w in zip(vals, (12, 13, 13, 14), strict=True)))
 
-    basis = learn_pca(train.uv_gt, train.mask, train.ctx, args.blend_k, True)
     frac = observed_fraction(train.mask, train.ctx)
     trusted = frac >= args.trust
-    res = blend_study(basis, test, trusted)
-    print(f"\nBlend study (PCA K={args.blend_k} sym; hidden face texels of the profiles vs uv_true, 1/255; "
-          f"trusted = observed in >= {args.trust:.0%} of training maps, {trusted[basis.valid].mean():.0%} of layout)")
-    print(f"{'variant':<18} {'mirrored (2)':>13} {'model (0)':>10} {'all hidden':>11}")
-    for name, d in res.items():
-        print(f"{name:<18} {d['mirrored']:>13.2f} {d['model']:>10.2f} {d['all']:>11.2f}")
+    for albedo in (False, True):
+        vals = train.uv_albedo if albedo else train.uv_gt
+        basis = learn_pca(vals, train.mask, train.ctx, args.blend_k, True)
+        res = blend_study(basis, test, trusted, albedo=albedo)
+        what = "uv_albedo maps vs uv_albedo" if albedo else "UV_gt vs uv_true"
+        print(f"\nBlend study, {what} (PCA K={args.blend_k} sym; hidden face texels of the profiles, 1/255; "
+              f"trusted = observed in >= {args.trust:.0%} of training maps, {trusted[basis.valid].mean():.0%} of "
+              f"the layout)")
+        print(f"{'variant':<18} {'mirrored (2)':>13} {'model (0)':>10} {'all hidden':>11}")
+        for name, d in res.items():
+            if name != "boundary":
+                print(f"{name:<18} {d['mirrored']:>13.2f} {d['model']:>10.2f} {d['all']:>11.2f}")
+        b = res["boundary"]
+        print(f"UV_bfm error on the Dirichlet boundary ring: trusted texels {b['trusted']:.2f}, untrusted "
+              f"{b['untrusted']:.2f} ({b['untrusted share']:.0%} of the ring)")
     print(f"\ntotal {time.perf_counter() - t0:.0f} s")
 
 

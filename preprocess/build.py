@@ -219,6 +219,8 @@ def prepass_batch(out: str, indices: np.ndarray, cfg: BuildConfig, fit_size: int
     inputs = _load_inputs(out, cfg, np.asarray(indices))
     geo = run_geometry(inputs, StageContext.build(cfg.stages), Timer())
     keep = geo.reason == 0
+    if not keep.any():  # no usable sample in this batch: no rows (other batches may have enough)
+        return np.zeros((0, fit_size * fit_size * 3), np.float32), np.zeros((0, fit_size * fit_size * 3), bool)
     return downsample_maps(geo.uv_gt[keep], geo.uv_gt_mask[keep], fit_size)
 
 
@@ -230,6 +232,14 @@ class _Runner:
         self.run = run
         self.client = None
         self.cluster = None
+        self._torch_threads = None
+        if run.scheduler is None and run.workers == 0:
+            # eager: this process is the worker, so it gets the worker's thread count too (restored by close);
+            # torch's default (all cores) oversubscribes a busy machine, where its spinning threads run ~8x slower
+            import torch
+
+            self._torch_threads = torch.get_num_threads()
+            torch.set_num_threads(run.threads)
         if run.scheduler is not None or run.workers > 0:
             from dask.distributed import Client, LocalCluster
 
@@ -262,6 +272,10 @@ class _Runner:
                 yield futures[fut], e
 
     def close(self):
+        if self._torch_threads is not None:
+            import torch
+
+            torch.set_num_threads(self._torch_threads)
         if self.client is not None:
             self.client.close()
         if self.cluster is not None:
@@ -277,18 +291,19 @@ def _learn_basis(out: str, cfg: BuildConfig, model, runner: _Runner, n: int, pro
     from common.uvtools import texel_mirror_index
     from preprocess.unwrap import layout_cache
 
-    fs = stages.pca.fit_size or stages.uvgt.uv_size
+    fs = min(stages.pca.fit_size or stages.uvgt.uv_size, stages.uvgt.uv_size)  # as learn_masked_pca: never up
     idx = np.unique(np.linspace(0, n - 1, min(stages.pca_samples, n)).round().astype(np.int64))
     batches = [(out, idx[i:i + cfg.chunk], cfg, fs) for i in range(0, len(idx), cfg.chunk)]
-    xs, ms = [], []
+    results = {}
     task = progress.add("learning the texture basis (pre-pass)", len(idx))
     for args, res in runner.map(prepass_batch, batches, "prepass"):
         if isinstance(res, Exception):
             raise RuntimeError(f"texture-basis pre-pass failed on samples {args[1][0]}..{args[1][-1]}: {res}") from res
-        xs.append(res[0])
-        ms.append(res[1])
+        results[int(args[1][0])] = res
         progress.advance(task, len(args[1]))
-    x, m = np.concatenate(xs), np.concatenate(ms)
+    # manifest order, not completion order: the randomised SVD of the PCA depends on the row order
+    x = np.concatenate([results[k][0] for k in sorted(results)])
+    m = np.concatenate([results[k][1] for k in sorted(results)])
     if len(x) < 2:
         raise RuntimeError(f"only {len(x)} of the {len(idx)} pre-pass samples could be fitted; cannot learn a PCA "
                            f"texture basis (use --texture-model model or a basis file)")

@@ -1,6 +1,6 @@
 """``uvprep build`` end to end: eager vs Dask, kill and resume, bad inputs, refusals, reader round trip, CLI.
 
-Every store here is tiny (64 px images, 32² UV maps, 12 samples in chunks of 4) and every comparison is
+Every store here is tiny (64 px images, 32² UV maps, 8 samples in chunks of 4) and every comparison is
 bytewise: a store is a pure function of its recorded config, whatever ran it and however often it stopped.
 """
 
@@ -21,6 +21,7 @@ import cv2
 import numpy as np
 import pytest
 import zarr
+from conftest import ROOT, asset_path
 from typer.testing import CliRunner
 
 from common.store import (
@@ -38,17 +39,17 @@ from common.store import (
     read_build_lock,
     read_texture_basis,
 )
-from preprocess.build import BuildConfig, RunOptions, build_store
+from preprocess.build import BuildConfig, RunOptions, _learn_basis, _Runner, build_store, prepass_batch
 from preprocess.buildcli import BuildArgs, make_config
 from preprocess.cli import app
 from preprocess.fit import FitConfig
+from preprocess.progress import BuildProgress
 from preprocess.sources import FolderSource
-from preprocess.stages import StageConfig
+from preprocess.stages import StageConfig, build_face_model
 from preprocess.unwrap import UVGTConfig
-from tests.conftest import ROOT, asset_path
 
-# The reference build: 3 chunks of 4 samples (the same flags drive the in-process and the CLI builds).
-SMALL = {"count": 12, "image_size": 64, "uv_size": 32, "chunk": 4, "pca_samples": 8, "n_tex": 4}
+# The reference build: 2 chunks of 4 samples (the same flags drive the in-process and the CLI builds).
+SMALL = {"count": 8, "image_size": 64, "uv_size": 32, "chunk": 4, "pca_samples": 8, "n_tex": 4}
 
 
 def _cli_flags(out: Path, **kw) -> list[str]:
@@ -94,6 +95,17 @@ def _copy(src: Path, dst: Path) -> Path:
     return dst
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread():
+    """Setup outside the chunk tasks runs at torch's default thread count; on 2 shared cores that spins."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def store(tmp_path_factory) -> Path:
     """The reference store: eager (workers=0), built once per module, never modified by the tests."""
@@ -107,18 +119,18 @@ def store(tmp_path_factory) -> Path:
 def test_eager_build_end_to_end(store):
     r = StoreReader(store)
     assert r.validate() == []
-    assert len(r) == 12 and r.layout.n_chunks == 3 and r.layout.has_truth
-    assert r.counts() == {"ok": 12, "failed": 0, "pending": 0, "failed_by_reason": {}, "chunks_done": 3,
-                          "n_chunks": 3}
+    assert len(r) == 8 and r.layout.n_chunks == 2 and r.layout.has_truth
+    assert r.counts() == {"ok": 8, "failed": 0, "pending": 0, "failed_by_reason": {}, "chunks_done": 2,
+                          "n_chunks": 2}
     specs = {**array_specs(r.layout), **manifest_specs(r.layout)}
     for name, spec in specs.items():
         a = r.group[name]
         assert tuple(a.shape) == spec.shape and tuple(a.chunks) == spec.chunks, name
         if name != "manifest_path":
             assert a.dtype == spec.dtype, name
-    assert r.group["image"].shape == (12, 64, 64, 3) and r.group["uv_bl"].shape == (12, 32, 32, 3)
-    assert r.group["tex_coeff"].shape == (12, 4)
-    assert list(r.paths()) == [f"synthetic://0/{i:02d}" for i in range(12)]
+    assert r.group["image"].shape == (8, 64, 64, 3) and r.group["uv_bl"].shape == (8, 32, 32, 3)
+    assert r.group["tex_coeff"].shape == (8, 4)
+    assert list(r.paths()) == [f"synthetic://0/{i}" for i in range(8)]
 
     # uv_true is the synthetic world's texture: identical to what the source generates for that sample
     cfg, _ = _config(store)
@@ -136,24 +148,57 @@ def test_eager_build_end_to_end(store):
     assert np.isfinite(t["basis"]).all() and t["valid"].sum() > 100
 
     # OK samples: every stage wrote something
-    ok = r.batch(np.arange(12), ["uv_gt_mask", "uv_bl", "tex_coeff", "face_mask"])
-    assert ok["uv_gt_mask"].reshape(12, -1).any(1).all() and ok["face_mask"].reshape(12, -1).any(1).all()
-    assert np.isfinite(ok["tex_coeff"]).all() and (ok["uv_bl"].reshape(12, -1).max(1) > 0).all()
+    ok = r.batch(np.arange(8), ["uv_gt_mask", "uv_bl", "tex_coeff", "face_mask"])
+    assert ok["uv_gt_mask"].reshape(8, -1).any(1).all() and ok["face_mask"].reshape(8, -1).any(1).all()
+    assert np.isfinite(ok["tex_coeff"]).all() and (ok["uv_bl"].reshape(8, -1).max(1) > 0).all()
 
 
 def test_rerun_skips_every_chunk_and_changes_nothing(store, tmp_path):
     out = _copy(store, tmp_path / "again.zarr")
     before = _files(out)
     summary = _build(out)
-    assert summary.complete and summary.skipped_chunks == 3 and summary.done_chunks == 0 and summary.ok == 0
+    assert summary.complete and summary.skipped_chunks == 2 and summary.done_chunks == 0 and summary.ok == 0
     assert _files(out) == before  # no file rewritten, not even metadata
     assert read_build_lock(out) is None
+
+
+class _ReversedRunner(_Runner):
+    """Eager, but hands results back last-first, as Dask's as_completed may."""
+
+    def map(self, fn, arg_list, key):
+        yield from reversed(list(super().map(fn, arg_list, key)))
+
+
+def test_texture_basis_does_not_depend_on_completion_order(store):
+    """Regression: pre-pass batches were concatenated in completion order, and the randomised SVD of the PCA
+    depends on the row order, so a Dask build got a (slightly) different basis than an eager one."""
+    cfg, run = _config(store)  # 2 pre-pass batches of 4 samples; the store's basis came from the in-order pass
+    with BuildProgress(enabled=False) as progress:
+        b = _learn_basis(str(store), cfg, build_face_model(cfg.stages), _ReversedRunner(run), 8, progress)
+    a = read_texture_basis(store)
+    assert a["mean"].tobytes() == b.mean.tobytes() and a["valid"].tobytes() == b.valid.tobytes()
+    assert a["basis"].astype(np.float16).tobytes() == b.basis.astype(np.float16).tobytes()  # stored as float16
+
+
+def test_eager_runner_uses_the_worker_thread_count():
+    """Regression: eager builds ignored RunOptions.threads and ran torch on every core; besides differing from
+    a Dask worker, that made a build on a busy 2-core machine ~8x slower (spinning threads)."""
+    import torch
+
+    torch.set_num_threads(2)
+    try:
+        runner = _Runner(RunOptions(out="unused", workers=0, threads=1))
+        assert [res for _, res in runner.map(torch.get_num_threads, [()], "x")] == [1]
+        runner.close()
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(1)
 
 
 def test_dask_result_equals_eager(store, tmp_path):
     out = tmp_path / "dask.zarr"
     summary = _build(out, workers=2)
-    assert summary.complete and summary.ok == 12 and summary.done_chunks == 3
+    assert summary.complete and summary.ok == 8 and summary.done_chunks == 2
     _assert_same_arrays(store, out)
 
 
@@ -168,7 +213,8 @@ def _poll_done(out: Path) -> np.ndarray | None:
 def test_kill_and_resume_gives_the_clean_build(store, tmp_path):
     out = tmp_path / "killed.zarr"
     cmd = [sys.executable, "-m", "preprocess.cli", *_cli_flags(out, workers=0)]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 240
     done = None
     try:
@@ -189,7 +235,7 @@ def test_kill_and_resume_gives_the_clean_build(store, tmp_path):
     assert lock is not None and lock["pid"] == proc.pid
     summary = _build(out)
     assert summary.complete and summary.skipped_chunks == int(killed_done.sum())
-    assert summary.done_chunks == 3 - int(killed_done.sum())
+    assert summary.done_chunks == 2 - int(killed_done.sum())
     assert read_build_lock(out) is None and StoreReader(out).validate() == []
     _assert_same_arrays(store, out)
 
@@ -242,14 +288,14 @@ def _bad_folder(folder: Path) -> dict[str, Reason]:
 def _folder_config(folder: Path, texture_model: str = "model") -> BuildConfig:
     stages = StageConfig(face_model="procedural", fit=FitConfig(fitter="given", image_size=64),
                          uvgt=UVGTConfig(uv_size=32), texture_model=texture_model, pca_samples=8)
-    return BuildConfig(source=FolderSource(str(folder)), stages=stages, chunk=4)
+    return BuildConfig(source=FolderSource(str(folder)), stages=stages, chunk=16)
 
 
 def test_bad_inputs_never_stop_the_build(tmp_path):
     expected = _bad_folder(tmp_path / "photos")
     out = tmp_path / "bad.zarr"
     summary = build_store(_folder_config(tmp_path / "photos"), RunOptions(out=str(out), progress=False))
-    assert summary.complete and summary.ok == 0 and summary.done_chunks == 3
+    assert summary.complete and summary.ok == 0 and summary.done_chunks == 1
     want = Counter(why.short for why in expected.values())
     assert summary.failed == want == Counter(bad_annotation=6, truncated=2, not_an_image=2, too_small=1)
 
@@ -259,6 +305,11 @@ def test_bad_inputs_never_stop_the_build(tmp_path):
     assert got == expected
     assert (r.status() == FAILED).all() and r.counts()["failed_by_reason"] == dict(want)
     assert {path: why for _, path, why in r.failures()} == {k: v.short for k, v in expected.items()}
+
+    # regression: a PCA pre-pass batch without one usable sample gave no rows but raised (np.stack of nothing),
+    # which stopped the whole build even when other batches had enough samples
+    x, m = prepass_batch(str(out), np.arange(4), _folder_config(tmp_path / "photos"), 16)
+    assert x.shape == m.shape == (0, 16 * 16 * 3) and x.dtype == np.float32 and m.dtype == bool
 
     # the collection changed: refused, with the number of added / changed files
     (tmp_path / "photos" / "zz_new.png").write_bytes(_png(_synthetic_face()))
@@ -309,13 +360,13 @@ def test_changed_settings_are_refused_naming_the_field(store, tmp_path):
         _build(out, ridge_lambda=4.0)
     with pytest.raises(StoreMismatch, match=r"layout\.uv_size: store 32, this run 48"):
         _build(out, uv_size=48)
-    with pytest.raises(StoreMismatch, match=r"manifest: store 12 entries .* this run 13 entries .*: 1 added"):
-        _build(out, count=13)
+    with pytest.raises(StoreMismatch, match=r"manifest: store 8 entries .* this run 9 entries .*: 1 added"):
+        _build(out, count=9)
     assert _files(out) == before and read_build_lock(out) is None
 
     # --overwrite rebuilds: same geometry, heavier ridge -> smaller coefficients, new config recorded
     summary = _build(out, overwrite=True, ridge_lambda=4.0)
-    assert summary.complete and summary.ok == 12 and summary.skipped_chunks == 0
+    assert summary.complete and summary.ok == 8 and summary.skipped_chunks == 0
     r, ref = StoreReader(out), StoreReader(store)
     assert r.attrs["config"]["stages"]["ridge_lambda"] == 4.0 and r.validate() == []
     for name in ("image", "uv_gt", "uv_gt_mask", "params"):
@@ -335,7 +386,7 @@ def test_concurrent_build_is_refused(store, tmp_path):
 # ------------------------------------------------------------------------------------------ reader, CLI
 def test_reader_batch_equals_samples(store):
     r = StoreReader(store)
-    idx = np.random.default_rng(0).permutation(12)[:7]
+    idx = np.random.default_rng(0).permutation(8)[:6]
     idx = np.append(idx, idx[0])  # repeats allowed
     b = r.batch(idx)
     assert np.array_equal(b["index"], idx)
@@ -357,14 +408,14 @@ def test_cli_check_show_info(store, tmp_path):
     assert res.exit_code == 1 and "chunk_done: chunks 0 are marked done but hold PENDING samples" in res.output
 
     png = tmp_path / "grid.png"
-    res = runner.invoke(app, ["show", str(store), "--index", "0,5,11", "--out", str(png)])
+    res = runner.invoke(app, ["show", str(store), "--index", "0,5,7", "--out", str(png)])
     assert res.exit_code == 0 and png.is_file()
     img = cv2.imread(str(png))
     assert img is not None and img.shape[0] >= 3 * 32 and img.std() > 5
 
     res = runner.invoke(app, ["info", str(store)])
     assert res.exit_code == 0
-    assert "12: 12 ok, 0 failed, 0 pending" in res.output and "3 / 3 complete" in res.output
+    assert "8: 8 ok, 0 failed, 0 pending" in res.output and "2 / 2 complete" in res.output
 
 
 def test_cli_build_help_and_refusal_exit_code(store, tmp_path):
@@ -376,4 +427,4 @@ def test_cli_build_help_and_refusal_exit_code(store, tmp_path):
     out = _copy(store, tmp_path / "cli.zarr")
     res = runner.invoke(app, _cli_flags(out, workers=0, ridge_lambda=2.0))
     assert res.exit_code == 2 and "ridge_lambda" in res.output
-    assert int((StoreReader(out).status() == OK).sum()) == 12
+    assert int((StoreReader(out).status() == OK).sum()) == 8
