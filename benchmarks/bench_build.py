@@ -113,18 +113,30 @@ def _warm(x):
     return x
 
 
-def throughput(cfg, out: Path, workers: int, n: int, repeats: int) -> list[float]:
-    """Samples/s of the chunk tasks on a started, warmed local cluster of ``workers`` single-thread workers."""
+def _spin(i: int) -> int:
+    """About 0.3 s of pure-Python work: what the cores give two processes, with nothing shared."""
+    x = 0
+    for k in range(3_000_000):
+        x ^= k * i
+    return x
+
+
+def throughput(cfg, out: Path, workers: int, n: int, repeats: int) -> tuple[list[float], float]:
+    """Samples/s of the chunk tasks on a started, warmed local cluster of ``workers`` single-thread workers,
+    and tasks/s of the CPU-only control (:func:`_spin`, 8 tasks) on the same cluster."""
     from dask.distributed import Client, LocalCluster
 
     with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
             Client(cluster) as client:
         client.gather(client.map(_warm, range(workers)))
+        t0 = time.perf_counter()
+        client.gather(client.map(_spin, range(8), pure=False))
+        control = 8 / (time.perf_counter() - t0)
         rates = []
         for _ in range(repeats):
             summary, wall, _, _ = _build(cfg, out, scheduler=cluster.scheduler_address)
             rates.append(n / wall)
-        return rates
+        return rates, control
 
 
 class Table:
@@ -207,11 +219,13 @@ def main() -> None:
 
         print(f"(c) worker scaling: {bn} synthetic samples, texture model = face model's basis ...")
         cfg = synthetic_config(bn, args.work, args.uv, args.chunk, texture_model="model")
-        r1 = throughput(cfg, tmp / "w1.zarr", 1, bn, args.repeats)
-        r2 = throughput(cfg, tmp / "w2.zarr", 2, bn, args.repeats)
+        r1, c1 = throughput(cfg, tmp / "w1.zarr", 1, bn, args.repeats)
+        r2, c2 = throughput(cfg, tmp / "w2.zarr", 2, bn, args.repeats)
         table.add("(c) 1 worker", r1, "samples/s")
         table.add("(c) 2 workers", r2, "samples/s", f"{statistics.median(r2) / statistics.median(r1):.2f}x of 1 worker "
                   f"(target >= 1.8x; {os.cpu_count()} cores)")
+        table.add("(c) control: CPU-only tasks, 2 vs 1 worker", c2 / c1, "x", "the cores' own ceiling right now "
+                  f"(load average {os.getloadavg()[0]:.1f})")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     print(f"\nbench_build: {args.n} PNGs of {args.size}², builds of {bn} samples at {args.work}² / UV {args.uv}², "

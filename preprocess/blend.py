@@ -39,6 +39,7 @@ SOURCE_OUTSIDE = 255
 """``source_map`` code: texel lies outside the face layout (only when a face mask is given)."""
 
 SOLVERS = ("auto", "mgcg", "direct", "amg")
+BLEND_MODES = ("paste", "fill")
 
 
 @dataclass(frozen=True)
@@ -63,7 +64,16 @@ class BlendConfig:
     coarsest_size: int = 400
     """The multigrid hierarchy stops coarsening below this many unknowns (solved densely)."""
 
+    mode: str = "fill"
+    """``paste``: Eq. 9 as in the paper -- UV_gt (after the symmetric fill) is pasted into UV_bfm: the filled texels
+    are the unknowns, guided by their own gradients, with UV_bfm as the boundary; observed colours shift by the
+    harmonic correction UV_bfm imposes at the boundary. ``fill``: the same equation with the roles swapped -- the
+    model texels are the unknowns, guided by UV_bfm's gradients, with the observed/mirrored texels as the boundary:
+    photo texels stay exact and the model part is shifted to meet them without seams (see README, "Eq. 9")."""
+
     def __post_init__(self) -> None:
+        if self.mode not in BLEND_MODES:
+            raise ValueError(f"BlendConfig.mode must be one of {BLEND_MODES}, got {self.mode!r}")
         if self.solver not in SOLVERS:
             raise ValueError(f"BlendConfig.solver must be one of {SOLVERS}, got {self.solver!r}")
         if not self.tol > 0:
@@ -476,5 +486,38 @@ def blend_uv(uv_gt: np.ndarray, uv_mask: np.ndarray, uv_bfm: np.ndarray, face_ma
     else:
         filled, _, source_map = symmetric_fill(uv_gt, uv_mask, np.full(size * size, -1, np.int64), face_mask)
         fill_mask = source_map == SOURCE_OBSERVED
-    uv_bl = poisson_blend(uv_bfm, filled, fill_mask, config)
+    if config.mode == "paste":
+        uv_bl = poisson_blend(uv_bfm, filled, fill_mask, config)
+    else:
+        uv_bl = blend_model_into_photo(filled, fill_mask, uv_bfm, face_mask, config)
     return np.clip(uv_bl, 0.0, 1.0, out=uv_bl), source_map
+
+
+def blend_model_into_photo(filled: np.ndarray, known: np.ndarray, uv_bfm: np.ndarray, face_mask: np.ndarray | None,
+                           config: BlendConfig = BlendConfig()) -> np.ndarray:
+    """Eq. 9 with the roles swapped (``BlendConfig.mode = "fill"``): keep the photo texels, blend the model in.
+
+    Unknowns are the layout texels not in ``known``; they follow UV_bfm's gradients, and every edge to a known
+    texel ``q`` imposes ``f_q = filled_q`` (the standard Poisson-editing discretisation). Implemented with
+    :func:`poisson_blend`, whose crossing edges pull the *inside* texel ``p`` towards ``target_p``: setting
+    ``target_p - UV_bfm_p`` to the mean of ``filled_q - UV_bfm_q`` over p's known neighbours makes the two
+    discretisations identical. The unknowns extend over the texels outside the layout too (guided by UV_bfm
+    there as well), so the layout's rim imposes nothing (Neumann at the image border instead); outside the
+    layout the result is UV_bfm.
+
+    filled: (U, U, 3) float in [0, 1] (observed + mirrored texels); known: (U, U) bool; uv_bfm: (U, U, 3);
+    face_mask: (U, U) bool layout or None (whole image). Returns (U, U, 3) float32, not clipped.
+    """
+    layout = np.ones_like(known) if face_mask is None else face_mask
+    unknown = ~known
+    diff = np.where(known[..., None], filled - uv_bfm, 0.0).astype(np.float32)
+    pad_d = np.pad(diff, ((1, 1), (1, 1), (0, 0)))
+    pad_k = np.pad(known, 1).astype(np.float32)
+    total = sum(pad_d[1 + dy:pad_d.shape[0] - 1 + dy, 1 + dx:pad_d.shape[1] - 1 + dx]
+                for dy, dx in ((-1, 0), (1, 0), (0, -1), (0, 1)))
+    count = sum(pad_k[1 + dy:pad_k.shape[0] - 1 + dy, 1 + dx:pad_k.shape[1] - 1 + dx]
+                for dy, dx in ((-1, 0), (1, 0), (0, -1), (0, 1)))
+    mean_d = total / np.maximum(count, 1.0)[..., None]
+    target = np.where(known[..., None], filled, uv_bfm + np.where(unknown[..., None], mean_d, 0.0))
+    out = poisson_blend(target.astype(np.float32), np.asarray(uv_bfm, np.float32), unknown, config)
+    return np.where(layout[..., None], out, uv_bfm).astype(np.float32)

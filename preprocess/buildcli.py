@@ -32,6 +32,7 @@ class BuildArgs:
     n_tex: int = 40
     pca_samples: int = 1024
     ridge_lambda: float = 1.0
+    blend_mode: str = "fill"
     frontal_yaw: float = 10.0
     profile_yaw: float = 30.0
     workers: int | None = None
@@ -47,6 +48,7 @@ def _first_existing(*paths: Path) -> Path | None:
 def make_config(a: BuildArgs):
     """Returns (BuildConfig, RunOptions). Real-photo defaults come from the 3DDFA_V2 folder when given."""
     from common.synthetic import SyntheticConfig
+    from preprocess.blend import BlendConfig
     from preprocess.build import BuildConfig, RunOptions
     from preprocess.crops import CropConfig
     from preprocess.fit import FitConfig
@@ -78,6 +80,7 @@ def make_config(a: BuildArgs):
         bfm_v1_dir=a.bfm_v1_dir, bfm_v2_dir=a.bfm_v2_dir, fit=fit,
         uvgt=UVGTConfig(uv_size=a.uv_size, erosion_frac=a.erosion), texture_model=a.texture_model,
         pca=MaskedPCAConfig(n_components=a.n_tex), pca_samples=a.pca_samples, ridge_lambda=a.ridge_lambda,
+        blend=BlendConfig(mode=a.blend_mode),
         crops=CropConfig(frontal_yaw_max=a.frontal_yaw, profile_yaw_min=a.profile_yaw))
     workers = a.workers if a.workers is not None else max(1, (os.cpu_count() or 1) // a.threads)
     run = RunOptions(out=str(a.out), workers=workers, threads=a.threads, scheduler=a.scheduler,

@@ -49,6 +49,8 @@ def build(
     n_tex: int = typer.Option(40, min=1, help="PCA texture basis size K."),
     pca_samples: int = typer.Option(1024, min=2, help="Samples the PCA basis is learned from."),
     ridge_lambda: float = typer.Option(1.0, min=0.0, help="Eq. 8 ridge weight."),
+    blend_mode: str = typer.Option("fill", help="Eq. 9: fill (keep photo texels, blend the model in) | paste "
+                                                "(the paper's literal form: paste the photo into the model)."),
     frontal_yaw: float = typer.Option(10.0, help="|yaw| <= this (deg) gives a centre crop."),
     profile_yaw: float = typer.Option(30.0, help="|yaw| >= this (deg) gives a side crop."),
     workers: int = typer.Option(None, min=0, help="Local Dask workers (0 = run in this process; default: CPUs)."),

@@ -153,13 +153,41 @@ def test_symmetric_fill_no_mirror_entries():
 def test_blend_uv_profile_end_to_end():
     target, source = _images()
     mask = _face_mask(profile=True)
-    uv_bl, smap = blend_uv(source, mask, target)
+    uv_bl, smap = blend_uv(source, mask, target, config=BlendConfig(mode="paste"))
     assert uv_bl.dtype == np.float32 and uv_bl.shape == (U, U, 3)
     assert uv_bl.min() >= 0 and uv_bl.max() <= 1
     assert (smap == SOURCE_MIRRORED).sum() > 0
     filled, fmask, _ = symmetric_fill(source, mask)
     ref = poisson_blend(target, filled, fmask, DIRECT)
     assert np.abs(uv_bl - np.clip(ref, 0, 1)).max() < 1 / 255
+
+
+def test_fill_mode_keeps_photo_texels_and_solves_the_swapped_problem():
+    target, source = _images()
+    mask = _face_mask(profile=True)
+    uv_bl, smap = blend_uv(source, mask, target)  # default mode: fill
+    filled, fmask, _ = symmetric_fill(source, mask)
+    np.testing.assert_allclose(uv_bl[fmask], np.clip(filled[fmask], 0, 1), atol=1e-6)
+    # The model part follows UV_bfm's gradients: its Laplacian equals UV_bfm's away from the known texels.
+    unknown = ~fmask
+    inner = unknown.copy()
+    inner[1:-1, 1:-1] &= unknown[:-2, 1:-1] & unknown[2:, 1:-1] & unknown[1:-1, :-2] & unknown[1:-1, 2:]
+    inner[[0, -1], :] = False
+    inner[:, [0, -1]] = False
+
+    def lap(x):
+        return 4 * x[1:-1, 1:-1] - x[:-2, 1:-1] - x[2:, 1:-1] - x[1:-1, :-2] - x[1:-1, 2:]
+
+    d = np.clip(uv_bl, 0, 1) - target
+    assert np.abs(lap(d)[inner[1:-1, 1:-1] & (uv_bl[1:-1, 1:-1] > 0).all(-1) & (uv_bl[1:-1, 1:-1] < 1).all(-1)]).max() \
+        < 2e-3
+    # A constant offset on the known texels propagates exactly to the model texels.
+    no_fill = BlendConfig(symmetric_fill=False)
+    off, _ = blend_uv(np.clip(target + 0.05, 0, 1), np.ones_like(mask), target, config=no_fill)
+    np.testing.assert_allclose(off, np.clip(target + 0.05, 0, 1), atol=1e-6)
+    partial, _ = blend_uv(np.where(mask[..., None], target + 0.05, 0).astype(np.float32), mask, target,
+                          config=BlendConfig(symmetric_fill=False))
+    np.testing.assert_allclose(partial, np.clip(target + 0.05, 0, 1), atol=2e-4)
 
 
 @pytest.mark.parametrize(
