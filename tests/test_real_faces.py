@@ -118,18 +118,22 @@ def test_uv_gt_coverage_frontal_vs_profile(real):
 
 
 def test_uv_bl_is_uv_gt_plus_a_harmonic_correction(real):
-    """UV_bl is finite and in [0, 1]; on Omega (observed + mirrored) it differs from the filled UV_gt by a
-    harmonic correction (discrete Laplacian ~ 0 inside Omega, extremes on its boundary: maximum principle)."""
+    """Default (fill) mode keeps the photo texels exactly. The paper's paste mode: UV_bl is finite and in [0, 1];
+    on Omega (observed + mirrored) it differs from the filled UV_gt by a harmonic correction (discrete Laplacian
+    ~ 0 inside Omega, extremes on its boundary: maximum principle)."""
     ctx, geo, a = real["ctx"], real["geo"], real["arrays"]
     coeff = ridge_texture_fit(geo.uv_gt, geo.uv_gt_mask, ctx.basis, lam=ctx.config.ridge_lambda)
     uv_bfm = np.clip(ctx.basis.synthesize(coeff), 0, 1)
     for k in range(len(NAMES)):
-        bl, src = blend_uv(geo.uv_gt[k], geo.uv_gt_mask[k], uv_bfm[k], face_mask=ctx.basis.valid,
-                           mirror_index=ctx.mirror_index, config=BlendConfig(solver="direct"))
-        assert np.isfinite(bl).all() and bl.min() >= 0 and bl.max() <= 1
-        assert np.abs(to_uint8(bl).astype(int) - a["uv_bl"][k]).max() <= 2  # the build's multigrid solve
-        np.testing.assert_array_equal(src, a["uv_source"][k])
         filled, omega, _ = symmetric_fill(geo.uv_gt[k], geo.uv_gt_mask[k], ctx.mirror_index, ctx.basis.valid)
+        kept, src = blend_uv(geo.uv_gt[k], geo.uv_gt_mask[k], uv_bfm[k], face_mask=ctx.basis.valid,
+                             mirror_index=ctx.mirror_index, config=BlendConfig(solver="direct", mode="fill"))
+        assert np.abs(to_uint8(kept).astype(int) - a["uv_bl"][k]).max() <= 2  # the build's (default) multigrid solve
+        np.testing.assert_array_equal(src, a["uv_source"][k])
+        np.testing.assert_allclose(kept[omega], np.clip(filled[omega], 0, 1), atol=1e-6)  # fill keeps the photo
+        bl, _ = blend_uv(geo.uv_gt[k], geo.uv_gt_mask[k], uv_bfm[k], face_mask=ctx.basis.valid,
+                         mirror_index=ctx.mirror_index, config=BlendConfig(solver="direct", mode="paste"))
+        assert np.isfinite(bl).all() and bl.min() >= 0 and bl.max() <= 1
         g = (bl - filled) * omega[..., None]
         lap = 4 * g - cv2.filter2D(g, -1, np.array([[0, 1, 0], [1, 0, 1], [0, 1, 0]], np.float32),
                                    borderType=cv2.BORDER_CONSTANT)
