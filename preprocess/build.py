@@ -177,8 +177,43 @@ def _basis_from_store(out: str) -> UVTextureBasis:
 
 
 # -------------------------------------------------------------------------------------------- tasks
-def process_chunk(out: str, chunk_index: int, cfg: BuildConfig, threads: int | None = None) -> ChunkReport:
-    """Build one chunk of the store end to end and write it (the unit of work of a Dask task)."""
+def _worker_cache() -> dict | None:
+    """The executing Dask worker's own dict for reusable per-task setup; None outside a Dask worker.
+
+    The face model, the UV-layout rasterisations, the crop layout, the mirror index and the fitter's networks
+    depend only on the build config, yet cost 0.7 s (procedural) to 3 s (BFM + 3DDFA nets) to build; keeping them
+    on the worker object (not in a module global) lets every chunk after the first on a worker skip that.
+    """
+    try:
+        from distributed import get_worker
+
+        worker = get_worker()
+    except (ImportError, ValueError):
+        return None
+    if not hasattr(worker, "uvtex_contexts"):
+        worker.uvtex_contexts = {}
+    return worker.uvtex_contexts
+
+
+def _context(out: str, cfg: BuildConfig, with_basis: bool, cache: dict | None) -> StageContext:
+    """A StageContext for this build, reused from ``cache`` (one entry: the latest config) when it matches."""
+    key = (out, with_basis, json.dumps(config_record(cfg), sort_keys=True))
+    if cache is not None and key in cache:
+        return cache[key]
+    ctx = StageContext.build(cfg.stages, basis=_basis_from_store(out) if with_basis else None)
+    if cache is not None:
+        for old in [k for k in cache if k[2] != key[2] or k[0] != out]:
+            del cache[old]
+        cache[key] = ctx
+    return ctx
+
+
+def process_chunk(out: str, chunk_index: int, cfg: BuildConfig, threads: int | None = None,
+                  cache: dict | None = None) -> ChunkReport:
+    """Build one chunk of the store end to end and write it (the unit of work of a Dask task).
+
+    cache: where reusable setup is kept between calls (the eager runner passes its own; on Dask the worker's).
+    """
     import zarr
 
     from common.store import layout_of
@@ -193,7 +228,7 @@ def process_chunk(out: str, chunk_index: int, cfg: BuildConfig, threads: int | N
     timer = Timer()
     inputs = _load_inputs(out, cfg, np.arange(start, stop))
     t0 = timer.add("decode", t0)
-    ctx = StageContext.build(cfg.stages, basis=_basis_from_store(out))
+    ctx = _context(out, cfg, True, cache if cache is not None else _worker_cache())
     timer.add("setup", t0)
     arrays, errors = run_stages(inputs, ctx, timer)
     if layout.has_truth:
@@ -210,14 +245,14 @@ def process_chunk(out: str, chunk_index: int, cfg: BuildConfig, threads: int | N
 
 
 def prepass_batch(out: str, indices: np.ndarray, cfg: BuildConfig, fit_size: int,
-                  threads: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+                  threads: int | None = None, cache: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
     """UV_gt of some samples, downsampled for the PCA: (n, fs*fs*3) float32 values and observed flags."""
     if threads is not None:
         import torch
 
         torch.set_num_threads(threads)
     inputs = _load_inputs(out, cfg, np.asarray(indices))
-    geo = run_geometry(inputs, StageContext.build(cfg.stages), Timer())
+    geo = run_geometry(inputs, _context(out, cfg, False, cache if cache is not None else _worker_cache()), Timer())
     keep = geo.reason == 0
     if not keep.any():  # no usable sample in this batch: no rows (other batches may have enough)
         return np.zeros((0, fit_size * fit_size * 3), np.float32), np.zeros((0, fit_size * fit_size * 3), bool)
@@ -230,6 +265,7 @@ class _Runner:
 
     def __init__(self, run: RunOptions):
         self.run = run
+        self.cache: dict = {}  # eager mode: reusable per-task setup, kept for this run only
         self.client = None
         self.cluster = None
         self._torch_threads = None
@@ -255,7 +291,7 @@ class _Runner:
         if self.client is None:
             for args in arg_list:
                 try:
-                    yield args, fn(*args)
+                    yield args, fn(*args, None, self.cache)
                 except Exception as e:  # noqa: BLE001 - reported per chunk, the build goes on
                     yield args, e
             return
