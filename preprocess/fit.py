@@ -92,6 +92,55 @@ def crop_params_to_image(params: np.ndarray, roi_boxes: np.ndarray, frame_size: 
     return out.astype(np.float32)
 
 
+def aflw2000_params(pose_para: np.ndarray, shape_para: np.ndarray, exp_para: np.ndarray,
+                    image_height: float) -> np.ndarray:
+    """AFLW2000-3D / 300W-LP annotation (Zhu et al.) -> the 62 parameters in the photo's own frame.
+
+    pose_para: (7,) ``[pitch, yaw, roll, tx, ty, tz, s]``; shape_para: (199,) BFM shape coefficients;
+    exp_para: (29,) expression coefficients; image_height: H. The annotation projects ``s R V + t`` with
+    ``R = Rx(pitch) Ry(yaw) Rz(roll)`` in Zhu's (transposed) convention into 1-based pixel centres with y
+    up (``y_img = H + 1 - y``); 3DDFA's 40 shape / 10 expression bases are the leading columns of the same
+    bases, so ``alpha_id = shape_para[:40]``, ``alpha_exp = exp_para[:10]`` (truncation). Checked in
+    ``tests/test_fit.py`` against the official 68 landmarks with the public sparse basis (0.9-1.7 px mean).
+    Returns (62,) float32 for :func:`common.geometry.project_to_image` with ``frame_size = H``.
+    """
+    pitch, yaw, roll, tx, ty, tz, scale = np.asarray(pose_para, np.float64).reshape(7)
+
+    def rx(a):
+        return np.array([[1, 0, 0], [0, np.cos(a), np.sin(a)], [0, -np.sin(a), np.cos(a)]])
+
+    def ry(a):
+        return np.array([[np.cos(a), 0, -np.sin(a)], [0, 1, 0], [np.sin(a), 0, np.cos(a)]])
+
+    def rz(a):
+        return np.array([[np.cos(a), np.sin(a), 0], [-np.sin(a), np.cos(a), 0], [0, 0, 1]])
+
+    rot = rx(pitch) @ ry(yaw) @ rz(roll)
+    # 1-based centres -> pixel edges: x = X - 0.5, y = (H + 1 - Y) - 0.5 = H - (Y - 0.5)
+    pose = np.concatenate([scale * rot, np.array([[tx - 0.5], [ty - 0.5], [tz]])], 1)
+    out = np.zeros(N_PARAMS, np.float32)
+    out[:12] = pose.reshape(12)
+    out[12:52] = np.asarray(shape_para, np.float64).reshape(-1)[:40]
+    out[52:62] = np.asarray(exp_para, np.float64).reshape(-1)[:10]
+    return out
+
+
+def reframe_params(params: np.ndarray, frame_size: float, origin: np.ndarray, side: float,
+                   size: int) -> np.ndarray:
+    """Parameters of a photo (frame ``frame_size`` = its height) -> those of its square crop resized to ``size``.
+
+    params: (N, 62); the crop is the square of ``side`` photo pixels whose top-left corner is ``origin`` (x, y).
+    With ``k = size / side``: ``x' = k (x - x0)``, ``y' = k (y - y0)``, depth scaled by k.
+    """
+    params = np.asarray(params, np.float64).reshape(-1, N_PARAMS).copy()
+    k = size / side
+    pose = params[:, :12].reshape(-1, 3, 4) * k
+    pose[:, 0, 3] -= k * origin[0]
+    pose[:, 1, 3] += size - k * frame_size + k * origin[1]
+    params[:, :12] = pose.reshape(-1, 12)
+    return params.astype(np.float32)
+
+
 def mesh_in_image(model: FaceModel, params: np.ndarray, image_size: int) -> np.ndarray:
     """(N, 62) image-frame parameters -> (N, V, 3) float32 mesh in the working image's pixels."""
     pose, a_id, a_exp = split_params(np.asarray(params, np.float32))
@@ -150,11 +199,28 @@ class ShapeFitter:
 
     # ------------------------------------------------------------------------- fitting
     def fit_given(self, image: np.ndarray, params: np.ndarray) -> FitResult:
-        """Image already at the working resolution and parameters in its frame (synthetic truth, user files)."""
+        """Known parameters in the photo's own frame (synthetic truth, AFLW2000 annotations, user files).
+
+        A photo at the working size is used as is; any other photo is cropped to a square around the
+        projected face (``context`` x 1.58 x the mesh's bounding box, like 3DDFA's ROI rule), resized to the
+        working size, and the parameters are re-expressed in the crop's frame.
+        """
         s = self.config.image_size
-        if image.shape[:2] != (s, s):
-            image = cv2.resize(image, (s, s), interpolation=cv2.INTER_AREA)
-        return self._finish(image, np.asarray(params, np.float32)[None], box=np.array([0, 0, s, s], np.float32))
+        params = np.asarray(params, np.float32).reshape(1, N_PARAMS)
+        h, w = image.shape[:2]
+        if (h, w) == (s, s):
+            return self._finish(image, params, box=np.array([0, 0, s, s], np.float32))
+        if not np.isfinite(params).all():
+            return FitResult(None, reason="nan")
+        xy = mesh_in_image(self.model, params, h)[0, :, :2].astype(np.float64)
+        lo, hi = xy.min(0), xy.max(0)
+        side = 1.58 * self.config.context * float((hi - lo).max())
+        if not np.isfinite(side) or side < self.config.min_face_px:
+            return FitResult(None, reason="fit_diverged")
+        origin = (lo + hi) / 2 - side / 2
+        work = _square_crop(image, origin + side / 2, side, s)
+        box = np.concatenate([(lo - origin), (hi - origin)]) * (s / side)
+        return self._finish(work, reframe_params(params, h, origin, side, s), box=box.astype(np.float32))
 
     def fit_photo(self, image: np.ndarray, aligned: bool) -> FitResult:
         """``tddfa`` on a photo (H, W, 3) uint8 RGB: aligned sources use a fixed box, others the detector."""
