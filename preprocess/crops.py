@@ -69,11 +69,15 @@ def _bbox(mask: np.ndarray, margin: int) -> tuple[int, int, int, int]:
 def crop_layout_from_regions(regions: dict[str, np.ndarray], config: CropConfig = CropConfig()) -> CropLayout:
     """Crop boxes and masks from UV region masks (name -> (U, U) bool), e.g. ``FaceModel.region_uv_mask``.
 
-    Needs ``centre``, ``nostrils``, ``left``, ``nose`` and ``face``.
+    Needs ``centre``, ``nostrils``, ``left``, ``nose`` and ``face``; ``eyes`` (part of the texture the
+    discriminators should see, though not of the skin region ``face``) and ``mouth`` (the interior, never
+    textured) are used when given.
     """
     u = regions["face"].shape[0]
-    ctr = regions["centre"] & regions["face"]
-    side = regions["left"] & regions["face"]
+    textured = regions["face"] | regions.get("eyes", np.zeros_like(regions["face"]))
+    textured &= ~regions.get("mouth", np.zeros_like(regions["face"]))
+    ctr = regions["centre"] & textured
+    side = regions["left"] & textured
     ctr_box, sd_box = _bbox(ctr, config.margin), _bbox(side, config.margin)
     ctr_region = (ctr & ~regions["nostrils"])[ctr_box[0]:ctr_box[1], ctr_box[2]:ctr_box[3]]
     sd_region = (side & ~regions["nose"])[sd_box[0]:sd_box[1], sd_box[2]:sd_box[3]]
@@ -82,7 +86,7 @@ def crop_layout_from_regions(regions: dict[str, np.ndarray], config: CropConfig 
 
 def crop_layout(model, uv_size: int, config: CropConfig = CropConfig()) -> CropLayout:
     """:func:`crop_layout_from_regions` for a :class:`common.facemodel.FaceModel` at ``uv_size``."""
-    names = ("face", "centre", "nostrils", "left", "nose")
+    names = ("face", "centre", "nostrils", "left", "nose", "eyes", "mouth")
     return crop_layout_from_regions({n: model.region_uv_mask(n, uv_size) for n in names}, config)
 
 
