@@ -16,6 +16,7 @@ class BuildArgs:
     out: Path
     src: str = "synthetic"
     images: Path | None = None
+    params: Path | None = None
     count: int = 256
     seed: int = 0
     image_size: int = 256
@@ -64,8 +65,9 @@ def make_config(a: BuildArgs):
     else:
         if a.images is None:
             raise ValueError(f"--src {a.src} needs --images (a folder or .zip of images)")
-        source = make_source(a.src, images=str(a.images))
-    fitter = a.fitter or ("given" if synthetic else "tddfa")
+        extra = {"params": str(a.params)} if a.params is not None else {}
+        source = make_source(a.src, images=str(a.images), **extra)
+    fitter = a.fitter or ("given" if synthetic or a.params is not None or a.src == "aflw2000" else "tddfa")
     v2 = a.bfm_v2_dir
     fit = FitConfig(fitter=fitter, image_size=a.image_size)
     if fitter == "tddfa":

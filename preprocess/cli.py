@@ -33,6 +33,8 @@ def build(
     out: Path = typer.Option(..., help="Output Zarr store (created, or resumed when it exists)."),
     src: str = typer.Option("synthetic", help="synthetic | ffhq | celeba-hq | folder | aflw2000"),
     images: Path = typer.Option(None, help="Image folder or .zip (all sources but synthetic)."),
+    params: Path = typer.Option(None, help="Known parameters per image (.npz keys/params or .csv key,p0..p61) "
+                                           "for --fitter given on photo sources."),
     count: int = typer.Option(256, min=1, help="synthetic: number of faces."),
     seed: int = typer.Option(0, help="synthetic: world seed."),
     image_size: int = typer.Option(256, min=32, help="Working resolution S of the stored image."),

@@ -283,6 +283,10 @@ class _ImageFiles:
     """Folder or ``.zip`` holding the images."""
     min_size: int = 64
     """Images whose shorter side is below this fail with ``too_small``."""
+    params: str | None = None
+    """Optional known parameters for the ``given`` fitter: a ``.npz`` (``keys`` (N,) str, ``params`` (N, 62)) or a
+    ``.csv`` (``key,p0,...,p61``), keys as in the manifest, parameters in each photo's own frame (see
+    :func:`read_given_params`). Photos without an entry get no parameters."""
 
     kind: ClassVar[str] = "files"
     aligned: ClassVar[bool] = False
@@ -309,7 +313,14 @@ class _ImageFiles:
         return self.load_many([i], manifest)[0]
 
     def load_many(self, indices: Sequence[int], manifest: Manifest) -> list[SampleInput]:
-        """:meth:`load` for several samples, opening a zip only once."""
+        """:meth:`load` for several samples, opening a zip only once (and the parameter file, if any)."""
+        samples = self._load_images(indices, manifest)
+        if self.params is None:
+            return samples
+        known = read_given_params(self.params)
+        return [dataclasses.replace(x, given_params=known.get(x.key)) if x.ok else x for x in samples]
+
+    def _load_images(self, indices: Sequence[int], manifest: Manifest) -> list[SampleInput]:
         if not self.is_zip:
             return [self._sample(int(i), manifest[int(i)].path, self._read_file(manifest[int(i)].path))
                     for i in indices]
@@ -347,6 +358,40 @@ class _ImageFiles:
         if why is not None:
             return self._failed(i, key, why)
         return SampleInput(index=i, key=key, image=img, aligned=self.aligned)
+
+
+def read_given_params(path: str | Path) -> dict[str, np.ndarray]:
+    """Known 62 parameters per image key from a ``.npz`` (``keys``, ``params``) or ``.csv`` (``key,p0..p61``).
+
+    The parameters put the mesh on the photo as stored: ``common.geometry.project_to_image(V, pose, H)`` with
+    H the photo's height (x right, y down, pixel j covering [j, j+1)). Raises ValueError naming the problem.
+    """
+    path = Path(path)
+    if path.suffix.lower() == ".npz":
+        with np.load(path, allow_pickle=False) as z:
+            if "keys" not in z or "params" not in z:
+                raise ValueError(f"{path}: expected arrays 'keys' (N,) and 'params' (N, 62), found {sorted(z.files)}")
+            keys, params = [str(k) for k in z["keys"]], np.asarray(z["params"], np.float32)
+    elif path.suffix.lower() == ".csv":
+        rows = np.genfromtxt(path, delimiter=",", dtype=str, comments=None)
+        rows = rows.reshape(-1, rows.shape[-1])
+        if rows.shape[0] and not _is_number(rows[0, 1]):
+            rows = rows[1:]  # header
+        keys, params = list(rows[:, 0]), rows[:, 1:].astype(np.float32)
+    else:
+        raise ValueError(f"{path}: parameter files are .npz or .csv")
+    if params.ndim != 2 or params.shape[1] != 62 or len(keys) != len(params):
+        raise ValueError(f"{path}: expected one row of 62 parameters per key, found {params.shape} for "
+                         f"{len(keys)} keys")
+    return dict(zip(keys, params, strict=True))
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
 
 
 @dataclass(frozen=True)

@@ -117,3 +117,41 @@ def test_given_fitter_crops_photos_of_another_size(assets):
         kp = crop[model.keypoints]
         size = np.sqrt(np.prod(truth.max(0) - truth.min(0)))
         assert np.linalg.norm(kp - truth, axis=1).mean() / size < 0.03
+
+
+@pytest.mark.parametrize("fmt", ["npz", "csv"])
+def test_folder_photos_with_a_parameter_file_build_with_the_given_fitter(procedural, tmp_path, fmt):
+    """User photos + known parameters (NPZ or CSV) through `uvprep build --fitter given`: photos of another size
+    than the working one are cropped and re-framed; a photo missing from the file fails with bad_annotation."""
+    from common.imageio import write_png
+    from common.store import StoreReader
+    from common.synthetic import SyntheticConfig, generate
+    from preprocess.build import build_store
+    from preprocess.buildcli import BuildArgs, make_config
+
+    photos = tmp_path / "photos"
+    faces = [generate(i, SyntheticConfig(image_size=120, uv_size=32, occluder_prob=0.0), procedural) for i in range(3)]
+    for i, f in enumerate(faces):
+        write_png(photos / f"{i}.png", f.image)
+    keys, params = ["0.png", "1.png"], np.stack([faces[0].params, faces[1].params])  # 2.png has no entry
+    if fmt == "npz":
+        pfile = tmp_path / "params.npz"
+        np.savez(pfile, keys=np.array(keys), params=params)
+    else:
+        pfile = tmp_path / "params.csv"
+        lines = ["key," + ",".join(f"p{j}" for j in range(62))]
+        lines += [k + "," + ",".join(repr(float(v)) for v in p) for k, p in zip(keys, params, strict=True)]
+        pfile.write_text("\n".join(lines))
+    args = BuildArgs(out=tmp_path / "s.zarr", src="folder", images=photos, params=pfile, face_model="procedural",
+                     image_size=96, uv_size=32, chunk=4, texture_model="model", workers=0)
+    cfg, run = make_config(args)
+    assert cfg.stages.fit.fitter == "given"
+    summary = build_store(cfg, run)
+    assert summary.ok == 2 and summary.failed == {"bad_annotation": 1}
+    r = StoreReader(tmp_path / "s.zarr")
+    s0 = r.sample(0)
+    # the stored parameters put the face-region vertices on face-coloured (not background) pixels of the crop
+    verts = mesh_in_image(procedural, s0["params"][None], 96)[0]
+    inside = ((verts[:, :2] >= 0) & (verts[:, :2] < 96)).all(1)
+    assert inside.mean() > 0.99
+    assert s0["uv_gt_mask"].mean() > 0.1
