@@ -67,6 +67,28 @@ def build(
     raise typer.Exit(code=run_build(BuildArgs(**flags)))
 
 
+@app.command("texture-basis")
+def texture_basis(
+    out: Path = typer.Option(..., help="Output .npz, for `uvprep build --texture-model PATH`."),
+    bfm2009: Path = typer.Option(None, help="Basel Face Model 2009 01_MorphableModel.mat (licensed)."),
+    deep3d: Path = typer.Option(None, help="Deep3DFaceRecon BFM_model_front.mat (licensed)."),
+    deep3d_front_idx: Path = typer.Option(None, help="Deep3DFaceRecon BFM_front_idx.mat (with --deep3d)."),
+    bfm_v1_dir: Path = typer.Option(..., help="3DDFA (v1) asset folder."),
+    bfm_v2_dir: Path = typer.Option(..., help="3DDFA_V2 asset folder."),
+    uv_size: int = typer.Option(256, min=16, help="UV map side U (the build's --uv-size)."),
+    n_tex: int = typer.Option(None, min=1, help="Keep this many components (default: all)."),
+) -> None:
+    """Rasterise a licensed model's texture basis (Eq. 8's BFM basis) into the BFM UV layout, as a basis file."""
+    from preprocess.texture import basis_from_model_file
+
+    if (bfm2009 is None) == (deep3d is None):
+        raise typer.BadParameter("give exactly one of --bfm2009 and --deep3d")
+    kind, path = ("bfm2009", bfm2009) if bfm2009 is not None else ("deep3d", deep3d)
+    basis = basis_from_model_file(kind, path, uv_size, bfm_v1_dir, bfm_v2_dir, n_tex, deep3d_front_idx)
+    basis.save(out)
+    typer.echo(f"wrote {out}: {basis.n_components} components at {uv_size}x{uv_size} ({basis.fingerprint()})")
+
+
 @app.command()
 def info(store: Path) -> None:
     """Print a store's schema, counts, config and failure reasons."""

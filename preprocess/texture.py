@@ -97,6 +97,33 @@ class UVTextureBasis:
         return cls(mean=mean.astype(np.float32), basis=basis.astype(np.float32), valid=cover, name=model.name)
 
 
+def basis_from_model_file(kind: str, path: str | Path, uv_size: int, v1_dir: str | Path, v2_dir: str | Path,
+                          n_tex: int | None = None, deep3d_front_idx: str | Path | None = None) -> UVTextureBasis:
+    """The texture basis of a licensed face-model file, rasterised into the BFM UV layout of ``bfm-public``.
+
+    kind: ``bfm2009`` (``01_MorphableModel.mat``, mapped onto the 3DDFA noneck vertex set) or ``deep3d``
+    (``BFM_model_front.mat``; its UVs come from ``BFM_UV.mat`` through ``deep3d_front_idx``, Deep3D's
+    ``BFM_front_idx.mat``). v1_dir / v2_dir: the 3DDFA / 3DDFA_V2 folders. Save the result with
+    :meth:`UVTextureBasis.save` and pass it to ``uvprep build --texture-model PATH``.
+    """
+    from common import loaders
+
+    if kind == "bfm2009":
+        model = loaders.load_bfm2009(path, loaders.BFMLayout.from_dirs(v1_dir, v2_dir), n_tex=n_tex)
+    elif kind == "deep3d":
+        if deep3d_front_idx is None:
+            raise ValueError("deep3d: pass Deep3DFaceRecon's BFM_front_idx.mat (its vertex ids into the BFM) so "
+                             "that the model's vertices get BFM_UV coordinates")
+        uv = loaders.deep3d_uv_from_layout(Path(v2_dir) / "configs" / "BFM_UV.mat", deep3d_front_idx)
+        model = loaders.load_deep3d(path, uv=uv)
+    else:
+        raise ValueError(f"unknown texture model file kind {kind!r}; expected 'bfm2009' or 'deep3d'")
+    basis = UVTextureBasis.from_face_model(model, uv_size)
+    if n_tex is not None and basis.n_components > n_tex:
+        basis = UVTextureBasis(basis.mean, basis.basis[..., :n_tex].copy(), basis.valid, basis.name)
+    return basis
+
+
 def ridge_texture_fit(uv_gt: np.ndarray, mask: np.ndarray, basis: UVTextureBasis, lam: float = 1.0,
                       n_components: int | None = None) -> np.ndarray:
     """Eq. 8: texture coefficients by ridge regression on the observed texels, in closed form.

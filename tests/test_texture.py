@@ -77,3 +77,32 @@ def test_masked_pca_recovers_a_low_rank_texture_space(tmp_path):
     back = UVTextureBasis.load(tmp_path / "basis.npz")
     assert back.name == "pca-test" and back.n_components == 4
     np.testing.assert_allclose(back.basis, learned.basis, atol=1e-3)
+
+
+def test_bfm2009_texture_basis_file_in_the_bfm_uv_layout(assets, tmp_path):
+    """`uvprep texture-basis --bfm2009` on a fake 01_MorphableModel.mat laid out on the real 3DDFA files: the basis
+    lands in the UV layout of the bfm-public model and recovers a texture drawn from it by Eq. 8."""
+    import scipy.io as sio
+    from test_loaders import _write_bfm2009  # the loader tests' fake file in the real variable layout
+
+    from common.loaders import load_bfm_mean_mesh
+    from preprocess.texture import basis_from_model_file
+
+    v1, v2 = assets("3ddfa_v1"), assets("3ddfa_v2")
+    ref = np.load(v1 / "train.configs" / "u_shp.npy").reshape(-1, 3)
+    tri = sio.loadmat(str(v1 / "visualize" / "tri.mat"))["tri"].T.astype(np.int64) - 1  # full 53,215-vertex mesh
+    _write_bfm2009(tmp_path / "mm.mat", ref, tri, np.zeros(3), k=4, n_extra=20)
+    basis = basis_from_model_file("bfm2009", tmp_path / "mm.mat", 64, v1, v2)
+    mean_mesh = load_bfm_mean_mesh(v1, v2)
+    from common.uvtools import model_uv_fragments
+
+    layout = model_uv_fragments(mean_mesh, 64).tri_id[0].numpy() >= 0
+    assert basis.n_components == 4 and basis.size == 64
+    assert (basis.valid == layout).mean() > 0.99  # the same UV layout as bfm-public
+    assert 0 <= basis.mean[basis.valid].min() and basis.mean[basis.valid].max() <= 1
+    c = np.array([[0.5, -1.0, 0.3, 0.8]], np.float32)
+    uv = basis.synthesize(c)
+    mask = np.broadcast_to(basis.valid, (1, 64, 64)) & (np.arange(64)[None, None, :] < 32)
+    np.testing.assert_allclose(ridge_texture_fit(uv, mask, basis, lam=0.0), c, atol=1e-3)
+    basis.save(tmp_path / "b.npz")
+    assert UVTextureBasis.load(tmp_path / "b.npz").n_components == 4
