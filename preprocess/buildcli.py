@@ -100,7 +100,7 @@ def run_build(a: BuildArgs, console: Console | None = None) -> int:
     try:
         cfg, run = make_config(a)
         summary = build_store(cfg, run)
-    except (StoreMismatch, StoreLocked, ValueError, FileNotFoundError, FileExistsError) as e:
+    except (StoreMismatch, StoreLocked, ValueError, FileNotFoundError, FileExistsError, RuntimeError) as e:
         console.print(f"[red]uvprep build: {e}")
         return 2
     console.print(summary_table(summary))

@@ -158,13 +158,24 @@ def run_geometry(inputs, ctx: StageContext, timer: Timer) -> GeometryResult:
     t0 = timer.add("fit", t0)
     if good:
         seg_mask = np.stack(seg) if all(m is not None for m in seg) else None
-        g = uv_gt_from_images(out.image[good], np.stack(verts), ctx.model, cfg.uvgt, seg_mask=seg_mask,
-                              cache=ctx.uv_cache)
-        out.uv_gt[good], out.uv_gt_mask[good], out.face_mask[good] = g.uv, g.mask, g.eroded
-        empty = [k for k, m in zip(good, g.mask, strict=True) if not m.any()]
-        out.reason[empty] = Reason.LOW_COVERAGE
+        try:
+            _unwrap(out, good, np.stack(verts), seg_mask, ctx)
+        except Exception:  # noqa: BLE001 - one bad sample must not fail the batch: redo it sample by sample
+            for j, k in enumerate(good):
+                try:
+                    _unwrap(out, [k], verts[j][None], None if seg_mask is None else seg_mask[j:j + 1], ctx)
+                except Exception:  # noqa: BLE001
+                    out.reason[k] = Reason.STAGE_ERROR
+                    out.errors.append(f"{inputs[k].key}: uv_gt: {traceback.format_exc(limit=3)}")
     timer.add("uv_gt", t0)
     return out
+
+
+def _unwrap(out: GeometryResult, rows: list[int], verts: np.ndarray, seg_mask, ctx: StageContext) -> None:
+    g = uv_gt_from_images(out.image[rows], verts, ctx.model, ctx.config.uvgt, seg_mask=seg_mask, cache=ctx.uv_cache)
+    out.uv_gt[rows], out.uv_gt_mask[rows], out.face_mask[rows] = g.uv, g.mask, g.eroded
+    empty = [k for k, m in zip(rows, g.mask, strict=True) if not m.any()]
+    out.reason[empty] = Reason.LOW_COVERAGE
 
 
 def _segmentation(sample, size: int) -> np.ndarray | None:
@@ -206,17 +217,34 @@ def run_stages(inputs, ctx: StageContext, timer: Timer | None = None) -> tuple[d
         arrays["tex_coeff"][idx] = coeff
         uv_bfm = np.clip(ctx.basis.synthesize(coeff), 0.0, 1.0)
         t0 = timer.add("texture", t0)
+        geo.reason[idx[~np.isfinite(coeff).all(1)]] = Reason.NAN
         for j, k in enumerate(idx):
-            bl, src = blend_uv(geo.uv_gt[k], geo.uv_gt_mask[k], uv_bfm[j], face_mask=ctx.basis.valid,
-                               mirror_index=ctx.mirror_index, config=ctx.config.blend)
-            arrays["uv_bl"][k], arrays["uv_source"][k] = to_uint8(bl), src
+            if geo.reason[k]:
+                continue
+            try:
+                bl, src = blend_uv(geo.uv_gt[k], geo.uv_gt_mask[k], uv_bfm[j], face_mask=ctx.basis.valid,
+                                   mirror_index=ctx.mirror_index, config=ctx.config.blend)
+                arrays["uv_bl"][k], arrays["uv_source"][k] = to_uint8(bl), src
+            except Exception:  # noqa: BLE001 - recorded per sample, the chunk goes on
+                geo.reason[k] = Reason.STAGE_ERROR
+                geo.errors.append(f"{inputs[k].key}: blend: {traceback.format_exc(limit=3)}")
         t0 = timer.add("blend", t0)
-        for k in idx:
+        for k in idx[geo.reason[idx] == 0]:
             c = cut_partial_crops(arrays["uv_gt"][k], geo.uv_gt_mask[k], float(geo.pose[k, 0]), ctx.crop_layout,
                                   ctx.config.crops, ctx.mirror_index)
             arrays["uv_ctr"][k], arrays["uv_ctr_mask"][k], arrays["ctr_valid"][k] = c.uv_ctr, c.ctr_mask, c.ctr_valid
             arrays["uv_sd"][k], arrays["uv_sd_mask"][k], arrays["sd_valid"][k] = c.uv_sd, c.sd_mask, c.sd_valid
         timer.add("crops", t0)
-    arrays["status"] = np.where(ok, OK, FAILED).astype(np.uint8)
+    return _finalise(arrays, geo), geo.errors
+
+
+def _finalise(arrays: dict[str, np.ndarray], geo: GeometryResult) -> dict[str, np.ndarray]:
+    """Status from the reasons; failed rows are reset to fill values so a failed sample holds no partial data."""
+    failed = geo.reason != 0
+    for name, a in arrays.items():
+        if name in ("image",):  # the decoded/cropped photo is kept for inspection when a later stage failed
+            continue
+        a[failed] = np.nan if a.dtype.kind == "f" else 0
+    arrays["status"] = np.where(failed, FAILED, OK).astype(np.uint8)
     arrays["reason"] = geo.reason
-    return arrays, geo.errors
+    return arrays

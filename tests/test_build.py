@@ -428,3 +428,34 @@ def test_cli_build_help_and_refusal_exit_code(store, tmp_path):
     res = runner.invoke(app, _cli_flags(out, workers=0, ridge_lambda=2.0))
     assert res.exit_code == 2 and "ridge_lambda" in res.output
     assert int((StoreReader(out).status() == OK).sum()) == 8
+
+
+def test_a_stage_that_raises_fails_only_its_sample(monkeypatch):
+    """An unexpected exception in a per-sample stage marks that sample stage_error (rows reset), the rest go on."""
+    from common.store import FAILED, OK, Reason
+    from common.synthetic import SyntheticConfig
+    from preprocess import stages
+    from preprocess.sources import SyntheticSource
+    from preprocess.texture import UVTextureBasis
+    from preprocess.unwrap import UVGTConfig
+
+    src = SyntheticSource(count=3, config=SyntheticConfig(image_size=64, uv_size=32, occluder_prob=0.0))
+    inputs = src.load_many(range(3), src.manifest())
+    cfg = stages.StageConfig(fit=stages.FitConfig(image_size=64), uvgt=UVGTConfig(uv_size=32))
+    ctx = stages.StageContext.build(cfg)
+    ctx.basis = UVTextureBasis.from_face_model(ctx.model, 32)
+    real_blend = stages.blend_uv
+    calls = []
+
+    def flaky(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("solver exploded")
+        return real_blend(*args, **kwargs)
+
+    monkeypatch.setattr(stages, "blend_uv", flaky)
+    arrays, errors = stages.run_stages(inputs, ctx)
+    assert list(arrays["status"]) == [OK, FAILED, OK]
+    assert arrays["reason"][1] == Reason.STAGE_ERROR and "solver exploded" in errors[0]
+    assert np.isnan(arrays["params"][1]).all() and not arrays["uv_gt_mask"][1].any()
+    assert arrays["uv_gt_mask"][0].any() and arrays["uv_gt_mask"][2].any()
