@@ -20,11 +20,9 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from common.facemodel import FaceModel
-from common.geometry import vertex_normals
-from common.render import Fragments, interpolate, rasterize, unwrap_to_uv, uv_fragments
+from common.render import Fragments, rasterize, unwrap_to_uv, uv_fragments
 
 
 @dataclass(frozen=True)
@@ -113,7 +111,9 @@ def uv_gt_from_images(images: np.ndarray, verts_px, model: FaceModel, config: UV
     tris = torch.from_numpy(np.ascontiguousarray(model.triangles, np.int64))
     frags = rasterize(verts, tris, (h, w), cull_backfaces=True)
 
-    face = (interpolate(frags, cache.face_weight)[..., 0] >= 0.5).numpy()  # (B, H, W)
+    # per-triangle face flag (majority of its vertices) looked up by the visible triangle: one gather per pixel
+    tri_face = (cache.face_weight[:, 0][tris].mean(1) >= 0.5)
+    face = (tri_face[frags.tri_id.clamp(min=0)] & (frags.tri_id >= 0)).numpy()  # (B, H, W)
     if seg_mask is not None:
         face &= seg_mask
     eroded = np.stack([erode(face[i], erosion_radius(face[i], config)) for i in range(b)])
@@ -133,10 +133,14 @@ def uv_gt_from_images(images: np.ndarray, verts_px, model: FaceModel, config: UV
 
 
 def _facing(verts: torch.Tensor, tris: torch.Tensor, uv_frags: Fragments) -> torch.Tensor:
-    """cos(angle between the surface normal and the view direction) per texel: (B, U, U)."""
+    """cos(angle between the surface normal and the view direction) per texel: (B, U, U).
+
+    Uses the normal of the texel's triangle (flat), looked up through the UV rasterisation: one gather per
+    texel instead of interpolating three vertex normals (triangles are far smaller than the cut's tolerance).
+    """
     y_up = verts * torch.tensor([1.0, -1.0, 1.0])  # back to a right-handed frame for the outward normals
-    normals = vertex_normals(y_up, tris)  # (B, V, 3); the view direction is +z (orthographic)
-    b = verts.shape[0]
-    frags = Fragments(uv_frags.tri_id.expand(b, -1, -1), uv_frags.bary.expand(b, -1, -1, -1),
-                      uv_frags.depth.expand(b, -1, -1), uv_frags.triangles)
-    return F.normalize(interpolate(frags, normals), dim=-1, eps=1e-12)[..., 2]
+    v0, v1, v2 = (y_up[:, tris[:, k]] for k in range(3))
+    n = torch.cross(v1 - v0, v2 - v0, dim=-1)  # (B, F, 3); the view direction is +z (orthographic)
+    cos = n[..., 2] / n.norm(dim=-1).clamp(min=1e-12)
+    tri = uv_frags.tri_id[0]
+    return torch.where(tri >= 0, cos[:, tri.clamp(min=0)], torch.zeros(()))
