@@ -177,6 +177,22 @@ def _basis_from_store(out: str) -> UVTextureBasis:
 
 
 # -------------------------------------------------------------------------------------------- tasks
+def set_compute_threads(torch_threads: int, cv2_threads: int | None = None) -> tuple[int, int]:
+    """Set the intra-op threads of torch and OpenCV in this process; returns the previous (torch, cv2) counts.
+
+    A worker with ``--threads T`` must use T cores, not all of them: OpenCV's default pool (one thread per
+    core) made one "single-thread" worker use both cores of a 2-core machine and two workers fight over them
+    (measured 0.94x for 2 workers vs 1 before, see benchmarks/bench_build.py).
+    """
+    import cv2
+    import torch
+
+    previous = (torch.get_num_threads(), cv2.getNumThreads())
+    torch.set_num_threads(torch_threads)
+    cv2.setNumThreads(torch_threads if cv2_threads is None else cv2_threads)
+    return previous
+
+
 def _worker_cache() -> dict | None:
     """The executing Dask worker's own dict for reusable per-task setup; None outside a Dask worker.
 
@@ -219,9 +235,7 @@ def process_chunk(out: str, chunk_index: int, cfg: BuildConfig, threads: int | N
     from common.store import layout_of
 
     if threads is not None:
-        import torch
-
-        torch.set_num_threads(threads)
+        set_compute_threads(threads)
     t0 = time.perf_counter()
     layout = layout_of(zarr.open_group(out, mode="r"))
     start, stop = layout.chunk_bounds(chunk_index)
@@ -248,9 +262,7 @@ def prepass_batch(out: str, indices: np.ndarray, cfg: BuildConfig, fit_size: int
                   threads: int | None = None, cache: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
     """UV_gt of some samples, downsampled for the PCA: (n, fs*fs*3) float32 values and observed flags."""
     if threads is not None:
-        import torch
-
-        torch.set_num_threads(threads)
+        set_compute_threads(threads)
     inputs = _load_inputs(out, cfg, np.asarray(indices))
     geo = run_geometry(inputs, _context(out, cfg, False, cache if cache is not None else _worker_cache()), Timer())
     keep = geo.reason == 0
@@ -272,10 +284,7 @@ class _Runner:
         if run.scheduler is None and run.workers == 0:
             # eager: this process is the worker, so it gets the worker's thread count too (restored by close);
             # torch's default (all cores) oversubscribes a busy machine, where its spinning threads run ~8x slower
-            import torch
-
-            self._torch_threads = torch.get_num_threads()
-            torch.set_num_threads(run.threads)
+            self._torch_threads = set_compute_threads(run.threads)
         if run.scheduler is not None or run.workers > 0:
             from dask.distributed import Client, LocalCluster
 
@@ -309,9 +318,7 @@ class _Runner:
 
     def close(self):
         if self._torch_threads is not None:
-            import torch
-
-            torch.set_num_threads(self._torch_threads)
+            set_compute_threads(*self._torch_threads)
         if self.client is not None:
             self.client.close()
         if self.cluster is not None:
