@@ -26,6 +26,7 @@ from common import render
 from common.facemodel import FaceModel
 from common.geometry import compose_params, make_pose, project_to_image, vertex_normals
 from common.imageio import image_grid, to_uint8
+from common.uvtools import model_uv_fragments
 
 
 @dataclass(frozen=True)
@@ -120,7 +121,7 @@ class SyntheticFace:
 # ----------------------------------------------------------------------------------- helpers
 def layout_raster(model: FaceModel, size: int):
     """UV-space fragments of the model's layout (1, U, U) and the coverage mask (U, U) bool."""
-    frags = render.uv_fragments(torch.as_tensor(model.uv), torch.as_tensor(model.triangles), size)
+    frags = model_uv_fragments(model, size)
     return frags, (frags.tri_id[0] >= 0).numpy()
 
 

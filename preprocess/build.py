@@ -41,6 +41,7 @@ from common.store import (
     write_chunk,
     write_texture_basis,
 )
+from preprocess.crops import crop_layout
 from preprocess.sources import ManifestEntry
 from preprocess.stages import StageConfig, StageContext, Timer, build_face_model, run_geometry, run_stages
 from preprocess.texture import UVTextureBasis, downsample_maps, learn_masked_pca
@@ -280,11 +281,11 @@ class _Runner:
         self.cache: dict = {}  # eager mode: reusable per-task setup, kept for this run only
         self.client = None
         self.cluster = None
-        self._torch_threads = None
+        self._previous_threads = None
         if run.scheduler is None and run.workers == 0:
             # eager: this process is the worker, so it gets the worker's thread count too (restored by close);
             # torch's default (all cores) oversubscribes a busy machine, where its spinning threads run ~8x slower
-            self._torch_threads = set_compute_threads(run.threads)
+            self._previous_threads = set_compute_threads(run.threads)
         if run.scheduler is not None or run.workers > 0:
             from dask.distributed import Client, LocalCluster
 
@@ -317,8 +318,8 @@ class _Runner:
                 yield futures[fut], e
 
     def close(self):
-        if self._torch_threads is not None:
-            set_compute_threads(*self._torch_threads)
+        if self._previous_threads is not None:
+            set_compute_threads(*self._previous_threads)
         if self.client is not None:
             self.client.close()
         if self.cluster is not None:
@@ -331,8 +332,7 @@ def _learn_basis(out: str, cfg: BuildConfig, model, runner: _Runner, n: int, pro
         return UVTextureBasis.from_face_model(model, stages.uvgt.uv_size)
     if stages.texture_model != "pca":
         return UVTextureBasis.load(stages.texture_model)
-    from common.uvtools import texel_mirror_index
-    from preprocess.unwrap import layout_cache
+    from common.uvtools import model_uv_fragments, texel_mirror_index
 
     fs = min(stages.pca.fit_size or stages.uvgt.uv_size, stages.uvgt.uv_size)  # as learn_masked_pca: never up
     idx = np.unique(np.linspace(0, n - 1, min(stages.pca_samples, n)).round().astype(np.int64))
@@ -350,7 +350,7 @@ def _learn_basis(out: str, cfg: BuildConfig, model, runner: _Runner, n: int, pro
     if len(x) < 2:
         raise RuntimeError(f"only {len(x)} of the {len(idx)} pre-pass samples could be fitted; cannot learn a PCA "
                            f"texture basis (use --texture-model model or a basis file)")
-    valid_full = layout_cache(model, stages.uvgt).uv_frags.tri_id[0].numpy() >= 0
+    valid_full = model_uv_fragments(model, stages.uvgt.uv_size).tri_id[0].numpy() >= 0
     import cv2
 
     valid_fs = cv2.resize(valid_full.astype(np.float32), (fs, fs), interpolation=cv2.INTER_AREA) > 0.5
@@ -374,9 +374,9 @@ def build_store(cfg: BuildConfig, run: RunOptions) -> BuildSummary:
     if n == 0:
         raise ValueError(f"source {cfg.source.kind!r} has no samples (empty folder or zip?)")
     model = build_face_model(cfg.stages)
-    ctx = StageContext.build(cfg.stages, model=model)
+    crops = crop_layout(model, cfg.stages.uvgt.uv_size, cfg.stages.crops)  # only the crop shapes are needed here
     layout = StoreLayout(n_samples=n, image_size=cfg.stages.fit.image_size, uv_size=cfg.stages.uvgt.uv_size,
-                         ctr_shape=ctx.crop_layout.ctr_region.shape, sd_shape=ctx.crop_layout.sd_region.shape,
+                         ctr_shape=crops.ctr_region.shape, sd_shape=crops.sd_region.shape,
                          n_tex=_n_tex(cfg.stages, model), chunk=cfg.chunk, has_truth=cfg.source.kind == "synthetic",
                          compressor=cfg.compressor)
     attrs = {"config": config_record(cfg), "face_model_hash": model.fingerprint(),

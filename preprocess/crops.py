@@ -86,8 +86,11 @@ def crop_layout_from_regions(regions: dict[str, np.ndarray], config: CropConfig 
 
 def crop_layout(model, uv_size: int, config: CropConfig = CropConfig()) -> CropLayout:
     """:func:`crop_layout_from_regions` for a :class:`common.facemodel.FaceModel` at ``uv_size``."""
+    from common.uvtools import model_uv_fragments
+
+    frags = model_uv_fragments(model, uv_size)
     names = ("face", "centre", "nostrils", "left", "nose", "eyes", "mouth")
-    return crop_layout_from_regions({n: model.region_uv_mask(n, uv_size) for n in names}, config)
+    return crop_layout_from_regions({n: model.region_uv_mask(n, uv_size, frags) for n in names}, config)
 
 
 def mirror_uv(uv: np.ndarray, mirror_index: np.ndarray | None = None) -> np.ndarray:

@@ -22,7 +22,8 @@ import numpy as np
 import torch
 
 from common.facemodel import FaceModel
-from common.render import Fragments, rasterize, unwrap_to_uv, uv_fragments
+from common.render import Fragments, rasterize, unwrap_to_uv
+from common.uvtools import model_uv_fragments
 
 
 @dataclass(frozen=True)
@@ -63,12 +64,10 @@ class UVLayoutCache:
 
 def layout_cache(model: FaceModel, config: UVGTConfig = UVGTConfig()) -> UVLayoutCache:
     """Precompute the per-(model, U) parts of :func:`uv_gt_from_images`; reuse it across samples."""
-    uv = torch.from_numpy(np.ascontiguousarray(model.uv, np.float32))
-    tris = torch.from_numpy(np.ascontiguousarray(model.triangles, np.int64))
-    frags = uv_fragments(uv, tris, config.uv_size)
+    frags = model_uv_fragments(model, config.uv_size)
     excluded = np.zeros((config.uv_size,) * 2, bool)
     for name in config.exclude_regions:
-        excluded |= model.region_uv_mask(name, config.uv_size)
+        excluded |= model.region_uv_mask(name, config.uv_size, frags)
     weight = (model.regions["face"] | model.regions["eyes"]) & ~model.regions["mouth"]
     return UVLayoutCache(frags, excluded, torch.from_numpy(weight.astype(np.float32)[:, None]))
 
