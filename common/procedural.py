@@ -316,6 +316,24 @@ def _vec(dx=0.0, dy=0.0, dz=0.0, like=None):
     return np.stack(np.broadcast_arrays(dx, dy, dz, like)[:3], 1)
 
 
+def _smooth_random_field(rng: np.random.Generator, xn: np.ndarray, yn: np.ndarray, k: int,
+                         symmetric: bool) -> np.ndarray:
+    """A random low-frequency displacement of component ``k % 3`` (x, y, z): (V, 3).
+
+    xn, yn: (V,) vertex positions normalised to [-1, 1]. Symmetric fields (the mirrored face deforms the same
+    way) are odd in x for dx and even for dy / dz; antisymmetric ones the other way round. Draws
+    (fx, fy), then the phase, from ``rng``.
+    """
+    fx, fy = rng.uniform(0.5, 2.0, 2)
+    ph = rng.uniform(0, 2 * np.pi)
+    even = np.cos(np.pi * fx * xn) * np.cos(np.pi * fy * yn + ph)
+    odd = np.sin(np.pi * fx * xn) * np.cos(np.pi * fy * yn + ph)
+    along_x, across = (odd, even) if symmetric else (even, odd)
+    zero = np.zeros_like(xn)
+    comp = k % 3
+    return _vec(along_x if comp == 0 else zero, across if comp == 1 else zero, across if comp == 2 else zero, xn)
+
+
 def _id_fields(cfg: ProceduralConfig, g: _Grid, z: np.ndarray, feats, rng: np.random.Generator):
     """Named + random smooth identity displacement fields: (sym_fields, sym_amps, names), same for antisym."""
     x, y = g.x, g.y
@@ -358,13 +376,7 @@ def _id_fields(cfg: ProceduralConfig, g: _Grid, z: np.ndarray, feats, rng: np.ra
     xn, yn = x / (0.5 * cfg.width), y / (0.5 * cfg.height)
     k = 0
     while len(sym_fields) < n_sym:
-        fx, fy = rng.uniform(0.5, 2.0, 2)
-        ph = rng.uniform(0, 2 * np.pi)
-        even = np.cos(np.pi * fx * xn) * np.cos(np.pi * fy * yn + ph)
-        odd = np.sin(np.pi * fx * xn) * np.cos(np.pi * fy * yn + ph)
-        comp = k % 3
-        sym_fields.append(_vec(odd if comp == 0 else zero, even if comp == 1 else zero, even if comp == 2 else zero,
-                               x))
+        sym_fields.append(_smooth_random_field(rng, xn, yn, k, symmetric=True))
         sym_amps.append(0.02)
         names.append(f"smooth_sym_{k}")
         k += 1
@@ -380,13 +392,7 @@ def _id_fields(cfg: ProceduralConfig, g: _Grid, z: np.ndarray, feats, rng: np.ra
     anti_amps = [a for _, a in anti.values()]
     k = 0
     while len(anti_fields) < n_anti:
-        fx, fy = rng.uniform(0.5, 2.0, 2)
-        ph = rng.uniform(0, 2 * np.pi)
-        even = np.cos(np.pi * fx * xn) * np.cos(np.pi * fy * yn + ph)
-        odd = np.sin(np.pi * fx * xn) * np.cos(np.pi * fy * yn + ph)
-        comp = k % 3
-        anti_fields.append(_vec(even if comp == 0 else zero, odd if comp == 1 else zero, odd if comp == 2 else zero,
-                                x))
+        anti_fields.append(_smooth_random_field(rng, xn, yn, k, symmetric=False))
         anti_amps.append(0.012)
         anti_names.append(f"smooth_anti_{k}")
         k += 1

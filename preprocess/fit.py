@@ -152,13 +152,12 @@ def _square_crop(image: np.ndarray, centre: np.ndarray, side: float, size: int) 
     a = side / size
     x0, y0 = centre[0] - side / 2, centre[1] - side / 2
     m = np.array([[a, 0, x0 + 0.5 * a - 0.5], [0, a, y0 + 0.5 * a - 0.5]])
-    interp = cv2.INTER_AREA if a > 1 else cv2.INTER_LINEAR
     if a > 1:  # area-average for downscaling: warpAffine has no INTER_AREA, so pre-shrink the photo
         small = cv2.resize(image, None, fx=1 / a, fy=1 / a, interpolation=cv2.INTER_AREA)
         m = np.array([[1.0, 0, x0 / a], [0, 1.0, y0 / a]])
         return cv2.warpAffine(small, m, (size, size), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
                               borderMode=cv2.BORDER_CONSTANT, borderValue=0)
-    return cv2.warpAffine(image, m, (size, size), flags=interp | cv2.WARP_INVERSE_MAP,
+    return cv2.warpAffine(image, m, (size, size), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
                           borderMode=cv2.BORDER_CONSTANT, borderValue=0)
 
 

@@ -28,8 +28,8 @@ def print_info(store: Path, console: Console | None = None) -> None:
     table.add_row("chunks", f"{counts['chunks_done']} / {counts['n_chunks']} complete")
     for reason, n in sorted(counts["failed_by_reason"].items()):
         table.add_row(f"  failed: {reason}", str(n))
-    stored = sum(s for s, _ in r.storage().values())
-    raw = sum(b for _, b in r.storage().values())
+    storage = r.storage().values()
+    stored, raw = sum(s for s, _ in storage), sum(b for _, b in storage)
     table.add_row("storage", f"{stored / 1e6:.1f} MB stored / {raw / 1e6:.1f} MB raw ({stored / max(raw, 1):.2f})")
     console.print(table)
     console.print_json(json.dumps(attrs.get("config", {})))
