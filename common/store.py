@@ -6,13 +6,19 @@ array and tasks never write the same object. A task writes its data arrays, then
 ``status``, and *last* ``chunk_done[c] = 1`` (its own (1,)-chunked object): a chunk whose
 ``chunk_done`` is 0 is redone on resume, whatever it holds.
 
+The store describes itself: besides the per-sample arrays it holds everything a trainer needs to
+render and to cut crops, so the trainer reads only this store (and ``common/``), never ``preprocess/``.
+
 Arrays (N samples, H = W = ``image_size``, U = ``uv_size``, K = ``n_tex``):
 
 ====================  ===================  =======  ==================================================
 name                  shape                dtype    meaning
 ====================  ===================  =======  ==================================================
 image                 (N, H, W, 3)         uint8    the photo at the working resolution, RGB
-face_mask             (N, H, W)            bool     face pixels (not occluded)
+face_region           (N, H, W)            bool     projected face region before erosion: the visible face
+                                                    triangles (``face | eyes`` minus ``mouth``), intersected
+                                                    with the source's segmentation mask when it has one
+face_mask_eroded      (N, H, W)            bool     ``face_region`` eroded: the mask UV_gt was read under
 uv_gt                 (N, U, U, 3)         uint8    incomplete UV texture unwrapped from the photo
 uv_gt_mask            (N, U, U)            bool     observed texels of ``uv_gt``
 uv_bl                 (N, U, U, 3)         uint8    blended complete UV texture (pseudo ground truth)
@@ -35,6 +41,39 @@ manifest_mtime        (N,)                 float64  its modification time (POSIX
 
 Float arrays are filled with NaN, everything else with 0 (``status`` 0 is PENDING), so an OK sample
 whose float arrays were never written shows up in :meth:`StoreReader.validate`.
+
+Groups, written once when the store is created (before the root attributes, so a store with
+attributes has them), read back by :class:`StoreReader`:
+
+* ``model/`` -- the face model the store was built with (V vertices, F triangles, R regions), exact
+  (float32 as the model holds it): ``mean_shape`` (V, 3) float32, ``id_basis`` (V, 3, Kid) float32,
+  ``exp_basis`` (V, 3, Kexp) float32, ``triangles`` (F, 3) int64, ``uv`` (V, 2) float32, ``symmetry``
+  (V,) int64, ``regions`` (R, V) bool, ``keypoints`` (68,) int64 when the model has them, ``tex_mean``
+  (V, 3) / ``tex_basis`` (V, 3, Ktex) float32 when the model has a per-vertex texture basis (kept so
+  that the read-back model has the same :meth:`~common.facemodel.FaceModel.fingerprint`; the UV
+  texture basis the build fitted is ``texture/``). Attributes: ``name``, ``fingerprint`` (equal to the
+  root ``face_model_hash``), ``region_names`` (the rows of ``regions``), ``meta`` (the model's
+  JSON-able provenance entries) and ``meta_omitted`` (the names of the others). :meth:`StoreReader.face_model`.
+* ``uv_layout/`` -- where the partial crops are cut and how texels mirror (:mod:`common.uvlayout`):
+  ``ctr_region`` (hc, wc) bool, ``sd_region`` (hs, ws) bool, ``mirror_index`` (U*U,) int64
+  (``common.uvtools.texel_mirror_index``, -1 where a texel has no mirror). Attributes: ``uv_size``,
+  ``ctr_box``, ``sd_box`` (row0, row1, col0, col1, half-open), ``crop_config`` (the
+  :class:`~common.uvlayout.CropConfig` values: frontal_yaw_max, profile_yaw_min, min_coverage, margin)
+  and ``face_model`` (the fingerprint it was computed from). :meth:`StoreReader.crop_layout`,
+  :meth:`StoreReader.mirror_index`, :meth:`StoreReader.crop_config`.
+* ``texture/`` -- the linear UV texture basis of Eq. 8 (written by the build before any chunk):
+  ``mean`` (U, U, 3) float32, ``basis`` (U, U, 3, K) float16, ``valid`` (U, U) bool.
+  :meth:`StoreReader.texture_basis`.
+
+Root attributes: ``schema_version``, ``layout`` (:class:`StoreLayout`), ``config`` (the build config),
+``face_model_hash``, ``texture_basis_hash``, ``manifest`` (count, sha256), ``created``, ``package_version``,
+and what the build adds (``face_model``, ``source_kind``, ``face_region_source``: how ``face_region``
+was made -- with or without a segmentation mask; provenance, not compared when a build resumes).
+
+Schema history: version 1 had no ``model/`` / ``uv_layout/`` groups and no ``face_region``, and called
+``face_mask_eroded`` ``face_mask``; ``uvprep upgrade STORE`` turns such a store into version 2
+(``face_region`` then comes from the projected mesh alone: ``face_region_source`` is
+``"upgrade: projected mesh only"``, and ``upgraded`` records when and from which version).
 
 The build lock is a JSON file ``.uvprep-build.lock`` inside the store directory, created with
 ``O_CREAT | O_EXCL`` (atomic on local and POSIX network file systems). Object stores (``s3://`` and
@@ -59,13 +98,20 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import zarr
 
-SCHEMA_VERSION = 1
-"""Bumped whenever an array, dtype, shape rule or attribute changes meaning; old stores are then refused."""
+from common.texbasis import UVTextureBasis
+from common.uvlayout import CropConfig, CropLayout
+
+if TYPE_CHECKING:  # common.facemodel imports torch; reading arrays from a store should not need it
+    from common.facemodel import FaceModel
+
+SCHEMA_VERSION = 2
+"""Bumped whenever an array, dtype, shape rule or attribute changes meaning; old stores are then refused
+(version 1 can be upgraded in place: ``uvprep upgrade STORE``)."""
 N_PARAMS = 62
 LOCK_NAME = ".uvprep-build.lock"
 
@@ -151,11 +197,11 @@ class StoreLayout:
     n_samples: int
     """N: samples (manifest entries) in the store."""
     image_size: int
-    """H = W: working resolution of ``image`` and ``face_mask``."""
+    """H = W: working resolution of ``image``, ``face_region`` and ``face_mask_eroded``."""
     uv_size: int
     """U: side of the UV maps."""
     ctr_shape: tuple[int, int]
-    """(hc, wc) of the centre crop (``preprocess.crops.CropLayout.ctr_region.shape``)."""
+    """(hc, wc) of the centre crop (``common.uvlayout.CropLayout.ctr_region.shape``)."""
     sd_shape: tuple[int, int]
     """(hs, ws) of the side crop."""
     n_tex: int
@@ -221,7 +267,9 @@ class ArraySpec(NamedTuple):
 
 ARRAY_DOCS = {
     "image": "photo at the working resolution, (N, H, W, 3) uint8 RGB",
-    "face_mask": "face pixels, (N, H, W) bool",
+    "face_region": "projected face region before erosion (visible face triangles, and the segmentation when "
+                   "the source has one), (N, H, W) bool",
+    "face_mask_eroded": "face_region eroded: the mask uv_gt was read under, (N, H, W) bool",
     "uv_gt": "incomplete UV texture from the photo, (N, U, U, 3) uint8 RGB",
     "uv_gt_mask": "observed texels of uv_gt, (N, U, U) bool",
     "uv_bl": "blended complete UV texture, (N, U, U, 3) uint8 RGB",
@@ -259,7 +307,7 @@ def array_specs(layout: StoreLayout) -> dict[str, ArraySpec]:
     hs, ws = layout.sd_shape
     u8, b, f4 = np.dtype(np.uint8), np.dtype(bool), np.dtype(np.float32)
     rest: dict[str, tuple[tuple[int, ...], np.dtype]] = {
-        "image": ((h, h, 3), u8), "face_mask": ((h, h), b),
+        "image": ((h, h, 3), u8), "face_region": ((h, h), b), "face_mask_eroded": ((h, h), b),
         "uv_gt": ((u, u, 3), u8), "uv_gt_mask": ((u, u), b), "uv_bl": ((u, u, 3), u8), "uv_source": ((u, u), u8),
         "params": ((N_PARAMS,), f4), "pose": ((3,), f4), "tex_coeff": ((k,), f4),
         "uv_ctr": ((hc, wc, 3), u8), "uv_ctr_mask": ((hc, wc), b), "ctr_valid": ((), b),
@@ -323,6 +371,8 @@ def _manifest_arrays(manifest) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 # ------------------------------------------------------------------------------------------ create
 _REQUIRED_ATTRS = ("config", "face_model_hash", "texture_basis_hash")
+_PROVENANCE_ATTRS = ("face_region_source",)
+"""Attributes that say how arrays were made, not with which settings: not compared when a build resumes."""
 _RESERVED_ATTRS = ("schema_version", "layout", "manifest", "created", "package_version")
 
 
@@ -378,13 +428,18 @@ def _exists(path) -> bool:
         return False
 
 
-def create_store(path, layout: StoreLayout, attrs: Mapping, manifest, overwrite: bool = False) -> zarr.Group:
-    """Create an empty store: every array of the schema (all samples PENDING) and the root attributes.
+def create_store(path, layout: StoreLayout, attrs: Mapping, manifest, overwrite: bool = False, *,
+                 face_model: FaceModel, crop_layout: CropLayout, mirror_index: np.ndarray,
+                 crop_config: CropConfig) -> zarr.Group:
+    """Create an empty store: every array of the schema (all samples PENDING), the ``model/`` and
+    ``uv_layout/`` groups, and last the root attributes.
 
     attrs: JSON-able dict with at least ``config`` (the build config as a dict), ``face_model_hash``
-    and ``texture_basis_hash``; other keys (model names, source kind, ...) are stored as given.
-    manifest: ``(paths, sizes, mtimes)`` with ``layout.n_samples`` entries, or an object with
-    ``to_arrays()``. Sample ``i`` of the store is manifest entry ``i``.
+    (``face_model.fingerprint()``) and ``texture_basis_hash``; other keys (model names, source kind, ...)
+    are stored as given. manifest: ``(paths, sizes, mtimes)`` with ``layout.n_samples`` entries, or an
+    object with ``to_arrays()``. Sample ``i`` of the store is manifest entry ``i``. face_model,
+    crop_layout (at ``layout.uv_size``, crops of ``layout.ctr_shape`` / ``sd_shape``), mirror_index
+    ((U*U,) int64) and crop_config: what the build cuts crops and mirrors with (see :func:`write_face_model`).
     An existing store is refused unless ``overwrite``; then its arrays are deleted and recreated
     (other files, like a held build lock, stay). A non-Zarr folder is never overwritten.
     """
@@ -392,6 +447,7 @@ def create_store(path, layout: StoreLayout, attrs: Mapping, manifest, overwrite:
     paths, sizes, mtimes = _manifest_arrays(manifest)
     if len(paths) != layout.n_samples:
         raise ValueError(f"manifest has {len(paths)} entries, the layout {layout.n_samples} samples")
+    _check_model_inputs(layout, face_model, crop_layout, mirror_index, crop_config, user["face_model_hash"])
     local = _local(path)
     if _exists(path):
         if not overwrite:
@@ -422,6 +478,7 @@ def create_store(path, layout: StoreLayout, attrs: Mapping, manifest, overwrite:
     group["manifest_path"][:] = paths
     group["manifest_size"][:] = sizes
     group["manifest_mtime"][:] = mtimes
+    write_face_model(group, layout, face_model, crop_layout, mirror_index, crop_config)
     root = {"schema_version": SCHEMA_VERSION, "layout": layout.to_json(), **user,
             "manifest": {"count": int(len(paths)), "sha256": manifest_sha256(paths, sizes, mtimes)},
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -451,9 +508,10 @@ def _short(v) -> str:
 def _differences(stored: Mapping, layout: StoreLayout, user: Mapping, m_count: int, m_sha: str) -> list[str]:
     diffs = []
     if stored.get("schema_version") != SCHEMA_VERSION:
-        diffs.append(f"schema_version: store {stored.get('schema_version')}, this code {SCHEMA_VERSION}")
+        hint = f" (upgrade it in place: {_UPGRADE})" if stored.get("schema_version") in _UPGRADABLE else ""
+        diffs.append(f"schema_version: store {stored.get('schema_version')}, this code {SCHEMA_VERSION}{hint}")
     want = {"layout": layout.to_json(), "config": user["config"]}
-    want.update({k: user[k] for k in user if k != "config"})
+    want.update({k: user[k] for k in user if k != "config" and k not in _PROVENANCE_ATTRS})
     for top, value in want.items():
         a, b = _flat(stored.get(top), top), _flat(value, top)
         for key in sorted(set(a) | set(b)):
@@ -467,13 +525,15 @@ def _differences(stored: Mapping, layout: StoreLayout, user: Mapping, m_count: i
     return diffs
 
 
-def open_for_build(path, layout: StoreLayout, attrs: Mapping, manifest) -> zarr.Group:
+def open_for_build(path, layout: StoreLayout, attrs: Mapping, manifest, *, face_model: FaceModel,
+                   crop_layout: CropLayout, mirror_index: np.ndarray, crop_config: CropConfig) -> zarr.Group:
     """Open an existing store to resume a build; raise :class:`StoreMismatch` unless it was built the same way.
 
     Compared: schema version, every layout field, every (nested) config key, the face-model and
-    texture-basis hashes (and any other attrs given) and the manifest hash. The message names each
-    differing field with both values, and, for the manifest, how many entries were added / removed /
-    changed.
+    texture-basis hashes (and any other attrs given), the manifest hash, and the stored ``model/`` and
+    ``uv_layout/`` groups against the given model, crop layout, mirror index and crop config (arguments
+    as in :func:`create_store`). The message names each differing field with both values, and, for the
+    manifest, how many entries were added / removed / changed.
     """
     user = _check_attrs(attrs)
     paths, sizes, mtimes = _manifest_arrays(manifest)
@@ -488,6 +548,8 @@ def open_for_build(path, layout: StoreLayout, attrs: Mapping, manifest) -> zarr.
         added, removed, changed = _manifest_diff((paths, sizes, mtimes), old)
         diffs[-1] += (f": {len(added)} added, {len(removed)} removed, {len(changed)} changed"
                       + (f" (e.g. {(added + removed + changed)[0]})" if added or removed or changed else ""))
+    if not diffs:
+        diffs = _model_differences(group, face_model, crop_layout, mirror_index, crop_config)
     if diffs:
         raise StoreMismatch(f"{path} was built with different settings than this run:\n  - "
                             + "\n  - ".join(diffs) + "\npass --overwrite to rebuild")
@@ -629,13 +691,47 @@ def _open(path_or_group, mode: str) -> zarr.Group:
 
 
 def layout_of(group: zarr.Group) -> StoreLayout:
-    """The :class:`StoreLayout` recorded in a store's attributes (refuses other schema versions)."""
+    """The :class:`StoreLayout` recorded in a store's attributes (refuses other schema versions, saying
+    what a version-1 store lacks and how to upgrade it)."""
     attrs = group.attrs
     ver = attrs.get("schema_version")
-    if ver != SCHEMA_VERSION:
-        raise StoreMismatch(f"store schema version {ver}, this code reads version {SCHEMA_VERSION}; "
-                            f"rebuild the store with this version (pass --overwrite)")
-    return StoreLayout.from_json(attrs["layout"])
+    if ver == SCHEMA_VERSION:
+        return StoreLayout.from_json(attrs["layout"])
+    where = _where(group)
+    if ver in _UPGRADABLE:
+        raise StoreMismatch(f"{where} has store schema version {ver}, this code reads version {SCHEMA_VERSION}: "
+                            f"{'; '.join(_v1_gaps(group))}. Upgrade it in place with `uvprep upgrade {where}` "
+                            f"(or rebuild it: uvprep build ... --overwrite)")
+    if isinstance(ver, int) and ver > SCHEMA_VERSION:
+        raise StoreMismatch(f"{where} has store schema version {ver}, newer than this code's {SCHEMA_VERSION}: "
+                            f"it was written by a newer uvtex; update uvtex to read it")
+    raise StoreMismatch(f"{where}: store schema version {ver}, this code reads version {SCHEMA_VERSION}; "
+                        f"rebuild the store with this version (pass --overwrite)")
+
+
+def _where(group: zarr.Group) -> str:
+    """The store's path or URL, for messages."""
+    root = getattr(group.store, "root", None)
+    return str(root) if root is not None else str(group.store)
+
+
+_UPGRADABLE = (1,)
+_UPGRADE = "uvprep upgrade STORE"
+
+
+def _v1_gaps(group: zarr.Group) -> list[str]:
+    """What a version-1 store lacks compared with this schema (for the refusal message)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", zarr.errors.ZarrUserWarning)
+        members = set(group.keys())
+    gaps = [f"no {g}/ group ({what})" for g, what in ((MODEL_GROUP, "the face model"),
+                                                       (UV_LAYOUT_GROUP, "crop boxes/masks, texel mirror index"))
+            if g not in members]
+    if "face_region" not in members:
+        gaps.append("no face_region array (the face region before erosion, for the masked input I^m)")
+    if "face_mask" in members:
+        gaps.append("face_mask must be renamed face_mask_eroded")
+    return gaps or ["its schema_version attribute is old"]
 
 
 def _coerce(name: str, value, spec: ArraySpec, n: int) -> np.ndarray:
@@ -715,6 +811,7 @@ class StoreReader:
         self.path = path
         self.group = zarr.open_group(_store_arg(path), mode="r")
         self.layout = layout_of(self.group)
+        self._cache: dict[str, Any] = {}
 
     def __len__(self) -> int:
         return self.layout.n_samples
@@ -797,6 +894,45 @@ class StoreReader:
         """Problems found (empty when the store is sound): see :func:`validate_store`."""
         return validate_store(self.group)
 
+    # what a trainer needs besides the samples (read once, then cached on this reader)
+    def face_model(self) -> FaceModel:
+        """The face model the store was built with (``model/``): a :class:`common.facemodel.FaceModel` with
+        mean_shape (V, 3), id_basis (V, 3, Kid), exp_basis (V, 3, Kexp) float32, triangles (F, 3) int64,
+        uv (V, 2) float32, symmetry (V,) int64, regions name -> (V,) bool, keypoints (68,) int64 or None.
+        ``face_model().fingerprint() == attrs["face_model_hash"]``."""
+        if "face_model" not in self._cache:
+            self._cache["face_model"] = read_face_model(self.group)
+        return self._cache["face_model"]
+
+    def _uv_layout(self) -> tuple[CropLayout, np.ndarray, CropConfig]:
+        if "uv_layout" not in self._cache:
+            self._cache["uv_layout"] = read_uv_layout(self.group)
+        return self._cache["uv_layout"]
+
+    def crop_layout(self) -> CropLayout:
+        """Where the partial crops are cut (``uv_layout/``): boxes (row0, row1, col0, col1) in the U x U UV image,
+        ctr_region (hc, wc) bool, sd_region (hs, ws) bool; see :mod:`common.uvlayout`."""
+        return self._uv_layout()[0]
+
+    def mirror_index(self) -> np.ndarray:
+        """(U*U,) int64: flat index of each texel's mirror texel, -1 where none (``common.uvtools.texel_mirror_index``,
+        used with ``common.uvlayout.mirror_uv``)."""
+        return self._uv_layout()[1]
+
+    def crop_config(self) -> CropConfig:
+        """The crop thresholds the build used: frontal_yaw_max, profile_yaw_min (degrees), min_coverage, margin."""
+        return self._uv_layout()[2]
+
+    def texture_basis(self) -> UVTextureBasis | None:
+        """The UV texture basis of Eq. 8 (``texture/``): mean (U, U, 3), basis (U, U, 3, K) float32 (stored
+        float16), valid (U, U) bool; None while the build has not written it yet."""
+        if "texture" not in self._cache:
+            t = read_texture_basis(self.group)
+            if t is None:
+                return None
+            self._cache["texture"] = UVTextureBasis(mean=t["mean"], basis=t["basis"], valid=t["valid"], name=t["name"])
+        return self._cache["texture"]
+
 
 def _examples(mask: np.ndarray, offset: int = 0, k: int = 5) -> str:
     idx = np.flatnonzero(mask)[:k] + offset
@@ -866,8 +1002,10 @@ def validate_store(path_or_group) -> list[str]:
     chunks (bool masks are bool by dtype); no unexpected arrays; manifest sorted with unique keys and
     matching its recorded sha256; status / reason / chunk_done codes valid and consistent (a chunk
     marked done holds no PENDING sample, failed samples carry a reason); OK samples have finite
-    ``params``, ``pose`` and ``tex_coeff`` and a pose within |yaw| <= 90, |pitch|, |roll| <= 180.
-    Image pixels are not read.
+    ``params``, ``pose`` and ``tex_coeff`` and a pose within |yaw| <= 90, |pitch|, |roll| <= 180;
+    the ``model/`` group is complete, its arrays hash to its recorded fingerprint and that equals the
+    root ``face_model_hash``; the ``uv_layout/`` group is complete, fits the layout (U, crop shapes,
+    mirror index (U*U,) in [-1, U*U)) and was computed for the same model. Image pixels are not read.
     """
     group = _open(path_or_group, "r")
     try:
@@ -877,6 +1015,7 @@ def validate_store(path_or_group) -> list[str]:
     missing = [k for k in (*_REQUIRED_ATTRS, "manifest", "created") if k not in group.attrs]
     problems = [f"attributes: missing {missing}"] if missing else []
     problems += _check_schema(group, layout)
+    problems += _check_model_group(group) + _check_uv_layout_group(group, layout)
     if any(p.split(":")[0] in ("status", "reason", "chunk_done", "params", "pose", "tex_coeff") for p in problems):
         return problems
     problems += _check_values(group, layout)
@@ -888,6 +1027,214 @@ def validate_store(path_or_group) -> list[str]:
         if sha != group.attrs.get("manifest", {}).get("sha256"):
             problems.append("manifest: arrays do not match the recorded sha256 (edited after creation?)")
     return problems
+
+
+# ---------------------------------------------------------------------------- face model, UV layout
+MODEL_GROUP = "model"
+UV_LAYOUT_GROUP = "uv_layout"
+_MODEL_ARRAYS = {"mean_shape": np.float32, "id_basis": np.float32, "exp_basis": np.float32, "triangles": np.int64,
+                 "uv": np.float32, "symmetry": np.int64}
+_MODEL_OPTIONAL = {"keypoints": np.int64, "tex_mean": np.float32, "tex_basis": np.float32}
+
+
+def _check_model_inputs(layout: StoreLayout, model: FaceModel, crops: CropLayout, mirror_index: np.ndarray,
+                        crop_config: CropConfig, model_hash: str | None = None) -> None:
+    """Raise unless the model, crop layout and mirror index fit ``layout`` (and ``model_hash``, when given)."""
+    for name, dt in {**_MODEL_ARRAYS, **_MODEL_OPTIONAL}.items():
+        a = getattr(model, name)
+        if a is not None and a.dtype != dt:  # stored as held: a cast would change the model's fingerprint
+            raise TypeError(f"face model {model.name!r}: {name} is {a.dtype}, the store keeps {np.dtype(dt)}")
+    if model_hash is not None and model.fingerprint() != model_hash:
+        raise ValueError(f"face model {model.name!r} has fingerprint {model.fingerprint()}, the store attributes "
+                         f"say face_model_hash {model_hash}; they must describe the same model")
+    _check_uv_layout_inputs(layout, crops, mirror_index, crop_config)
+
+
+def _check_uv_layout_inputs(layout: StoreLayout, crops: CropLayout, mirror_index: np.ndarray,
+                            crop_config: CropConfig) -> None:
+    u = layout.uv_size
+    if not isinstance(crop_config, CropConfig):
+        raise TypeError(f"crop_config: expected a common.uvlayout.CropConfig, found {type(crop_config).__name__}")
+    if (crops.uv_size, crops.ctr_region.shape, crops.sd_region.shape) != (u, layout.ctr_shape, layout.sd_shape):
+        raise ValueError(f"crop layout: expected U = {u} and crops {layout.ctr_shape} / {layout.sd_shape} (the store "
+                         f"layout), found U = {crops.uv_size} and {crops.ctr_region.shape} / {crops.sd_region.shape}")
+    mi = np.asarray(mirror_index)
+    if mi.shape != (u * u,) or mi.dtype.kind not in "iu" or (mi.size and (mi.min() < -1 or mi.max() >= u * u)):
+        raise ValueError(f"mirror_index: expected ({u * u},) integers in [-1, {u * u}) "
+                         f"(common.uvtools.texel_mirror_index at U = {u}), found {mi.shape} {mi.dtype}")
+
+
+def _json_meta(meta: Mapping) -> tuple[dict, list[str]]:
+    """The JSON-able entries of a model's meta, and the names of the others (arrays, objects)."""
+    kept, omitted = {}, []
+    for k, v in meta.items():
+        try:
+            kept[str(k)] = json.loads(json.dumps(v, allow_nan=False))
+        except (TypeError, ValueError):
+            omitted.append(str(k))
+    return kept, sorted(omitted)
+
+
+def _put_arrays(group: zarr.Group, arrays: Mapping[str, np.ndarray]) -> None:
+    for name, arr in arrays.items():
+        if name in group:
+            del group[name]
+        group.create_array(name, shape=arr.shape, dtype=arr.dtype, chunks=arr.shape or None,
+                           compressors=(zarr.codecs.ZstdCodec(level=3),))[...] = arr
+
+
+def write_face_model(path_or_group, layout: StoreLayout, model: FaceModel, crop_layout: CropLayout,
+                     mirror_index: np.ndarray, crop_config: CropConfig) -> None:
+    """Write (or rewrite) the ``model/`` and ``uv_layout/`` groups (module docstring) of a store with ``layout``.
+
+    model: the :class:`common.facemodel.FaceModel` (arrays stored exactly as held, float32 / int64);
+    crop_layout: :func:`common.uvlayout.crop_layout` at ``layout.uv_size`` with ``crop_config``;
+    mirror_index: (U*U,) int64 (:func:`common.uvtools.texel_mirror_index`). Each group's attributes are
+    written last, so a group with its attributes is complete. Called by :func:`create_store` (and by
+    ``uvprep upgrade`` for a version-1 store); everything is checked before anything is written.
+    """
+    _check_model_inputs(layout, model, crop_layout, mirror_index, crop_config)
+    group = _open(path_or_group, "r+")
+    fingerprint = model.fingerprint()
+    for name in (MODEL_GROUP, UV_LAYOUT_GROUP):
+        if name in group:
+            del group[name]
+    names = sorted(model.regions)
+    arrays = {k: getattr(model, k) for k in (*_MODEL_ARRAYS, *_MODEL_OPTIONAL) if getattr(model, k) is not None}
+    arrays["regions"] = np.stack([np.asarray(model.regions[n], bool) for n in names])
+    m = group.create_group(MODEL_GROUP)
+    _put_arrays(m, {k: np.ascontiguousarray(v) for k, v in arrays.items()})
+    meta, omitted = _json_meta(model.meta)
+    m.attrs.put({"name": model.name, "region_names": names, "meta": meta, "meta_omitted": omitted,
+                 "fingerprint": fingerprint})
+    uvl = group.create_group(UV_LAYOUT_GROUP)
+    _put_arrays(uvl, {"ctr_region": np.asarray(crop_layout.ctr_region, bool),
+                      "sd_region": np.asarray(crop_layout.sd_region, bool),
+                      "mirror_index": np.asarray(mirror_index, np.int64)})
+    uvl.attrs.put({"uv_size": int(crop_layout.uv_size), "ctr_box": [int(v) for v in crop_layout.ctr_box],
+                   "sd_box": [int(v) for v in crop_layout.sd_box], "crop_config": asdict(crop_config),
+                   "face_model": fingerprint})
+
+
+def _complete_group(group: zarr.Group, name: str, key: str) -> zarr.Group:
+    if name not in group:
+        raise KeyError(f"{_where(group)} has no {name}/ group (a version-1 store? see `{_UPGRADE}`)")
+    g = group[name]
+    if key not in g.attrs:
+        raise KeyError(f"{_where(group)}: the {name}/ group is incomplete (its creation was interrupted); "
+                       f"rebuild the store (--overwrite)")
+    return g
+
+
+def read_face_model(path_or_group) -> FaceModel:
+    """The face model stored in ``model/``, as a :class:`common.facemodel.FaceModel` (no per-vertex texture
+    basis unless the model had one); its ``fingerprint()`` equals the store's ``face_model_hash``."""
+    from common.facemodel import FaceModel
+
+    m = _complete_group(_open(path_or_group, "r"), MODEL_GROUP, "fingerprint")
+    attrs = dict(m.attrs)
+    regions = m["regions"][...]
+    if regions.shape[0] != len(attrs["region_names"]):
+        raise ValueError(f"model/regions has {regions.shape[0]} rows for {len(attrs['region_names'])} region names")
+    opt = {k: m[k][...] if k in m else None for k in _MODEL_OPTIONAL}
+    return FaceModel(name=attrs["name"], **{k: m[k][...] for k in _MODEL_ARRAYS},
+                     regions=dict(zip(attrs["region_names"], regions, strict=True)), meta=attrs.get("meta", {}), **opt)
+
+
+def read_uv_layout(path_or_group) -> tuple[CropLayout, np.ndarray, CropConfig]:
+    """The stored ``uv_layout/``: (crop layout, mirror index (U*U,) int64, crop config)."""
+    g = _complete_group(_open(path_or_group, "r"), UV_LAYOUT_GROUP, "face_model")
+    a = dict(g.attrs)
+    crops = CropLayout(int(a["uv_size"]), tuple(a["ctr_box"]), tuple(a["sd_box"]), g["ctr_region"][...],
+                       g["sd_region"][...])
+    return crops, g["mirror_index"][...], CropConfig(**a["crop_config"])
+
+
+def _model_differences(group: zarr.Group, model: FaceModel, crops: CropLayout, mirror_index: np.ndarray,
+                       crop_config: CropConfig) -> list[str]:
+    """How the stored model/ and uv_layout/ groups differ from this run's (empty: the same)."""
+    try:
+        stored_fp = _complete_group(group, MODEL_GROUP, "fingerprint").attrs["fingerprint"]
+        s_crops, s_mirror, s_config = read_uv_layout(group)
+    except (KeyError, ValueError, TypeError) as e:
+        return [f"model/uv_layout: {e}"]
+    diffs = []
+    if stored_fp != model.fingerprint():
+        diffs.append(f"model/: store {stored_fp}, this run {model.fingerprint()}")
+    if not s_crops.equals(crops):
+        diffs.append(f"uv_layout/: crop boxes or masks differ (store ctr {s_crops.ctr_box} sd {s_crops.sd_box}, "
+                     f"this run ctr {tuple(crops.ctr_box)} sd {tuple(crops.sd_box)})")
+    if not np.array_equal(s_mirror, np.asarray(mirror_index)):
+        diffs.append("uv_layout/mirror_index: differs from this run's")
+    if s_config != crop_config:
+        diffs.append(f"uv_layout/crop_config: store {asdict(s_config)}, this run {asdict(crop_config)}")
+    return diffs
+
+
+def _check_model_group(group: zarr.Group) -> list[str]:
+    try:
+        m = _complete_group(group, MODEL_GROUP, "fingerprint")
+        model = read_face_model(group)
+    except (KeyError, ValueError, TypeError) as e:
+        return [f"model: {e}"]
+    problems = []
+    fp, want = m.attrs["fingerprint"], group.attrs.get("face_model_hash")
+    if model.fingerprint() != fp:
+        problems.append(f"model: the arrays hash to {model.fingerprint()}, the recorded fingerprint is {fp} "
+                        f"(edited after creation?)")
+    if fp != want:
+        problems.append(f"model: fingerprint {fp} differs from the store's face_model_hash {want}")
+    return problems
+
+
+def _check_uv_layout_group(group: zarr.Group, layout: StoreLayout) -> list[str]:
+    try:
+        crops, mirror, config = read_uv_layout(group)
+        _check_uv_layout_inputs(layout, crops, mirror, config)
+    except (KeyError, ValueError, TypeError) as e:
+        return [f"uv_layout: {e}"]
+    fp, want = group[UV_LAYOUT_GROUP].attrs["face_model"], group.attrs.get("face_model_hash")
+    return [] if fp == want else [f"uv_layout: computed for face model {fp}, the store's face_model_hash is {want}"]
+
+
+# ---------------------------------------------------------------------------------- schema upgrades
+def add_sample_array(group: zarr.Group, layout: StoreLayout, name: str) -> zarr.Array:
+    """Create the schema's sample-aligned array ``name`` (all fill values) in an existing store, replacing
+    one of that name (an interrupted earlier attempt). For upgrading a store to a schema that added it."""
+    spec = array_specs(layout)[name]
+    if name in group:
+        del group[name]
+    return group.create_array(name, shape=spec.shape, dtype=spec.dtype, chunks=spec.chunks,
+                              fill_value=_fill(spec.dtype), compressors=_compressors(layout),
+                              attributes={"description": ARRAY_DOCS[name]})
+
+
+def rename_array(group: zarr.Group, old: str, new: str) -> None:
+    """Rename an array (zarr v3 has no rename): create ``new`` with the same shape, dtype, chunks, codecs and
+    fill value, copy it chunk by chunk along the first axis, then delete ``old``. A ``new`` left by an
+    interrupted rename is replaced; nothing happens when ``old`` is gone and ``new`` exists (already renamed)."""
+    if old not in group:
+        if new in group:
+            return
+        raise KeyError(f"{_where(group)}: neither {old} nor {new} exists")
+    a = group[old]
+    if new in group:
+        del group[new]
+    b = group.create_array(new, shape=a.shape, dtype=a.dtype, chunks=a.chunks, fill_value=a.fill_value,
+                           compressors=a.compressors, filters=a.filters, serializer=a.serializer,
+                           attributes={**dict(a.attrs), "description": ARRAY_DOCS.get(new, a.attrs.get("description"))})
+    step = a.chunks[0]
+    for start in range(0, a.shape[0], step):
+        b[start:start + step] = a[start:start + step]
+    del group[old]
+
+
+def finish_upgrade(group: zarr.Group, from_version: int, attrs: Mapping) -> None:
+    """Last step of a schema upgrade: set ``attrs`` (JSON-able), an ``upgraded`` record (from, to, when, by
+    which package version) and ``schema_version`` in one metadata write."""
+    record = {"from": int(from_version), "to": SCHEMA_VERSION, "package_version": _package_version(),
+              "at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    group.attrs.update({**json.loads(json.dumps(dict(attrs))), "upgraded": record, "schema_version": SCHEMA_VERSION})
 
 
 # ------------------------------------------------------------------------------------ texture basis

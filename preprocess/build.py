@@ -33,6 +33,7 @@ from common.store import (
     Reason,
     StoreLayout,
     StoreMismatch,
+    StoreReader,
     acquire_build_lock,
     completed_chunks,
     create_store,
@@ -41,10 +42,17 @@ from common.store import (
     write_chunk,
     write_texture_basis,
 )
-from preprocess.crops import crop_layout
+from common.texbasis import UVTextureBasis
+from common.uvlayout import crop_layout
+from common.uvtools import model_uv_fragments, texel_mirror_index
 from preprocess.sources import ManifestEntry
 from preprocess.stages import StageConfig, StageContext, Timer, build_face_model, run_geometry, run_stages
-from preprocess.texture import UVTextureBasis, downsample_maps, learn_masked_pca
+from preprocess.texture import downsample_maps, learn_masked_pca
+
+FACE_REGION_SEGMENTED = "build: projected mesh & the source's segmentation"
+"""Root attribute ``face_region_source`` of a store whose source knows the face pixels (synthetic)."""
+FACE_REGION_PROJECTED = "build: projected mesh only"
+"""... of a store whose source has no segmentation (photos: no face parser yet)."""
 
 
 @dataclass(frozen=True)
@@ -171,10 +179,10 @@ def _load_inputs(out: str, cfg: BuildConfig, indices: np.ndarray):
 
 
 def _basis_from_store(out: str) -> UVTextureBasis:
-    t = read_texture_basis(out)
-    if t is None:
+    basis = StoreReader(out).texture_basis()
+    if basis is None:
         raise RuntimeError(f"{out} has no texture basis yet; the build writes it before any chunk")
-    return UVTextureBasis(mean=t["mean"], basis=t["basis"], valid=t["valid"], name=t["name"])
+    return basis
 
 
 # -------------------------------------------------------------------------------------------- tasks
@@ -332,8 +340,6 @@ def _learn_basis(out: str, cfg: BuildConfig, model, runner: _Runner, n: int, pro
         return UVTextureBasis.from_face_model(model, stages.uvgt.uv_size)
     if stages.texture_model != "pca":
         return UVTextureBasis.load(stages.texture_model)
-    from common.uvtools import model_uv_fragments, texel_mirror_index
-
     fs = min(stages.pca.fit_size or stages.uvgt.uv_size, stages.uvgt.uv_size)  # as learn_masked_pca: never up
     idx = np.unique(np.linspace(0, n - 1, min(stages.pca_samples, n)).round().astype(np.int64))
     batches = [(out, idx[i:i + cfg.chunk], cfg, fs) for i in range(0, len(idx), cfg.chunk)]
@@ -374,18 +380,23 @@ def build_store(cfg: BuildConfig, run: RunOptions) -> BuildSummary:
     if n == 0:
         raise ValueError(f"source {cfg.source.kind!r} has no samples (empty folder or zip?)")
     model = build_face_model(cfg.stages)
-    crops = crop_layout(model, cfg.stages.uvgt.uv_size, cfg.stages.crops)  # only the crop shapes are needed here
+    u = cfg.stages.uvgt.uv_size
+    frags = model_uv_fragments(model, u)
+    crops = crop_layout(model, u, cfg.stages.crops, frags)
+    described = {"face_model": model, "crop_layout": crops, "mirror_index": texel_mirror_index(model, u, frags),
+                 "crop_config": cfg.stages.crops}  # the store's model/ and uv_layout/ groups
     layout = StoreLayout(n_samples=n, image_size=cfg.stages.fit.image_size, uv_size=cfg.stages.uvgt.uv_size,
                          ctr_shape=crops.ctr_region.shape, sd_shape=crops.sd_region.shape,
                          n_tex=_n_tex(cfg.stages, model), chunk=cfg.chunk, has_truth=cfg.source.kind == "synthetic",
                          compressor=cfg.compressor)
     attrs = {"config": config_record(cfg), "face_model_hash": model.fingerprint(),
              "texture_basis_hash": _texture_identity(cfg.stages, model), "face_model": model.name,
-             "source_kind": cfg.source.kind}
+             "source_kind": cfg.source.kind,
+             "face_region_source": FACE_REGION_SEGMENTED if cfg.source.kind == "synthetic" else FACE_REGION_PROJECTED}
     summary = BuildSummary(n_samples=n)
     with acquire_build_lock(run.out), BuildProgress(enabled=run.progress) as progress:
         try:
-            open_for_build(run.out, layout, attrs, manifest)
+            open_for_build(run.out, layout, attrs, manifest, **described)
             create = False
         except FileNotFoundError:
             create = True
@@ -394,7 +405,7 @@ def build_store(cfg: BuildConfig, run: RunOptions) -> BuildSummary:
                 raise
             create = True
         if create:
-            create_store(run.out, layout, attrs, manifest, overwrite=run.overwrite)
+            create_store(run.out, layout, attrs, manifest, overwrite=run.overwrite, **described)
         runner = _Runner(run)
         try:
             if read_texture_basis(run.out) is None:

@@ -92,9 +92,14 @@ def texture_basis(
 @app.command()
 def info(store: Path) -> None:
     """Print a store's schema, counts, config and failure reasons."""
+    from common.store import StoreMismatch
     from preprocess.inspect import print_info
 
-    print_info(store)
+    try:
+        print_info(store)
+    except StoreMismatch as e:  # another schema version: the message says what to do
+        typer.secho(f"uvprep info: {e}", fg="red", err=True)
+        raise typer.Exit(code=2) from None
 
 
 @app.command()
@@ -106,13 +111,37 @@ def check(store: Path) -> None:
 
 
 @app.command()
+def upgrade(
+    store: Path,
+    bfm_v1_dir: Path = typer.Option(None, help="3DDFA (v1) folder, if the one recorded in the store moved."),
+    bfm_v2_dir: Path = typer.Option(None, help="3DDFA_V2 folder, if the one recorded in the store moved."),
+    workers: int = typer.Option(None, min=0, help="Local Dask workers (0 = run in this process; default: CPUs)."),
+    threads: int = typer.Option(1, min=1, help="Threads per worker."),
+    scheduler: str = typer.Option(None, help="Join a running Dask scheduler at this address."),
+) -> None:
+    """Upgrade a store written by an older uvprep (schema version 1) to this version, in place (idempotent)."""
+    import os
+
+    from preprocess.upgrade import UpgradeOptions, run_upgrade
+
+    workers = workers if workers is not None else max(1, (os.cpu_count() or 1) // threads)
+    raise typer.Exit(code=run_upgrade(UpgradeOptions(store=str(store), bfm_v1_dir=bfm_v1_dir, bfm_v2_dir=bfm_v2_dir,
+                                                     workers=workers, threads=threads, scheduler=scheduler)))
+
+
+@app.command()
 def show(store: Path, index: str = typer.Option("0,1,2,3", help="Comma-separated sample indices."),
          out: Path = typer.Option(Path("grid.png"), help="Output PNG.")) -> None:
     """Write image | UV_gt | UV_bl | source map | crops for the given samples side by side."""
+    from common.store import StoreMismatch
     from preprocess.inspect import show_samples
 
     indices = [int(i) for i in index.split(",") if i.strip()]
-    typer.echo(f"wrote {show_samples(store, indices, out)}")
+    try:
+        typer.echo(f"wrote {show_samples(store, indices, out)}")
+    except StoreMismatch as e:
+        typer.secho(f"uvprep show: {e}", fg="red", err=True)
+        raise typer.Exit(code=2) from None
 
 
 if __name__ == "__main__":

@@ -21,11 +21,13 @@ import numpy as np
 from common.facemodel import FaceModel
 from common.imageio import to_uint8
 from common.store import FAILED, OK, Reason
+from common.texbasis import UVTextureBasis
+from common.uvlayout import CropConfig, CropLayout, crop_layout
 from common.uvtools import texel_mirror_index
 from preprocess.blend import BlendConfig, blend_uv
-from preprocess.crops import CropConfig, CropLayout, crop_layout, cut_partial_crops
+from preprocess.crops import cut_partial_crops
 from preprocess.fit import FitConfig, ShapeFitter
-from preprocess.texture import MaskedPCAConfig, UVTextureBasis, ridge_texture_fit
+from preprocess.texture import MaskedPCAConfig, ridge_texture_fit
 from preprocess.unwrap import UVGTConfig, UVLayoutCache, layout_cache, uv_gt_from_images
 
 
@@ -92,7 +94,7 @@ class StageContext:
         u = config.uvgt.uv_size
         cache = layout_cache(model, config.uvgt)
         return cls(config=config, model=model, fitter=ShapeFitter(model, config.fit), uv_cache=cache,
-                   crop_layout=crop_layout(model, u, config.crops),
+                   crop_layout=crop_layout(model, u, config.crops, cache.uv_frags),
                    mirror_index=texel_mirror_index(model, u, cache.uv_frags), basis=basis)
 
 
@@ -114,7 +116,8 @@ class GeometryResult:
 
     reason: np.ndarray  # (n,) uint8
     image: np.ndarray  # (n, S, S, 3) uint8
-    face_mask: np.ndarray  # (n, S, S) bool
+    face_region: np.ndarray  # (n, S, S) bool: visible face triangles (∩ the segmentation when known)
+    face_mask_eroded: np.ndarray  # (n, S, S) bool: face_region eroded, the mask UV_gt was read under
     params: np.ndarray  # (n, 62) float32 (NaN when failed)
     pose: np.ndarray  # (n, 3) float32
     uv_gt: np.ndarray  # (n, U, U, 3) float32 in [0, 1]
@@ -127,7 +130,8 @@ def run_geometry(inputs, ctx: StageContext, timer: Timer) -> GeometryResult:
     cfg = ctx.config
     n, s, u = len(inputs), cfg.fit.image_size, cfg.uvgt.uv_size
     out = GeometryResult(reason=np.zeros(n, np.uint8), image=np.zeros((n, s, s, 3), np.uint8),
-                         face_mask=np.zeros((n, s, s), bool), params=np.full((n, 62), np.nan, np.float32),
+                         face_region=np.zeros((n, s, s), bool), face_mask_eroded=np.zeros((n, s, s), bool),
+                         params=np.full((n, 62), np.nan, np.float32),
                          pose=np.full((n, 3), np.nan, np.float32), uv_gt=np.zeros((n, u, u, 3), np.float32),
                          uv_gt_mask=np.zeros((n, u, u), bool))
     verts, good, seg = [], [], []
@@ -173,7 +177,8 @@ def run_geometry(inputs, ctx: StageContext, timer: Timer) -> GeometryResult:
 
 def _unwrap(out: GeometryResult, rows: list[int], verts: np.ndarray, seg_mask, ctx: StageContext) -> None:
     g = uv_gt_from_images(out.image[rows], verts, ctx.model, ctx.config.uvgt, seg_mask=seg_mask, cache=ctx.uv_cache)
-    out.uv_gt[rows], out.uv_gt_mask[rows], out.face_mask[rows] = g.uv, g.mask, g.eroded
+    out.uv_gt[rows], out.uv_gt_mask[rows] = g.uv, g.mask
+    out.face_region[rows], out.face_mask_eroded[rows] = g.face_mask, g.eroded
     empty = [k for k, m in zip(rows, g.mask, strict=True) if not m.any()]
     out.reason[empty] = Reason.LOW_COVERAGE
 
@@ -202,7 +207,8 @@ def run_stages(inputs, ctx: StageContext, timer: Timer | None = None) -> tuple[d
     hc, wc = ctx.crop_layout.ctr_region.shape
     hs, ws = ctx.crop_layout.sd_region.shape
     arrays = {
-        "image": geo.image, "face_mask": geo.face_mask, "params": geo.params, "pose": geo.pose,
+        "image": geo.image, "face_region": geo.face_region, "face_mask_eroded": geo.face_mask_eroded,
+        "params": geo.params, "pose": geo.pose,
         "uv_gt": to_uint8(geo.uv_gt), "uv_gt_mask": geo.uv_gt_mask,
         "uv_bl": np.zeros((n, u, u, 3), np.uint8), "uv_source": np.zeros((n, u, u), np.uint8),
         "tex_coeff": np.full((n, ctx.basis.n_components), np.nan, np.float32),

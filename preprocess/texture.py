@@ -3,8 +3,9 @@
 Everything here works on UV images (texel level), so a per-vertex basis (BFM, Deep3D, procedural)
 and a basis learned from data (masked PCA over UV_gt) are used the same way:
 
-* :class:`UVTextureBasis` holds ``mean`` (U, U, 3) and ``basis`` (U, U, 3, K) float32 plus the
-  ``valid`` (U, U) texels the layout covers. ``UV_bfm = mean + basis @ c``.
+* :class:`common.texbasis.UVTextureBasis` (shared with the trainer, re-exported here) holds ``mean``
+  (U, U, 3) and ``basis`` (U, U, 3, K) float32 plus the ``valid`` (U, U) texels the layout covers.
+  ``UV_bfm = mean + basis @ c``.
 * :func:`ridge_texture_fit` is Eq. 8: the closed-form ridge regression of the coefficients on
   the observed texels of UV_gt.
 * :func:`learn_masked_pca` learns ``mean`` and ``basis`` from many incomplete UV_gt maps
@@ -15,86 +16,12 @@ Pure functions: arrays in, arrays out, no I/O, except :meth:`UVTextureBasis.save
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-
-@dataclass(frozen=True, eq=False)
-class UVTextureBasis:
-    """A linear UV texture model.
-
-    mean: (U, U, 3) float32 in [0, 1]; basis: (U, U, 3, K) float32; valid: (U, U) bool texels inside
-    the UV layout; name: provenance ("procedural", "bfm2009", "pca:<store hash>", ...).
-    """
-
-    mean: np.ndarray
-    basis: np.ndarray
-    valid: np.ndarray
-    name: str = "unnamed"
-
-    def __post_init__(self) -> None:
-        u = self.mean.shape[0]
-        if self.mean.shape != (u, u, 3):
-            raise ValueError(f"mean: expected (U, U, 3), found {self.mean.shape}")
-        if self.basis.ndim != 4 or self.basis.shape[:3] != (u, u, 3):
-            raise ValueError(f"basis: expected ({u}, {u}, 3, K), found {self.basis.shape}")
-        if self.valid.shape != (u, u) or self.valid.dtype != bool:
-            raise ValueError(f"valid: expected ({u}, {u}) bool, found {self.valid.shape} {self.valid.dtype}")
-
-    @property
-    def size(self) -> int:
-        return int(self.mean.shape[0])
-
-    @property
-    def n_components(self) -> int:
-        return int(self.basis.shape[3])
-
-    def fingerprint(self) -> str:
-        h = hashlib.sha256()
-        for a in (self.mean, self.basis, self.valid):
-            h.update(np.ascontiguousarray(a).tobytes())
-        return h.hexdigest()[:16]
-
-    def synthesize(self, coeff: np.ndarray) -> np.ndarray:
-        """coeff (B, K') with K' <= K -> UV maps (B, U, U, 3) float32 (not clipped; invalid texels = mean)."""
-        coeff = np.asarray(coeff, np.float32)
-        k = coeff.shape[1]
-        if k > self.n_components:
-            raise ValueError(f"{k} coefficients given, the basis has {self.n_components}")
-        flat = self.basis[..., :k].reshape(-1, k)
-        return self.mean[None] + (coeff @ flat.T).reshape(-1, *self.mean.shape)
-
-    def save(self, path: str | Path) -> None:
-        """Write a small ``.npz`` (float16 basis) that the pipeline reuses."""
-        np.savez_compressed(path, mean=self.mean.astype(np.float32), basis=self.basis.astype(np.float16),
-                            valid=self.valid, name=np.array(self.name))
-
-    @classmethod
-    def load(cls, path: str | Path) -> UVTextureBasis:
-        try:
-            with np.load(path) as z:
-                return cls(mean=z["mean"].astype(np.float32), basis=z["basis"].astype(np.float32),
-                           valid=z["valid"].astype(bool), name=str(z["name"]))
-        except KeyError as e:
-            raise ValueError(f"{path}: not a UV texture basis file (missing key {e}); "
-                             f"write one with UVTextureBasis.save") from e
-
-    @classmethod
-    def from_face_model(cls, model, size: int) -> UVTextureBasis:
-        """Rasterise a face model's per-vertex texture mean/basis (V, 3[, K]) into UV space at ``size``."""
-        from common.uvtools import uv_vertex_attribute_image
-
-        if model.tex_basis is None:
-            raise ValueError(f"face model {model.name!r} has no texture basis; learn one with learn_masked_pca")
-        k = model.n_tex
-        attrs = np.concatenate([model.tex_mean, model.tex_basis.reshape(model.n_vertices, 3 * k)], 1)
-        img, cover = uv_vertex_attribute_image(model, attrs.astype(np.float32), size)
-        mean = img[..., :3]
-        basis = img[..., 3:].reshape(size, size, 3, k)
-        return cls(mean=mean.astype(np.float32), basis=basis.astype(np.float32), valid=cover, name=model.name)
+from common.texbasis import UVTextureBasis  # re-exported: preprocess.texture.UVTextureBasis stays valid
 
 
 def basis_from_model_file(kind: str, path: str | Path, uv_size: int, v1_dir: str | Path, v2_dir: str | Path,

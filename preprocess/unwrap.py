@@ -68,8 +68,40 @@ def layout_cache(model: FaceModel, config: UVGTConfig = UVGTConfig()) -> UVLayou
     excluded = np.zeros((config.uv_size,) * 2, bool)
     for name in config.exclude_regions:
         excluded |= model.region_uv_mask(name, config.uv_size, frags)
+    return UVLayoutCache(frags, excluded, _face_weight(model))
+
+
+def face_pixels(frags: Fragments, triangles: torch.Tensor, face_weight: torch.Tensor) -> np.ndarray:
+    """Pixels showing a face triangle: (B, H, W) bool.
+
+    frags: the mesh rasterised in the image (back faces culled); triangles: (F, 3) int64; face_weight: (V, 1)
+    float, 1 on the textured face (``face | eyes`` minus ``mouth``, :attr:`UVLayoutCache.face_weight`). A triangle
+    is a face triangle when the majority of its vertices are; it is looked up by the visible triangle of each
+    pixel (one gather per pixel).
+    """
+    tri_face = face_weight[:, 0][triangles].mean(1) >= 0.5
+    return (tri_face[frags.tri_id.clamp(min=0)] & (frags.tri_id >= 0)).numpy()
+
+
+def projected_face_region(verts_px, model: FaceModel, image_size: int,
+                          cache: UVLayoutCache | None = None) -> np.ndarray:
+    """The visible face triangles of fitted meshes, without any segmentation: (B, S, S) bool.
+
+    verts_px: (B, V, 3) numpy or torch, the meshes in image pixels (``preprocess.fit.mesh_in_image``). This is
+    :attr:`UVGT.face_mask` when no segmentation mask is given (``uvprep upgrade`` rebuilds ``face_region`` so).
+    """
+    verts = torch.as_tensor(np.asarray(verts_px) if not isinstance(verts_px, torch.Tensor) else verts_px,
+                            dtype=torch.float32)
+    if verts.ndim != 3 or verts.shape[1:] != (model.n_vertices, 3):
+        raise ValueError(f"verts_px: expected (B, {model.n_vertices}, 3), found {tuple(verts.shape)}")
+    weight = _face_weight(model) if cache is None else cache.face_weight
+    tris = torch.from_numpy(np.ascontiguousarray(model.triangles, np.int64))
+    return face_pixels(rasterize(verts, tris, (image_size, image_size), cull_backfaces=True), tris, weight)
+
+
+def _face_weight(model: FaceModel) -> torch.Tensor:
     weight = (model.regions["face"] | model.regions["eyes"]) & ~model.regions["mouth"]
-    return UVLayoutCache(frags, excluded, torch.from_numpy(weight.astype(np.float32)[:, None]))
+    return torch.from_numpy(weight.astype(np.float32)[:, None])
 
 
 def erosion_radius(face_mask: np.ndarray, config: UVGTConfig) -> int:
@@ -109,10 +141,7 @@ def uv_gt_from_images(images: np.ndarray, verts_px, model: FaceModel, config: UV
     cache = layout_cache(model, config) if cache is None else cache
     tris = torch.from_numpy(np.ascontiguousarray(model.triangles, np.int64))
     frags = rasterize(verts, tris, (h, w), cull_backfaces=True)
-
-    # per-triangle face flag (majority of its vertices) looked up by the visible triangle: one gather per pixel
-    tri_face = (cache.face_weight[:, 0][tris].mean(1) >= 0.5)
-    face = (tri_face[frags.tri_id.clamp(min=0)] & (frags.tri_id >= 0)).numpy()  # (B, H, W)
+    face = face_pixels(frags, tris, cache.face_weight)  # (B, H, W)
     if seg_mask is not None:
         face &= seg_mask
     eroded = np.stack([erode(face[i], erosion_radius(face[i], config)) for i in range(b)])

@@ -3,7 +3,7 @@
 # synthetic face world): a preview of the world, a small training store, and a preview grid of that store.
 #   out/demo/preview.png        image | true UV | visible UV, per synthetic face
 #   out/demo/store.zarr         the store `uvtrain` reads (uvprep info out/demo/store.zarr)
-#   out/demo/store_preview.png  image | UV_gt | UV_bl | source map | centre crop | side crop | true UV
+#   out/demo/store_preview.png  image | UV_gt | UV_bl | source map | centre crop | side crop | face region | true UV
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh

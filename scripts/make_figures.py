@@ -25,8 +25,8 @@ from common.facemodel import FaceModel
 from common.imageio import image_grid, read_image, write_png
 from common.procedural import build_procedural_model
 from common.synthetic import SyntheticConfig, generate
+from common.uvlayout import crop_layout
 from common.uvtools import uv_vertex_attribute_image
-from preprocess.crops import crop_layout
 from preprocess.fit import FitConfig, mesh_in_image
 from preprocess.inspect import sample_row
 from preprocess.sources import SampleInput

@@ -148,9 +148,34 @@ def test_eager_build_end_to_end(store):
     assert np.isfinite(t["basis"]).all() and t["valid"].sum() > 100
 
     # OK samples: every stage wrote something
-    ok = r.batch(np.arange(8), ["uv_gt_mask", "uv_bl", "tex_coeff", "face_mask"])
-    assert ok["uv_gt_mask"].reshape(8, -1).any(1).all() and ok["face_mask"].reshape(8, -1).any(1).all()
+    ok = r.batch(np.arange(8), ["uv_gt_mask", "uv_bl", "tex_coeff", "face_region", "face_mask_eroded"])
+    assert ok["uv_gt_mask"].reshape(8, -1).any(1).all() and ok["face_mask_eroded"].reshape(8, -1).any(1).all()
     assert np.isfinite(ok["tex_coeff"]).all() and (ok["uv_bl"].reshape(8, -1).max(1) > 0).all()
+    # the eroded mask lies inside the face region, which is larger by the erosion ring (1 px at 64 px)
+    assert not (ok["face_mask_eroded"] & ~ok["face_region"]).any()
+    assert (ok["face_region"].sum((1, 2)) > 1.05 * ok["face_mask_eroded"].sum((1, 2))).all()
+    assert r.attrs["face_region_source"] == "build: projected mesh & the source's segmentation"
+
+
+def test_store_describes_itself(store):
+    """The trainer renders and cuts crops from the store alone: the model, crop layout and mirror index it holds
+    are exactly the build's."""
+    from common.uvlayout import crop_layout
+    from common.uvtools import texel_mirror_index
+
+    r = StoreReader(store)
+    cfg, _ = _config(store)
+    model = build_face_model(cfg.stages)
+    stored = r.face_model()
+    assert stored.fingerprint() == model.fingerprint() == r.attrs["face_model_hash"]
+    assert stored.name == model.name and np.array_equal(stored.keypoints, model.keypoints)
+    assert all(np.array_equal(stored.regions[k], model.regions[k]) for k in model.regions)
+    assert stored.meta["licence"] == model.meta["licence"] and "grid_ij" in r.group["model"].attrs["meta_omitted"]
+    assert r.crop_layout().equals(crop_layout(model, 32, cfg.stages.crops))
+    assert r.crop_config() == cfg.stages.crops
+    assert np.array_equal(r.mirror_index(), texel_mirror_index(model, 32))
+    basis = r.texture_basis()
+    assert basis.n_components == 4 and basis.size == 32 and basis.name.startswith("pca:")
 
 
 def test_rerun_skips_every_chunk_and_changes_nothing(store, tmp_path):
@@ -416,6 +441,7 @@ def test_cli_check_show_info(store, tmp_path):
     res = runner.invoke(app, ["info", str(store)])
     assert res.exit_code == 0
     assert "8: 8 ok, 0 failed, 0 pending" in res.output and "2 / 2 complete" in res.output
+    assert "24113 vertices" in res.output and "uv layout" in res.output and "projected mesh &" in res.output
 
 
 def test_cli_build_help_and_refusal_exit_code(store, tmp_path):

@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from preprocess.crops import CropConfig, crop_layout_from_regions, cut_partial_crops, mirror_uv
+from common.uvlayout import CropConfig, crop_layout_from_regions, mirror_uv
+from preprocess.crops import cut_partial_crops
 
 U = 32
 
@@ -66,3 +67,15 @@ def test_poor_coverage_and_intermediate_yaw_are_invalid():
     assert not mid.ctr_valid and not mid.sd_valid
     with pytest.raises(ValueError, match="expected a"):
         cut_partial_crops(uv[:16], regions["face"], 0.0, layout)
+
+
+def test_crop_layout_checks_its_masks_against_its_boxes():
+    from common.uvlayout import CropLayout
+
+    layout = crop_layout_from_regions(_regions())
+    again = CropLayout(layout.uv_size, layout.ctr_box, layout.sd_box, layout.ctr_region.copy(), layout.sd_region.copy())
+    assert again.equals(layout) and not again.equals(crop_layout_from_regions(_regions(), CropConfig(margin=0)))
+    with pytest.raises(ValueError, match="ctr_region: expected a bool mask the size of ctr_box"):
+        CropLayout(U, layout.ctr_box, layout.sd_box, layout.ctr_region[1:], layout.sd_region)
+    with pytest.raises(ValueError, match="leaves the 32x32 UV image"):
+        CropLayout(U, layout.ctr_box, (0, 3, 30, 34), layout.ctr_region, np.ones((3, 4), bool))

@@ -15,12 +15,33 @@ import pytest
 import zarr
 
 from common import store as S
+from common.facemodel import REGION_NAMES, FaceModel
 from common.store import FAILED, OK, Reason, StoreLayout
+from common.uvlayout import CropConfig, CropLayout
 
+
+def _tiny_model() -> FaceModel:
+    """A unit square of two triangles, mirrored across x = 0, with every named region."""
+    verts = np.array([[-1, -1, 0], [1, -1, 0], [1, 1, 0], [-1, 1, 0]], np.float32)
+    rng = np.random.default_rng(0)
+    regions = {name: np.array([k % 2 == 0, True, k % 3 == 0, False]) for k, name in enumerate(REGION_NAMES)}
+    return FaceModel(name="tiny", mean_shape=verts, id_basis=rng.normal(size=(4, 3, 2)).astype(np.float32),
+                     exp_basis=rng.normal(size=(4, 3, 1)).astype(np.float32),
+                     triangles=np.array([[0, 1, 2], [0, 2, 3]], np.int64), uv=(verts[:, :2] + 1) / 2,
+                     symmetry=np.array([1, 0, 3, 2], np.int64), regions=regions,
+                     meta={"units": "none", "table": np.arange(3), "nested": {"a": [1, 2]}})
+
+
+MODEL = _tiny_model()
 LAYOUT = StoreLayout(n_samples=10, image_size=16, uv_size=8, ctr_shape=(4, 5), sd_shape=(3, 4), n_tex=6, chunk=4,
                      has_truth=True)
-ATTRS = {"config": {"image_size": 16, "fit": {"iters": 3, "lr": 0.1}}, "face_model_hash": "1a2b3c",
-         "texture_basis_hash": "9f8e7d", "face_model": "procedural"}
+ATTRS = {"config": {"image_size": 16, "fit": {"iters": 3, "lr": 0.1}}, "face_model_hash": MODEL.fingerprint(),
+         "texture_basis_hash": "9f8e7d", "face_model": "tiny"}
+_CROPS = CropLayout(8, (1, 5, 2, 7), (0, 3, 4, 8), np.arange(20).reshape(4, 5) % 3 > 0, np.eye(3, 4, dtype=bool))
+_MIRROR = (np.arange(64).reshape(8, 8)[:, ::-1]).reshape(-1).astype(np.int64)
+DESCRIBED = {"face_model": MODEL, "crop_layout": _CROPS, "mirror_index": _MIRROR,
+             "crop_config": CropConfig(frontal_yaw_max=12.0)}
+"""What create_store / open_for_build need besides the layout: the store's model/ and uv_layout/ groups."""
 PATHS = [f"{i:05d}/{i:05d}.png" for i in range(10)]
 MANIFEST = (PATHS, np.arange(10) * 100 + 7, np.arange(10) * 1.25 + 1.7e9)
 
@@ -52,7 +73,7 @@ def _chunk_arrays(layout: StoreLayout, c: int, seed: int = 0) -> dict[str, np.nd
 @pytest.fixture
 def store(tmp_path):
     path = tmp_path / "store.zarr"
-    S.create_store(path, LAYOUT, ATTRS, MANIFEST)
+    S.create_store(path, LAYOUT, ATTRS, MANIFEST, **DESCRIBED)
     return path
 
 
@@ -77,14 +98,15 @@ def test_create_attrs_and_manifest_roundtrip(tmp_path):
     paths = ["a/ü.png", "b/" + "x" * 300 + ".jpg", "c d/日本.jpeg", "synthetic://0/3"]
     layout = StoreLayout(4, 16, 8, (4, 5), (3, 4), 6, chunk=2)
     man = (paths, [1, 2**40, 3, 0], [0.5, 1.7e9 + 0.123456, 2.0, 0.0])
-    S.create_store(tmp_path / "s.zarr", layout, ATTRS, man)
+    S.create_store(tmp_path / "s.zarr", layout, ATTRS, man, **DESCRIBED)
     r = S.StoreReader(tmp_path / "s.zarr")
     assert [str(p) for p in r.paths()] == paths
     assert r.group["manifest_size"][:].tolist() == [1, 2**40, 3, 0]
     assert r.group["manifest_mtime"][:].tolist() == man[2]
     a = r.attrs
     assert a["schema_version"] == S.SCHEMA_VERSION and a["config"] == ATTRS["config"]
-    assert a["face_model_hash"] == "1a2b3c" and a["manifest"] == {"count": 4, "sha256": S.manifest_sha256(*man)}
+    assert a["face_model_hash"] == MODEL.fingerprint()
+    assert a["manifest"] == {"count": 4, "sha256": S.manifest_sha256(*man)}
     assert a["created"] and a["package_version"] and r.layout == layout
     assert r.counts() == {"ok": 0, "failed": 0, "pending": 4, "failed_by_reason": {}, "chunks_done": 0, "n_chunks": 2}
     assert r.validate() == []
@@ -134,7 +156,7 @@ def test_write_chunk_rejects_bad_input_before_writing(store):
     bad_cases = [
         ({**good, "image": good["image"].astype(np.float32) / 255}, TypeError, "to_uint8"),
         ({**good, "params": good["params"][:, :60]}, ValueError, r"params expected shape \(4, 62\)"),
-        ({**good, "face_mask": good["face_mask"].astype(np.uint8)}, TypeError, "bool"),
+        ({**good, "face_region": good["face_region"].astype(np.uint8)}, TypeError, "bool"),
         ({**good, "status": np.array([1, 0, 1, 1])}, ValueError, "OK .1. or FAILED"),
         ({**good, "reason": np.zeros(4)}, TypeError, "reason"),
         ({**good, "reason": np.zeros(4, np.uint8)}, ValueError, "failed samples need a reason"),
@@ -165,41 +187,42 @@ def test_rewrite_resets_arrays_not_given(store):
 
 def test_url_store(tmp_path):
     url = f"memory://uvtex-test/{tmp_path.name}/store.zarr"  # an fsspec URL, as s3:// or gs:// would be
-    S.create_store(url, LAYOUT, ATTRS, MANIFEST)
+    S.create_store(url, LAYOUT, ATTRS, MANIFEST, **DESCRIBED)
     S.write_chunk(url, 1, _chunk_arrays(LAYOUT, 1))
-    assert S.open_for_build(url, LAYOUT, ATTRS, MANIFEST) is not None
+    assert S.open_for_build(url, LAYOUT, ATTRS, MANIFEST, **DESCRIBED) is not None
     r = S.StoreReader(url)
     assert r.counts()["ok"] == 3 and r.validate() == [] and S.completed_chunks(url).tolist() == [False, True, False]
     with pytest.raises(FileExistsError):
-        S.create_store(url, LAYOUT, ATTRS, MANIFEST)
+        S.create_store(url, LAYOUT, ATTRS, MANIFEST, **DESCRIBED)
 
 
 def test_open_for_build_checks_every_field(store):
-    assert isinstance(S.open_for_build(store, LAYOUT, ATTRS, MANIFEST), zarr.Group)
+    assert isinstance(S.open_for_build(store, LAYOUT, ATTRS, MANIFEST, **DESCRIBED), zarr.Group)
     other = {**ATTRS, "config": {"image_size": 16, "fit": {"iters": 5, "lr": 0.1}}, "face_model_hash": "ffff"}
     paths = PATHS[:9] + ["00099/00099.png"]
     sizes = MANIFEST[1].copy()
     sizes[2] += 1
     with pytest.raises(S.StoreMismatch) as e:
-        S.open_for_build(store, LAYOUT, other, (paths, sizes, MANIFEST[2]))
+        S.open_for_build(store, LAYOUT, other, (paths, sizes, MANIFEST[2]), **DESCRIBED)
     msg = str(e.value)
     assert "config.fit.iters: store 3, this run 5" in msg
-    assert "face_model_hash: store 1a2b3c, this run ffff" in msg
+    assert f"face_model_hash: store {MODEL.fingerprint()}, this run ffff" in msg
     assert "manifest: store 10 entries" in msg and "1 added, 1 removed, 1 changed" in msg
     assert "pass --overwrite to rebuild" in msg and "lr" not in msg and "texture_basis_hash" not in msg
     with pytest.raises(S.StoreMismatch, match="layout.uv_size: store 8, this run 16"):
-        S.open_for_build(store, StoreLayout(10, 16, 16, (4, 5), (3, 4), 6, chunk=4, has_truth=True), ATTRS, MANIFEST)
+        S.open_for_build(store, StoreLayout(10, 16, 16, (4, 5), (3, 4), 6, chunk=4, has_truth=True), ATTRS, MANIFEST,
+                         **DESCRIBED)
     with pytest.raises(S.StoreMismatch, match="texture_basis_hash: store 9f8e7d, this run <absent>"):
-        S.open_for_build(store, LAYOUT, {**ATTRS, "texture_basis_hash": "<absent>"}, MANIFEST)
+        S.open_for_build(store, LAYOUT, {**ATTRS, "texture_basis_hash": "<absent>"}, MANIFEST, **DESCRIBED)
 
 
 def test_create_refuses_existing_and_overwrite_keeps_lock(store, tmp_path):
     with pytest.raises(FileExistsError, match="--overwrite"):
-        S.create_store(store, LAYOUT, ATTRS, MANIFEST)
+        S.create_store(store, LAYOUT, ATTRS, MANIFEST, **DESCRIBED)
     S.write_chunk(store, 0, _chunk_arrays(LAYOUT, 0))
     with S.acquire_build_lock(store, owner="test") as lock:
         small = StoreLayout(4, 16, 8, (4, 5), (3, 4), 6, chunk=2)
-        S.create_store(store, small, ATTRS, (PATHS[:4], [1] * 4, [0.0] * 4), overwrite=True)
+        S.create_store(store, small, ATTRS, (PATHS[:4], [1] * 4, [0.0] * 4), overwrite=True, **DESCRIBED)
         assert os.path.exists(lock.path)
         r = S.StoreReader(store)
         assert r.layout == small and r.counts()["pending"] == 4 and r.validate() == []
@@ -207,11 +230,11 @@ def test_create_refuses_existing_and_overwrite_keeps_lock(store, tmp_path):
     (tmp_path / "photos").mkdir()
     (tmp_path / "photos" / "keep.jpg").write_bytes(b"x")
     with pytest.raises(FileExistsError, match="not a Zarr store"):
-        S.create_store(tmp_path / "photos", LAYOUT, ATTRS, MANIFEST, overwrite=True)
+        S.create_store(tmp_path / "photos", LAYOUT, ATTRS, MANIFEST, overwrite=True, **DESCRIBED)
     with pytest.raises(ValueError, match="texture_basis_hash"):
-        S.create_store(tmp_path / "new.zarr", LAYOUT, {"config": {}, "face_model_hash": "x"}, MANIFEST)
+        S.create_store(tmp_path / "new.zarr", LAYOUT, {"config": {}, "face_model_hash": "x"}, MANIFEST, **DESCRIBED)
     with pytest.raises(ValueError, match="manifest has 3 entries"):
-        S.create_store(tmp_path / "new.zarr", LAYOUT, ATTRS, (PATHS[:3], [1] * 3, [0.0] * 3))
+        S.create_store(tmp_path / "new.zarr", LAYOUT, ATTRS, (PATHS[:3], [1] * 3, [0.0] * 3), **DESCRIBED)
 
 
 def test_build_lock(tmp_path):
@@ -261,12 +284,15 @@ def test_validate_finds_planted_problems(store):
     assert "pose: 1 OK samples outside" in text and "reason: OK samples with a failure reason: 0" in text
 
     g["status"][8] = FAILED
-    del g["face_mask"]
-    g.create_array("face_mask", shape=(10, 16, 16), dtype=np.uint8, chunks=(4, 16, 16))
+    del g["face_mask_eroded"]
+    g.create_array("face_mask_eroded", shape=(10, 16, 16), dtype=np.uint8, chunks=(4, 16, 16))
     problems = S.validate_store(store)
-    assert any(p.startswith("face_mask: expected shape (10, 16, 16) bool") for p in problems), problems
+    assert any(p.startswith("face_mask_eroded: expected shape (10, 16, 16) bool") for p in problems), problems
     g.attrs["schema_version"] = 99
     assert "schema version 99" in S.validate_store(store)[0]
+    with pytest.raises(S.StoreMismatch, match="newer than this code's 2: .* update uvtex"):
+        S.StoreReader(store)
+    g.attrs["schema_version"] = 0
     with pytest.raises(S.StoreMismatch, match="--overwrite"):
         S.StoreReader(store)
 
@@ -278,3 +304,96 @@ def test_storage_compresses(store):
     stored, raw = info["uv_ctr_mask"]
     assert raw == 10 * 4 * 5 and stored > 0
     assert info["image"][1] == 10 * 16 * 16 * 3
+
+
+# --------------------------------------------------------------------- model/, uv_layout/, texture/ groups
+def test_model_uv_layout_and_texture_read_back(store):
+    r = S.StoreReader(store)
+    m = r.face_model()
+    assert m.fingerprint() == MODEL.fingerprint() == r.attrs["face_model_hash"] and r.face_model() is m
+    for name in ("mean_shape", "id_basis", "exp_basis", "triangles", "uv", "symmetry"):
+        got, want = getattr(m, name), getattr(MODEL, name)
+        assert got.dtype == want.dtype and np.array_equal(got, want), name
+    assert {k: v.tolist() for k, v in m.regions.items()} == {k: v.tolist() for k, v in MODEL.regions.items()}
+    assert m.name == "tiny" and m.keypoints is None and m.tex_basis is None
+    assert m.meta == {"units": "none", "nested": {"a": [1, 2]}}  # the array entry is not JSON-able: named only
+    assert r.group["model"].attrs["meta_omitted"] == ["table"] and r.group["model"]["regions"].shape == (8, 4)
+
+    crops = r.crop_layout()
+    assert crops.equals(_CROPS) and crops.ctr_box == (1, 5, 2, 7) and crops.sd_region.dtype == bool
+    assert r.mirror_index().dtype == np.int64 and np.array_equal(r.mirror_index(), _MIRROR)
+    assert r.crop_config() == CropConfig(frontal_yaw_max=12.0)
+
+    assert r.texture_basis() is None  # not written yet
+    rng = np.random.default_rng(1)
+    mean, basis = rng.random((8, 8, 3), np.float32), rng.normal(size=(8, 8, 3, 2)).astype(np.float32)
+    S.write_texture_basis(store, mean, basis, np.ones((8, 8), bool), "test", "fp")
+    t = r.texture_basis()
+    assert t.name == "test" and np.array_equal(t.mean, mean) and t.basis.dtype == np.float32
+    assert np.abs(t.basis - basis).max() < 2e-3  # stored float16
+    assert r.validate() == []
+
+
+def test_create_store_checks_the_model_before_writing(tmp_path):
+    out = tmp_path / "new.zarr"
+    with pytest.raises(ValueError, match=f"fingerprint {MODEL.fingerprint()}.*face_model_hash ffff"):
+        S.create_store(out, LAYOUT, {**ATTRS, "face_model_hash": "ffff"}, MANIFEST, **DESCRIBED)
+    small = CropLayout(8, (0, 4, 0, 4), (0, 3, 4, 8), np.ones((4, 4), bool), np.ones((3, 4), bool))
+    with pytest.raises(ValueError, match=r"crops \(4, 5\) / \(3, 4\).*found U = 8 and \(4, 4\)"):
+        S.create_store(out, LAYOUT, ATTRS, MANIFEST, **{**DESCRIBED, "crop_layout": small})
+    with pytest.raises(ValueError, match=r"mirror_index: expected \(64,\)"):
+        S.create_store(out, LAYOUT, ATTRS, MANIFEST, **{**DESCRIBED, "mirror_index": _MIRROR[:10]})
+    f64 = FaceModel(**{**MODEL.__dict__, "uv": MODEL.uv.astype(np.float64)})
+    with pytest.raises(TypeError, match="uv is float64"):
+        S.create_store(out, LAYOUT, {**ATTRS, "face_model_hash": f64.fingerprint()}, MANIFEST,
+                       **{**DESCRIBED, "face_model": f64})
+    assert not out.exists()
+
+
+def test_resume_compares_the_model_groups(store):
+    with pytest.raises(S.StoreMismatch, match="uv_layout/mirror_index: differs"):
+        S.open_for_build(store, LAYOUT, ATTRS, MANIFEST, **{**DESCRIBED, "mirror_index": np.roll(_MIRROR, 1)})
+    with pytest.raises(S.StoreMismatch, match="uv_layout/crop_config: store .*'frontal_yaw_max': 12.0"):
+        S.open_for_build(store, LAYOUT, ATTRS, MANIFEST, **{**DESCRIBED, "crop_config": CropConfig()})
+    other = CropLayout(8, (1, 5, 2, 7), (0, 3, 4, 8), np.ones((4, 5), bool), np.eye(3, 4, dtype=bool))
+    with pytest.raises(S.StoreMismatch, match="uv_layout/: crop boxes or masks differ"):
+        S.open_for_build(store, LAYOUT, ATTRS, MANIFEST, **{**DESCRIBED, "crop_layout": other})
+
+
+def test_validate_checks_the_model_groups(store):
+    g = zarr.open_group(str(store), mode="r+")
+    g["model"]["mean_shape"][0, 0] = 5.0
+    problems = S.validate_store(store)
+    assert len(problems) == 1 and "model: the arrays hash to" in problems[0] and "edited after creation" in problems[0]
+    g["model"]["mean_shape"][0, 0] = -1.0
+    assert S.validate_store(store) == []
+    g["uv_layout"].attrs["face_model"] = "0123"
+    assert S.validate_store(store) == [f"uv_layout: computed for face model 0123, the store's face_model_hash is "
+                                       f"{MODEL.fingerprint()}"]
+    del g["uv_layout"]
+    assert "uv_layout: " in S.validate_store(store)[0] and "no uv_layout/ group" in S.validate_store(store)[0]
+
+
+def test_version_1_store_is_refused_naming_what_is_missing_and_the_fix(store):
+    S.write_chunk(store, 0, _chunk_arrays(LAYOUT, 0))
+    g = zarr.open_group(str(store), mode="r+")
+    eroded = g["face_mask_eroded"][...]
+    for name in ("model", "uv_layout", "face_region"):
+        del g[name]
+    S.rename_array(g, "face_mask_eroded", "face_mask")  # what a version-1 store looks like
+    a = g["face_mask"]
+    assert "face_mask_eroded" not in g and np.array_equal(a[...], eroded) and a.chunks == (4, 16, 16)
+    assert a.compressors == g["uv_gt_mask"].compressors and a.attrs["description"] == S.ARRAY_DOCS["face_mask_eroded"]
+    g.attrs["schema_version"] = 1
+    with pytest.raises(S.StoreMismatch) as e:
+        S.StoreReader(store)
+    msg = str(e.value)
+    for part in ("schema version 1", "no model/ group", "no uv_layout/ group", "no face_region array",
+                 "face_mask must be renamed face_mask_eroded", f"uvprep upgrade {store}"):
+        assert part in msg, (part, msg)
+    assert f"uvprep upgrade {store}" in S.validate_store(store)[0]
+    with pytest.raises(S.StoreMismatch, match="store 1, this code 2 .upgrade it in place: uvprep upgrade STORE"):
+        S.open_for_build(store, LAYOUT, ATTRS, MANIFEST, **DESCRIBED)
+    g.attrs["schema_version"] = 3
+    with pytest.raises(S.StoreMismatch, match="newer than this code's 2.*update uvtex"):
+        S.StoreReader(store)

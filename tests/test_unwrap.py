@@ -6,7 +6,7 @@ import pytest
 from common.geometry import project_to_image, split_params
 from common.procedural import build_procedural_model
 from common.synthetic import SyntheticConfig, generate
-from preprocess.unwrap import UVGTConfig, erode, layout_cache, uv_gt_from_images
+from preprocess.unwrap import UVGTConfig, erode, layout_cache, projected_face_region, uv_gt_from_images
 
 
 @pytest.fixture(scope="module")
@@ -59,6 +59,19 @@ def test_grazing_cut_and_bad_input(world):
         uv_gt_from_images(img, np.full_like(verts[:1], np.nan), model, UVGTConfig(uv_size=32))
     with pytest.raises(ValueError, match="verts_px: expected"):
         uv_gt_from_images(img, verts[:1, :10], model, UVGTConfig(uv_size=32))
+
+
+def test_projected_face_region_is_the_unsegmented_face_mask(world):
+    """``uvprep upgrade`` rebuilds face_region with projected_face_region: the same pixels as UV_gt's face mask
+    without a segmentation, which the synthetic world's exact face mask matches up to anti-aliased edges."""
+    model, cfg, faces, verts = world
+    res = uv_gt_from_images(np.stack([f.image for f in faces]), verts, model, UVGTConfig(uv_size=32))
+    region = projected_face_region(verts, model, cfg.image_size)
+    assert region.shape == (3, 160, 160) and np.array_equal(region, res.face_mask)
+    truth = np.stack([f.face_mask for f in faces])  # no occluders in this world
+    assert (region & truth).sum() / (region | truth).sum() > 0.95
+    with pytest.raises(ValueError, match="verts_px: expected"):
+        projected_face_region(verts[:, :10], model, 160)
 
 
 def test_erode_disc():
