@@ -23,3 +23,23 @@ def asset_path(*parts: str) -> Path:
 @pytest.fixture
 def assets():
     return asset_path
+
+
+# A small synthetic training store shared by the trainer tests (data, loop, CLI): 24 samples of 64 px images and
+# 32² UV maps in chunks of 4 (centre crops up to |yaw| 25 so that D_ctr has real data), built once per session.
+TRAIN_STORE_FLAGS = {"count": 24, "image_size": 64, "uv_size": 32, "chunk": 4, "pca_samples": 24, "n_tex": 4,
+                     "frontal_yaw": 25.0}
+
+
+@pytest.fixture(scope="session")
+def train_store(tmp_path_factory) -> str:
+    import dataclasses
+
+    from preprocess.build import build_store
+    from preprocess.buildcli import BuildArgs, make_config
+
+    out = tmp_path_factory.mktemp("train") / "store.zarr"
+    cfg, run = make_config(BuildArgs(out=out, **TRAIN_STORE_FLAGS))
+    summary = build_store(cfg, dataclasses.replace(run, workers=0, progress=False))
+    assert summary.ok == TRAIN_STORE_FLAGS["count"], summary
+    return str(out)

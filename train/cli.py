@@ -1,4 +1,4 @@
-"""`uvtrain`: the training command line. Thin: flags -> frozen config -> one function call."""
+"""`uvtrain`: the training command line. Thin: flags -> frozen configs -> one function call."""
 
 from __future__ import annotations
 
@@ -10,11 +10,76 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Train the UV sampler and UV generator on a store built by `uvprep build`.")
 
 
-@app.command()
-def fit(store: Path = typer.Option(..., help="Zarr store written by `uvprep build`.")) -> None:
-    """Pre-train the UV sampler, then train the UV generator with its three discriminators."""
-    typer.secho("uvtrain fit is not implemented yet (the trainer issue).", fg="yellow", err=True)
+def _fail(msg: str) -> None:
+    typer.secho(f"error: {msg}", fg="red", err=True)
     raise typer.Exit(code=2)
+
+
+@app.command()
+def fit(
+    store: str = typer.Option(..., help="Zarr store written by `uvprep build` (path or fsspec URL)."),
+    run_dir: Path = typer.Option(..., help="Run directory: config, checkpoints, metrics, previews, TensorBoard."),
+    phase: str = typer.Option("all", help="sampler | generator | all"),
+    sampler_steps: int = typer.Option(30_000, min=0, help="UV sampler steps, fine-tuning included (paper: 30k)."),
+    sampler_finetune_steps: int = typer.Option(None, min=0, help="Last sampler steps at --image-size (default 20%)."),
+    generator_steps: int = typer.Option(100_000, min=0, help="UV generator steps (paper: 100k)."),
+    batch_size: int = typer.Option(6, min=1, help="Batch per rank (paper: 6)."),
+    image_size: int = typer.Option(256, min=32, help="Input side of the generator and the sampler fine-tune."),
+    sampler_image_size: int = typer.Option(128, min=32, help="Input side of the sampler's first stage."),
+    sampler_grid: int = typer.Option(152, min=8, help="UV sampler grid side S (paper: 152)."),
+    channels: int = typer.Option(64, min=4, help="Base channels of every network (smaller for quick tries)."),
+    device: str = typer.Option("cpu", help="cpu | cuda | cuda:N"),
+    workers: int = typer.Option(2, min=0, help="DataLoader workers per rank (part of the data order)."),
+    seed: int = typer.Option(0, help="Seed of weights and data order."),
+    log_every: int = typer.Option(50, min=1, help="Steps between metrics lines."),
+    checkpoint_every: int = typer.Option(1000, min=1, help="Steps between checkpoints."),
+    preview_every: int = typer.Option(None, min=1, help="Steps between preview PNGs (default: every checkpoint)."),
+    overwrite: bool = typer.Option(False, help="Restart a run directory that holds another run."),
+    lr_sampler: float = typer.Option(1e-4, min=0.0, help="Adam learning rate of the sampler."),
+    lr_generator: float = typer.Option(1e-4, min=0.0, help="Adam learning rate of the generator."),
+    lr_discriminator: float = typer.Option(1e-4, min=0.0, help="Adam learning rate of the discriminators."),
+    w_face: float = typer.Option(10.0, min=0.0, help="Weight of the face L1 (Eq. 5, 11)."),
+    w_uv: float = typer.Option(1.0, min=0.0, help="Weight of the UV L1 (Eq. 5, 11)."),
+    w_sym: float = typer.Option(1.0, min=0.0, help="Weight of the symmetry loss (Eq. 12), lambda_2 of Eq. 14."),
+    w_tv: float = typer.Option(0.1, min=0.0, help="Weight of TV (Eq. 7), lambda of Eq. 5 and lambda_4 of Eq. 14."),
+    w_id: float = typer.Option(0.1, min=0.0, help="Weight of the identity loss (Eq. 13), lambda_3 of Eq. 14."),
+    w_adv: float = typer.Option(0.01, min=0.0, help="Weight of the adversarial loss (Eq. 10), lambda_1 of Eq. 14."),
+    w_side: float = typer.Option(0.5, min=0.0, help="Extra factor of D_sd's adversarial term."),
+    r1_gamma: float = typer.Option(0.0, min=0.0, help="R1 penalty weight of the discriminators (0: off)."),
+    rotate_share: float = typer.Option(0.25, min=0.0, max=1.0, help="Share of rotate-and-render inputs."),
+    max_yaw: float = typer.Option(60.0, min=0.0, max=90.0, help="|yaw| bound of the random poses (degrees)."),
+    identity: str = typer.Option("none", help="Identity network of Eq. 13: none | PATH (TorchScript)."),
+    amp: str = typer.Option("auto", help="auto | bf16 | fp16 | none (auto: bf16 on CUDA)."),
+    compile: bool = typer.Option(False, "--compile", help="torch.compile the networks."),
+    progress: bool = typer.Option(True, help="Show the progress line."),
+    tensorboard: bool = typer.Option(True, help="Write TensorBoard event files."),
+) -> None:
+    """Pre-train the UV sampler, then train the UV generator with its three discriminators."""
+    from train.config import OptimConfig, RunOptions, TrainConfig
+    from train.losses import LossWeights
+    from train.models import DiscriminatorConfig, GeneratorConfig, SamplerConfig
+
+    try:
+        cfg = TrainConfig(
+            store=store, sampler_steps=sampler_steps, sampler_finetune_steps=sampler_finetune_steps,
+            generator_steps=generator_steps, batch_size=batch_size, image_size=image_size,
+            sampler_image_size=sampler_image_size, workers=workers, seed=seed, rotate_share=rotate_share,
+            max_yaw=max_yaw, identity=identity,
+            weights=LossWeights(face=w_face, uv=w_uv, sym=w_sym, tv=w_tv, id=w_id, adv=w_adv, side=w_side,
+                                r1_gamma=r1_gamma),
+            optim=OptimConfig(lr_sampler=lr_sampler, lr_generator=lr_generator, lr_discriminator=lr_discriminator),
+            sampler=SamplerConfig(grid_size=sampler_grid, channels=channels),
+            generator=GeneratorConfig(channels=channels), discriminator=DiscriminatorConfig(channels=channels))
+        run = RunOptions(run_dir=run_dir, phase=phase, device=device, overwrite=overwrite, log_every=log_every,
+                         checkpoint_every=checkpoint_every, preview_every=preview_every, amp=amp, compile=compile,
+                         progress=progress, tensorboard=tensorboard)
+    except ValueError as e:
+        _fail(str(e))
+    from train.run import run_fit
+
+    code = run_fit(cfg, run)
+    if code:
+        raise typer.Exit(code=code)
 
 
 @app.command()

@@ -1,0 +1,156 @@
+"""Trainer throughput: data loader samples/s vs the trainer's consumption, steps/s per phase, shares of a step.
+
+Baselines measured in the same run: single-sample store reads (what a map-style dataset does) against the
+stream's whole-chunk reads, and the loader's delivery against one training step's consumption at batch 6.
+
+    python benchmarks/bench_train.py                         # builds a 64-sample synthetic store at 256² first
+    python benchmarks/bench_train.py --store S --device cuda # on a GPU (full-size models)
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from common.store import StoreReader
+from train.config import RunOptions, TrainConfig
+from train.data import DataConfig, StoreStream, make_loader
+from train.loop import Trainer, schedule
+from train.render import mesh_in_frame, uv_lookup
+
+
+def build_store(out: Path, size: int, count: int) -> str:
+    from preprocess.build import build_store as build
+    from preprocess.buildcli import BuildArgs, make_config
+
+    cfg, run = make_config(BuildArgs(out=out, count=count, image_size=size, uv_size=size, chunk=16,
+                                     pca_samples=count, n_tex=16))
+    build(cfg, dataclasses.replace(run, workers=0, progress=False))
+    return str(out)
+
+
+def loader_rate(store: str, workers: int, image_size: int, batches: int, with_targets: bool = True) -> float:
+    ds = StoreStream(store, DataConfig(batch_size=6, image_size=image_size, with_targets=with_targets))
+    it = iter(make_loader(ds, workers))
+    next(it)  # start-up (worker spawn, model load)
+    t0 = time.perf_counter()
+    for _ in range(batches):
+        next(it)
+    return 6 * batches / (time.perf_counter() - t0)
+
+
+def read_rates(store: str, n: int = 48) -> tuple[float, float]:
+    """(per-sample reads/s, whole-chunk reads/s) of the arrays a training sample needs."""
+    reader = StoreReader(store)
+    names = ["image", "face_region", "uv_gt", "uv_gt_mask", "uv_bl", "params"]
+    idx = reader.ok_indices()[:n]
+    t0 = time.perf_counter()
+    for i in idx:
+        reader.sample(int(i), names)
+    single = len(idx) / (time.perf_counter() - t0)
+    c = reader.layout.chunk
+    t0 = time.perf_counter()
+    for lo in range(0, len(idx), c):
+        {k: reader.group[k][lo:lo + c] for k in names}
+    return single, len(idx) / (time.perf_counter() - t0)
+
+
+def raster_share(store: str, image_size: int) -> float:
+    """Seconds per sample spent rasterising (two lookups: I0 and I1) in the loader."""
+    reader = StoreReader(store)
+    model = reader.face_model()
+    params = reader.batch(reader.ok_indices()[:6], ["params"])["params"]
+    verts = mesh_in_frame(model, params, reader.layout.image_size, image_size)
+    times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        uv_lookup(model, verts, image_size)
+        times.append(time.perf_counter() - t0)
+    return 2 * min(times) / 6
+
+
+def step_rates(store: str, device: str, image_size: int, steps: int, small: bool) -> dict[str, dict[str, float]]:
+    cfg = TrainConfig(store=store, sampler_steps=10, sampler_finetune_steps=5, generator_steps=10,
+                      image_size=image_size, sampler_image_size=min(128, image_size), workers=0)
+    if small:
+        from train.models import DiscriminatorConfig, GeneratorConfig, SamplerConfig
+
+        cfg = dataclasses.replace(cfg, sampler=SamplerConfig(channels=16, head_hidden=256),
+                                  generator=GeneratorConfig(channels=16),
+                                  discriminator=DiscriminatorConfig(channels=16))
+    with tempfile.TemporaryDirectory() as tmp:
+        tr = Trainer(cfg, RunOptions(run_dir=Path(tmp), device=device, progress=False, tensorboard=False))
+    tr.init_sampler_template()
+    out = {}
+    for stage in schedule(cfg, tr.uv_size):
+        ds = StoreStream(store, DataConfig(batch_size=6, image_size=stage.image_size, with_targets=stage.with_targets,
+                                           rotate_share=0.25))
+        it = iter(ds)
+        batches = [{k: v.to(tr.device) if isinstance(v, torch.Tensor) else v for k, v in next(it).items()}
+                   for _ in range(2)]
+        times = []
+        for s in range(steps + 1):
+            b = batches[s % 2]
+            if tr.device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            tr.generator_step(b) if stage.with_targets else tr.sampler_step(b, stage)
+            if tr.device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+        t = statistics.median(times[1:])
+        out[stage.name] = {"s_per_step": t, "steps_per_s": 1 / t, "samples_per_s": 6 / t, "min": min(times[1:])}
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--store", default=None)
+    ap.add_argument("--size", type=int, default=256, help="image/UV size of the store built when --store is absent")
+    ap.add_argument("--count", type=int, default=64)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--train-size", type=int, default=128, help="image size of the step timings")
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--batches", type=int, default=8)
+    ap.add_argument("--workers", default="0,2,4")
+    ap.add_argument("--small", action="store_true", help="time small networks (channels 16)")
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        store = args.store or build_store(Path(tmp) / "bench.zarr", args.size, args.count)
+        h = StoreReader(store).layout.image_size
+        single, chunked = read_rates(store)
+        print(f"store reads ({h}²): single-sample {single:.1f} samples/s, whole-chunk {chunked:.1f} samples/s, "
+              f"ratio {chunked / single:.1f}x")
+        rs = raster_share(store, h)
+        print(f"rasterising in the loader: {1e3 * rs:.1f} ms/sample (I0 + I1 lookups at {h}²)")
+        rates = {}
+        for w in (int(x) for x in args.workers.split(",")):
+            rates[w] = loader_rate(store, w, h, args.batches)
+            print(f"loader at {h}², {w} workers: {rates[w]:.1f} samples/s")
+        steps = step_rates(store, args.device, args.train_size, args.steps, args.small)
+        print(f"\nsteps at batch 6 on {args.device} (image {args.train_size}², sampler grid 152, "
+              f"{'small' if args.small else 'full-size'} networks):")
+        print(f"{'phase':<10} {'s/step':>8} {'steps/s':>8} {'samples/s':>10} {'loader(best)/step':>18}")
+        best = max(rates.values())
+        for name, r in steps.items():
+            print(f"{name:<10} {r['s_per_step']:>8.3f} {r['steps_per_s']:>8.2f} {r['samples_per_s']:>10.1f} "
+                  f"{best / r['samples_per_s']:>17.1f}x")
+        gen = steps.get("generator", {}).get("s_per_step")
+        if gen:
+            total = 30_000 * steps["sampler"]["s_per_step"] + 100_000 * gen
+            print(f"\nprojected paper schedule (30k sampler + 100k generator steps) at these rates: "
+                  f"{total / 3600:.1f} h")
+        print(f"rasterising share if done in the step instead of the loader: "
+              f"{100 * 6 * rs / (6 * rs + (gen or 1)):.0f}% of a generator step")
+        np.set_printoptions(precision=3)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,152 @@
+"""The training data stream: sharding, epochs, resume positions, lazy == eager, and the precomputed renders."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from common.store import FAILED, StoreReader
+from train.data import DataConfig, IndexStream, NoUsableSamples, StoreStream, make_loader
+from train.render import render_lookup
+
+# ------------------------------------------------------------------------------------------ IndexStream
+
+
+def _streams(indices, n_shards, seed=3, chunk=4, window=2):
+    return [IndexStream(indices, chunk, seed, s, n_shards, window) for s in range(n_shards)]
+
+
+def test_index_stream_shards_are_disjoint_equal_and_cover_the_epoch():
+    idx = np.array([0, 1, 2, 4, 5, 7, 8, 9, 10, 11, 13, 14, 15, 17, 18, 19, 21, 22, 23])  # gaps: failed samples
+    for n_shards in (1, 2, 3, 4):
+        streams = _streams(idx, n_shards)
+        for e in range(3):
+            parts = [s.epoch(e) for s in streams]
+            assert {len(p) for p in parts} == {len(idx) // n_shards}
+            flat = np.concatenate(parts)
+            assert len(set(flat.tolist())) == len(flat), "a sample seen twice in one epoch"
+            assert set(flat.tolist()) <= set(idx.tolist())
+
+
+def test_index_stream_is_deterministic_changes_per_epoch_and_crosses_epochs():
+    idx = np.arange(40)
+    a, b = _streams(idx, 2), _streams(idx, 2)
+    assert np.array_equal(a[1].epoch(0), b[1].epoch(0))
+    assert not np.array_equal(a[0].epoch(0), a[0].epoch(1))
+    per = a[0].per_epoch
+    taken = a[0].take(per - 3, 7)
+    assert np.array_equal(taken, np.concatenate([a[0].epoch(0)[-3:], a[0].epoch(1)[:4]]))
+
+
+def test_index_stream_reads_few_chunks_per_window():
+    """A shard's block is contiguous in the epoch's chunk order, and a window spans `window` chunks."""
+    idx = np.arange(64)
+    s = IndexStream(idx, chunk=8, seed=0, shard=0, n_shards=2, window=2)
+    order = s.epoch(0)
+    for w in range(0, len(order), 16):
+        assert len(np.unique(order[w:w + 16] // 8)) <= 3
+
+
+def test_index_stream_refuses_too_few_samples():
+    with pytest.raises(NoUsableSamples, match="fewer than the 4 data shards"):
+        IndexStream(np.arange(3), 4, 0, 0, 4, 1)
+
+
+# ------------------------------------------------------------------------------------------ StoreStream
+def _take(ds, n):
+    it = iter(ds)
+    return [next(it) for _ in range(n)]
+
+
+def test_stream_batches_match_eager_reads(train_store):
+    cfg = DataConfig(batch_size=3, image_size=64, with_targets=True, seed=1)
+    ds = StoreStream(train_store, cfg)
+    reader = StoreReader(train_store)
+    for b in _take(ds, 3):
+        ref = reader.batch(b["index"].numpy(), ["uv_gt", "uv_gt_mask", "uv_bl", "face_region"])
+        assert torch.equal(b["uv_gt"], torch.from_numpy(ref["uv_gt"]).permute(0, 3, 1, 2).float() / 255)
+        assert torch.equal(b["uv_bl"], torch.from_numpy(ref["uv_bl"]).permute(0, 3, 1, 2).float() / 255)
+        assert torch.equal(b["uv_gt_mask"][:, 0].bool(), torch.from_numpy(ref["uv_gt_mask"]))
+        assert torch.equal(b["face"][:, 0].bool(), torch.from_numpy(ref["face_region"]))
+        assert set(b["index"].tolist()) <= set(reader.ok_indices().tolist())
+
+
+def test_stream_never_yields_failed_samples(train_store, tmp_path):
+    import shutil
+
+    copy = tmp_path / "s.zarr"
+    shutil.copytree(train_store, copy)
+    g = zarr.open_group(str(copy), mode="r+")
+    status = g["status"][:]
+    status[[1, 2, 5]] = FAILED
+    g["status"][:] = status
+    ds = StoreStream(str(copy), DataConfig(batch_size=4, image_size=64, with_targets=False))
+    seen = np.concatenate([b["index"].numpy() for b in _take(ds, 12)])
+    assert not set(seen.tolist()) & {1, 2, 5}
+    assert len(ds.ok) == len(status) - 3
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_stream_resumes_at_any_batch(train_store, workers):
+    cfg = DataConfig(batch_size=2, image_size=64, with_targets=True, rotate_share=0.5, seed=5)
+    full = [b for b, _ in zip(make_loader(StoreStream(train_store, cfg), workers), range(7), strict=False)]
+    assert [b["batch"] for b in full] == list(range(7))
+    for k in (1, 3, 4):
+        resumed = [b for b, _ in zip(make_loader(StoreStream(train_store, cfg, start_batch=k), workers),
+                                     range(7 - k), strict=False)]
+        for a, b in zip(full[k:], resumed, strict=True):
+            assert a["batch"] == b["batch"]
+            assert torch.equal(a["index"], b["index"]) and torch.equal(a["image"], b["image"])
+            assert torch.equal(a["grid1"], b["grid1"]) and torch.equal(a["ctr_index"], b["ctr_index"])
+
+
+def test_stream_ranks_see_disjoint_samples_per_epoch(train_store):
+    cfg = DataConfig(batch_size=1, image_size=64, with_targets=False)
+    per_epoch = len(StoreStream(train_store, cfg).ok) // 2
+    seen = [np.concatenate([b["index"].numpy() for b in _take(StoreStream(train_store, cfg, r, 2), per_epoch)])
+            for r in (0, 1)]
+    assert len(seen[0]) == len(set(seen[0].tolist())) == per_epoch
+    assert not set(seen[0].tolist()) & set(seen[1].tolist())
+
+
+def test_real_crops_come_from_valid_crops_only(train_store):
+    reader = StoreReader(train_store)
+    ctr_valid, sd_valid = reader.group["ctr_valid"][:], reader.group["sd_valid"][:]
+    ds = StoreStream(train_store, DataConfig(batch_size=2, image_size=64))
+    for b in _take(ds, 4):
+        for key, valid in (("ctr", ctr_valid), ("sd", sd_valid)):
+            if f"{key}_real" in b:
+                assert valid[b[f"{key}_index"].numpy()].all()
+                assert (b[f"{key}_real_mask"].sum((1, 2, 3)) > 0).all()
+
+
+def test_lookup_renders_the_photo_from_the_true_uv(train_store):
+    """The per-pixel UV lookup at the stored pose is right: rendering uv_true through it gives the photo back."""
+    reader = StoreReader(train_store)
+    ds = StoreStream(train_store, DataConfig(batch_size=4, image_size=64, with_targets=False))
+    b = _take(ds, 1)[0]
+    uv_true = torch.from_numpy(reader.batch(b["index"].numpy(), ["uv_true"])["uv_true"]).permute(0, 3, 1, 2) / 255
+    render = render_lookup(uv_true.float(), b["grid0"], b["cover0"])
+    m = b["face"] * b["cover0"]
+    err = ((render - b["target"]).abs() * m).sum() / (3 * m.sum())
+    assert m.sum() > 200 and err < 0.03, float(err)
+
+
+def test_rotate_and_render_replaces_only_the_chosen_inputs(train_store):
+    cfg = DataConfig(batch_size=4, image_size=64, rotate_share=0.5, seed=2)
+    plain = dataclasses.replace(cfg, rotate_share=0.0)
+    a, b = _take(StoreStream(train_store, cfg), 3), _take(StoreStream(train_store, plain), 3)
+    n_rot = 0
+    for x, y in zip(a, b, strict=True):
+        r = x["rotated"]
+        n_rot += int(r.sum())
+        assert torch.equal(x["image"][~r], y["image"][~r]) and torch.equal(x["target"], y["target"])
+        if r.any():
+            assert not torch.equal(x["image"][r], y["image"][r])
+            # a rotate-and-render input has a black background outside the face at the new pose
+            assert torch.equal(x["image"][r] * (1 - x["cover1"][r]), torch.zeros_like(x["image"][r]))
+    assert 0 < n_rot < 12

@@ -1,0 +1,103 @@
+"""Rendering for the trainer: rasterise once per sample and pose, then render any UV map by one ``grid_sample``.
+
+The stored pose of a sample never changes during training, and the random pose of I1 is drawn once per sample
+visit, so the non-differentiable part of rendering (the z-buffered rasterisation) is done in the data loader's
+workers, off the training step (:mod:`train.data`). What reaches the step is a per-pixel **UV lookup**: for every
+image pixel covered by the face mesh, the UV coordinate of the surface point it sees, in ``grid_sample``'s
+normalised convention. Rendering a texture is then Eq. 3 (barycentric interpolation of the UV coordinate, done
+once here) followed by a bilinear texture read, and its gradient w.r.t. the texture is Eq. 4
+(:func:`render_lookup`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from common.facemodel import FaceModel
+from common.geometry import euler_to_matrix, pose_to_srt, project_to_image, split_params
+from common.render import interpolate, rasterize
+
+__all__ = ["mesh_in_frame", "uv_lookup", "render_lookup", "rotated_params", "texel_image_grid"]
+
+
+def mesh_in_frame(model: FaceModel, params: np.ndarray, frame_size: int, out_size: int) -> torch.Tensor:
+    """Vertices of each fitted face in the pixels of an ``out_size`` image.
+
+    params: (B, 62) float32 in the stored image's frame of side ``frame_size`` (see :mod:`common.geometry`).
+    Returns (B, V, 3) float32 pixel coordinates (x right, y down, z nearer-is-larger) scaled to ``out_size``
+    (scaled orthographic projection, so resizing the image scales the coordinates exactly).
+    """
+    params = np.asarray(params, np.float32)
+    if params.ndim != 2 or params.shape[1] != 62:
+        raise ValueError(f"params: expected (B, 62), found {params.shape}")
+    pose, a_id, a_exp = split_params(params)
+    shape = model.shape(a_id, a_exp)
+    verts = project_to_image(shape, pose, float(frame_size)) * np.float32(out_size / frame_size)
+    return torch.from_numpy(np.ascontiguousarray(verts, np.float32))
+
+
+def uv_lookup(model: FaceModel, verts_px: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rasterise posed meshes and return the per-pixel UV lookup (Eq. 3's barycentric interpolation of UVs).
+
+    verts_px: (B, V, 3) from :func:`mesh_in_frame`. Returns grid (B, size, size, 2) float32 in
+    ``grid_sample``'s convention (``x = 2u - 1``, ``y = 1 - 2v``; 0 on background) and cover
+    (B, 1, size, size) float32 in {0, 1}. Back faces are culled, the nearest surface wins.
+    """
+    tris = torch.from_numpy(np.ascontiguousarray(model.triangles, np.int64))
+    frags = rasterize(verts_px, tris, (size, size), cull_backfaces=True)
+    uv = interpolate(frags, torch.from_numpy(np.ascontiguousarray(model.uv, np.float32)))  # (B, H, W, 2)
+    grid = torch.stack([2.0 * uv[..., 0] - 1.0, 1.0 - 2.0 * uv[..., 1]], -1)
+    cover = frags.mask.unsqueeze(1).to(torch.float32)
+    return grid * cover.permute(0, 2, 3, 1), cover
+
+
+def render_lookup(texture: torch.Tensor, grid: torch.Tensor, cover: torch.Tensor) -> torch.Tensor:
+    """Render UV textures through precomputed lookups: I = R(UV, S, P) (Eq. 6), differentiable per Eq. 4.
+
+    texture: (B, C, U, U) float; grid: (B, H, W, 2) from :func:`uv_lookup`; cover: (B, 1, H, W).
+    Returns (B, C, H, W), 0 on background. The bilinear read distributes each pixel's gradient to the
+    texels around its UV point with the interpolation weights, as Eq. 4 does for the vertex colours.
+    """
+    if texture.ndim != 4 or grid.ndim != 4 or grid.shape[-1] != 2 or grid.shape[0] != texture.shape[0]:
+        raise ValueError(f"render_lookup: expected texture (B, C, U, U) and grid (B, H, W, 2), found "
+                         f"{tuple(texture.shape)} and {tuple(grid.shape)}")
+    img = F.grid_sample(texture, grid.to(texture.dtype), mode="bilinear", padding_mode="border", align_corners=False)
+    return img * cover.to(img.dtype)
+
+
+def rotated_params(params: np.ndarray, yaw_deg: np.ndarray, frame_size: int, model: FaceModel) -> np.ndarray:
+    """The same faces turned to new yaw angles (I1's pose and the rotate-and-render inputs; Section 4.1).
+
+    params: (B, 62) in a frame of side ``frame_size``; yaw_deg: (B,) the new absolute yaw in degrees (pitch
+    and roll are kept). The scale is kept and the translation is chosen so that the face's mean vertex
+    projects where it did. Returns (B, 62) float32.
+    """
+    params = np.asarray(params, np.float64)
+    pose, a_id, a_exp = split_params(params)
+    s, rot, t = pose_to_srt(pose)
+    pitch = np.arctan2(rot[:, 2, 1], rot[:, 2, 2])
+    roll = np.arctan2(rot[:, 1, 0], rot[:, 0, 0])
+    new_rot = euler_to_matrix(np.radians(np.asarray(yaw_deg, np.float64)), pitch, roll)
+    centre = model.shape(a_id.astype(np.float32), a_exp.astype(np.float32)).mean(1).astype(np.float64)  # (B, 3)
+    old_c = s[:, None] * np.einsum("bij,bj->bi", rot, centre) + t
+    new_t = old_c - s[:, None] * np.einsum("bij,bj->bi", new_rot, centre)
+    out = params.copy()
+    out[:, :12] = np.concatenate([s[:, None, None] * new_rot, new_t[:, :, None]], 2).reshape(-1, 12)
+    return out.astype(np.float32)
+
+
+def texel_image_grid(model: FaceModel, verts_px: torch.Tensor, uv_frags, size: int) -> torch.Tensor:
+    """Where each texel's surface point projects in the image, in ``grid_sample`` coordinates.
+
+    verts_px: (B, V, 3) in an image of side ``size``; uv_frags: the model's UV-layout fragments at the UV size
+    (:func:`common.uvtools.model_uv_fragments`). Returns (B, U, U, 2) float32 (x, y in [-1, 1] inside the
+    image), NaN on texels outside the layout. Averaged over samples it is the UV sampler's template grid.
+    """
+    tris = torch.from_numpy(np.ascontiguousarray(model.triangles, np.int64))
+    tri_id, bary = uv_frags.tri_id[0], uv_frags.bary[0].to(torch.float64)  # (U, U), (U, U, 3)
+    corners = verts_px[:, tris[tri_id.clamp(min=0)], :2].to(torch.float64)  # (B, U, U, 3, 2)
+    pos = (bary[None, ..., None] * corners).sum(-2)  # (B, U, U, 2) pixels
+    grid = (2.0 * pos / size - 1.0).to(torch.float32)
+    return torch.where((tri_id >= 0)[None, ..., None], grid, torch.full_like(grid, float("nan")))

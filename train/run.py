@@ -1,0 +1,57 @@
+"""Presentation around :func:`train.loop.fit`: the progress line, the summary table and one-line errors."""
+
+from __future__ import annotations
+
+import zarr
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from common.store import StoreMismatch
+from train.config import RunOptions, TrainConfig
+from train.data import NoUsableSamples
+from train.loop import RunError, fit
+
+USER_ERRORS = (RunError, StoreMismatch, NoUsableSamples)
+
+
+def _summary(result: dict, cfg: TrainConfig, run: RunOptions) -> Table:
+    table = Table(title="uvtrain fit", show_header=True)
+    table.add_column("what")
+    table.add_column("value", justify="right")
+    table.add_row("run directory", str(run.run_dir))
+    table.add_row("step", f"{result['step']} of {cfg.total_steps}")
+    table.add_row("resumed", "yes" if result["resumed"] else "no")
+    last = result["rows"][-1] if result["rows"] else {}
+    for k, v in last.items():
+        if k.startswith("loss") or k in ("steps_per_s", "data_wait_s"):
+            table.add_row(k, f"{v:.4g}")
+    return table
+
+
+def run_fit(cfg: TrainConfig, run: RunOptions, console: Console | None = None) -> int:
+    """Run :func:`fit` with a progress line; returns the exit code (0 ok, 2 a user error, printed as one line)."""
+    console = console or Console(stderr=True)
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                        TextColumn("[cyan]{task.fields[rate]}"), TextColumn("{task.fields[loss]}"),
+                        TimeRemainingColumn(), console=console, disable=not run.progress)
+    task = progress.add_task("uvtrain", total=cfg.total_steps, rate="", loss="")
+
+    def on_log(row: dict, stop: int) -> None:
+        progress.update(task, completed=row["step"], description=row["phase"],
+                        rate=f"{row['steps_per_s']:.2f} steps/s", loss=f"loss {row.get('loss', float('nan')):.4f}")
+
+    try:
+        with progress:
+            result = fit(cfg, run, on_log=on_log)
+    except USER_ERRORS as e:
+        console.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+        return 2
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError) as e:
+        console.print(f"[red]error:[/red] {cfg.store}: no store there ({e})", highlight=False, soft_wrap=True)
+        return 2
+    for note in result["notes"]:
+        console.print(f"note: {note}", highlight=False)
+    if run.progress:
+        console.print(_summary(result, cfg, run))
+    return 0
