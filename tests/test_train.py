@@ -257,3 +257,27 @@ def test_ddp_two_cpu_processes_split_the_data_and_agree_on_weights(train_store, 
     for k, v in r0["state"].items():
         torch.testing.assert_close(r1["state"][k], v, rtol=0, atol=1e-6, msg=k)
     assert torch.load(tmp_path / "r" / CHECKPOINT, weights_only=True)["step"] == 5
+
+
+def test_bf16_autocast_and_a_torchscript_identity_network(train_store, tmp_path):
+    """The AMP path (bf16 autocast, here on CPU) trains with finite losses; --identity PATH enables Eq. 13."""
+
+    class Features(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 4, 5, stride=4)
+
+        def forward(self, x):
+            return self.conv(x).mean((2, 3))
+
+    torch.manual_seed(0)
+    net = tmp_path / "id.pt"
+    torch.jit.script(Features()).save(str(net))
+    cfg = tiny(train_store, sampler_steps=2, sampler_finetune_steps=0, generator_steps=2, identity=str(net))
+    fit(cfg, opts(tmp_path / "r", amp="bf16"))
+    rows = _metrics(tmp_path / "r")
+    assert "loss_id" in rows[-1] and rows[-1]["phase"] == "generator"
+    for r in rows:
+        assert all(torch.isfinite(torch.tensor(v)) for k, v in r.items() if "loss" in k), r
+    with pytest.raises(RunError, match="no built-in identity network"):
+        fit(dataclasses.replace(cfg, identity="lightcnn"), opts(tmp_path / "r2"))

@@ -23,6 +23,7 @@ import json
 import os
 import shutil
 import time
+import warnings
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -160,18 +161,25 @@ def resolve_device(name: str) -> torch.device:
 def load_identity(spec: str, device: torch.device) -> torch.nn.Module | None:
     """The frozen face-recognition network of Eq. 13: None for ``none``, a TorchScript file, else an error.
 
-    A TorchScript module maps (B, 3, H, W) float images in [0, 1] to (B, D) identity features.
+    The module (TorchScript ``.pt`` or a ``torch.export`` ``.pt2`` archive) maps (B, 3, H, W) float images in
+    [0, 1] to (B, D) identity features; its parameters are frozen.
     """
     if spec == "none":
         return None
     p = Path(spec)
     if p.is_file():
-        net = torch.jit.load(str(p), map_location=device).eval()
+        if p.suffix == ".pt2":  # torch.export archive
+            net = torch.export.load(str(p)).module().to(device)
+        else:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)  # TorchScript still loads in torch 2.x
+                net = torch.jit.load(str(p), map_location=device).eval()
         for q in net.parameters():
             q.requires_grad_(False)
         return net
     raise RunError(f"--identity {spec!r}: not a file, and no built-in identity network has that name (built in: "
-                   f"none); pass 'none' or a TorchScript file mapping (B, 3, H, W) images in [0, 1] to features")
+                   f"none); pass 'none' or a TorchScript (.pt) / torch.export (.pt2) file mapping (B, 3, H, W) "
+                   f"images in [0, 1] to features")
 
 
 def _rng_state() -> dict:
@@ -528,10 +536,11 @@ def _phase_end(cfg: TrainConfig, phase: str) -> int:
     return cfg.sampler_steps if phase == "sampler" else cfg.total_steps
 
 
-def fit(cfg: TrainConfig, run: RunOptions, on_log=None) -> dict[str, Any]:
+def fit(cfg: TrainConfig, run: RunOptions, on_log=None, on_step=None) -> dict[str, Any]:
     """Train (or resume) the run in ``run.run_dir`` up to the end of ``run.phase``; returns a summary dict.
 
-    on_log: optional callback receiving each metrics row (used by the CLI's progress line and by tests).
+    on_log(row, stop): optional callback receiving each metrics row (the CLI's progress line, tests);
+    on_step(step, phase): optional callback after every step (the progress bar).
     """
     world = Dist.from_env(run.device)
     prepare_run_dir(cfg, run, write=world.main)
@@ -553,7 +562,7 @@ def fit(cfg: TrainConfig, run: RunOptions, on_log=None) -> dict[str, Any]:
         for stage in schedule(cfg, tr.uv_size):
             if tr.step >= min(stage.stop, end):
                 continue
-            rows += _run_stage(tr, stage, min(stage.stop, end), tb, on_log)
+            rows += _run_stage(tr, stage, min(stage.stop, end), tb, on_log, on_step)
             if stage.name == "finetune" or (stage.name == "sampler" and cfg.finetune_steps == 0):
                 tr.save(stage, tr.rd / SAMPLER_CHECKPOINT)
     finally:
@@ -562,7 +571,7 @@ def fit(cfg: TrainConfig, run: RunOptions, on_log=None) -> dict[str, Any]:
     return {"step": tr.step, "resumed": resumed, "rows": rows, "notes": tr.notes}
 
 
-def _run_stage(tr: Trainer, stage: Stage, stop: int, tb, on_log) -> list[dict]:
+def _run_stage(tr: Trainer, stage: Stage, stop: int, tb, on_log, on_step) -> list[dict]:
     run = tr.run_opts
     tr.sampler.train(not stage.with_targets).requires_grad_(not stage.with_targets)  # frozen in the generator phase
     loader = _stage_loader(tr, stage)
@@ -580,6 +589,8 @@ def _run_stage(tr: Trainer, stage: Stage, stop: int, tb, on_log) -> list[dict]:
             tr.step += 1
             steps_in_window += 1
             tr.log_terms(terms)
+            if on_step is not None:
+                on_step(tr.step, stage.name)
             if tr.step % run.log_every == 0 or tr.step == stop:
                 dt = time.perf_counter() - t_log
                 extra = {"lr": _lr(tr, stage), "steps_per_s": steps_in_window / dt,

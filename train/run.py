@@ -38,12 +38,15 @@ def run_fit(cfg: TrainConfig, run: RunOptions, console: Console | None = None) -
     task = progress.add_task("uvtrain", total=cfg.total_steps, rate="", loss="")
 
     def on_log(row: dict, stop: int) -> None:
-        progress.update(task, completed=row["step"], description=row["phase"],
-                        rate=f"{row['steps_per_s']:.2f} steps/s", loss=f"loss {row.get('loss', float('nan')):.4f}")
+        loss = row.get("loss", float("nan"))
+        progress.update(task, rate=f"{row['steps_per_s']:.2f} steps/s", loss=f"loss {loss:.4f}")
+
+    def on_step(step: int, phase: str) -> None:
+        progress.update(task, completed=step, description=phase)
 
     try:
         with progress:
-            result = fit(cfg, run, on_log=on_log)
+            result = fit(cfg, run, on_log=on_log, on_step=on_step)
     except USER_ERRORS as e:
         console.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
         return 2
