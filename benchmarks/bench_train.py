@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import statistics
 import tempfile
 import time
@@ -36,14 +37,19 @@ def build_store(out: Path, size: int, count: int) -> str:
     return str(out)
 
 
-def loader_rate(store: str, workers: int, image_size: int, batches: int, with_targets: bool = True) -> float:
-    ds = StoreStream(store, DataConfig(batch_size=6, image_size=image_size, with_targets=with_targets))
-    it = iter(make_loader(ds, workers))
+def loader_rate(store: str, workers: int, image_size: int, batches: int, render: bool = True) -> float:
+    """Samples/s of a generator-phase loader (with its rasterising when ``render``)."""
+    ds = StoreStream(store, DataConfig(batch_size=6, image_size=image_size, render_in_loader=render))
+    loader = make_loader(ds, workers)
+    it = iter(loader)
     next(it)  # start-up (worker spawn, model load)
     t0 = time.perf_counter()
     for _ in range(batches):
         next(it)
-    return 6 * batches / (time.perf_counter() - t0)
+    rate = 6 * batches / (time.perf_counter() - t0)
+    del it, loader
+    gc.collect()  # stop the persistent workers before the next measurement
+    return rate
 
 
 def read_rates(store: str, n: int = 48) -> tuple[float, float]:
@@ -133,7 +139,9 @@ def main() -> None:
         rates = {}
         for w in (int(x) for x in args.workers.split(",")):
             rates[w] = loader_rate(store, w, h, args.batches)
-            print(f"loader at {h}², {w} workers: {rates[w]:.1f} samples/s")
+            bare = loader_rate(store, w, h, args.batches, render=False)
+            print(f"loader at {h}², {w} workers: {rates[w]:.1f} samples/s rasterising in the loader, "
+                  f"{bare:.1f} samples/s without (--render-on device)")
         steps = step_rates(store, args.device, args.train_size, args.steps, args.small)
         print(f"\nsteps at batch 6 on {args.device} (image {args.train_size}², sampler grid 152, "
               f"{'small' if args.small else 'full-size'} networks):")

@@ -281,3 +281,13 @@ def test_bf16_autocast_and_a_torchscript_identity_network(train_store, tmp_path)
         assert all(torch.isfinite(torch.tensor(v)) for k, v in r.items() if "loss" in k), r
     with pytest.raises(RunError, match="no built-in identity network"):
         fit(dataclasses.replace(cfg, identity="lightcnn"), opts(tmp_path / "r2"))
+
+
+def test_rendering_on_the_device_equals_rendering_in_the_loader(train_store, tmp_path):
+    """--render-on device (the GPU path: the step rasterises) trains exactly like the loader path."""
+    cfg = tiny(train_store, sampler_steps=2, sampler_finetune_steps=1, generator_steps=2)
+    fit(cfg, opts(tmp_path / "loader", render_on="loader"))
+    fit(cfg, opts(tmp_path / "device", render_on="device"))
+    a, b = _weights(tmp_path / "loader" / CHECKPOINT), _weights(tmp_path / "device" / CHECKPOINT)
+    for k, v in a.items():
+        torch.testing.assert_close(b[k], v, rtol=0, atol=1e-6, msg=k)

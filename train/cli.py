@@ -50,6 +50,7 @@ def fit(
     max_yaw: float = typer.Option(60.0, min=0.0, max=90.0, help="|yaw| bound of the random poses (degrees)."),
     identity: str = typer.Option("none", help="Identity network of Eq. 13: none | PATH (TorchScript)."),
     amp: str = typer.Option("auto", help="auto | bf16 | fp16 | none (auto: bf16 on CUDA)."),
+    render_on: str = typer.Option("auto", help="Rasterise in the loader or on the device: auto | loader | device."),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the networks."),
     progress: bool = typer.Option(True, help="Show the progress line."),
     tensorboard: bool = typer.Option(True, help="Write TensorBoard event files."),
@@ -71,8 +72,8 @@ def fit(
             sampler=SamplerConfig(grid_size=sampler_grid, channels=channels),
             generator=GeneratorConfig(channels=channels), discriminator=DiscriminatorConfig(channels=channels))
         run = RunOptions(run_dir=run_dir, phase=phase, device=device, overwrite=overwrite, log_every=log_every,
-                         checkpoint_every=checkpoint_every, preview_every=preview_every, amp=amp, compile=compile,
-                         progress=progress, tensorboard=tensorboard)
+                         checkpoint_every=checkpoint_every, preview_every=preview_every, amp=amp, render_on=render_on,
+                         compile=compile, progress=progress, tensorboard=tensorboard)
     except ValueError as e:
         _fail(str(e))
     from train.run import run_fit

@@ -126,6 +126,9 @@ class RunOptions:
     """Steps between PNG/TensorBoard image previews; None: every checkpoint."""
     amp: str = "auto"
     """``auto`` (bf16 on CUDA, off on CPU), ``bf16``, ``fp16`` (with a grad scaler) or ``none``."""
+    render_on: str = "auto"
+    """Where faces are rasterised: ``loader`` (CPU workers), ``device`` (the training device) or ``auto``
+    (the device on CUDA, the loader on CPU). The same renders either way (up to float rounding)."""
     compile: bool = False
     """``torch.compile`` the networks."""
     progress: bool = True
@@ -136,6 +139,8 @@ class RunOptions:
     def __post_init__(self) -> None:
         if self.phase not in PHASES:
             raise ValueError(f"phase: expected one of {', '.join(PHASES)}, found {self.phase!r}")
+        if self.render_on not in ("auto", "loader", "device"):
+            raise ValueError(f"render_on: expected auto, loader or device, found {self.render_on!r}")
         if self.amp not in ("auto", "bf16", "fp16", "none"):
             raise ValueError(f"amp: expected auto, bf16, fp16 or none, found {self.amp!r}")
         if self.log_every < 1 or self.checkpoint_every < 1:

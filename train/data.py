@@ -17,9 +17,11 @@
 * **Failed samples** (``status != OK``) are never yielded. The real samples of the two UV discriminators are
   drawn from the samples with a valid centre (``ctr_valid``) or side (``sd_valid``) crop, from streams of their
   own (independent of the generator's batch, as the paper's unpaired partial UV maps are).
-* **Rendering is precomputed here** (:mod:`train.render`): per sample the UV lookup at the stored pose (I0,
-  Eq. 5 / 11) and at a random pose (I1), and, for a ``rotate_share`` of the batch, the rotate-and-render input
-  of Section 4.1 (UV_bl rendered at the random pose replaces the photo; the targets stay the original's).
+* **Rendering is precomputed here** (:mod:`train.render`, :func:`add_renders`): per sample the UV lookup at the
+  stored pose (I0, Eq. 5 / 11) and at a random pose (I1), and, for a ``rotate_share`` of the batch, the
+  rotate-and-render input of Section 4.1 (UV_bl rendered at the random pose replaces the photo; the targets stay
+  the original's). With ``render_in_loader=False`` the batch carries the poses only and the trainer rasterises
+  on its device (a GPU rasterises a batch far faster than CPU workers can).
 """
 
 from __future__ import annotations
@@ -34,10 +36,11 @@ import torch.nn.functional as F
 import zarr
 from torch.utils.data import IterableDataset, get_worker_info
 
+from common.facemodel import FaceModel
 from common.store import OK, StoreReader
-from train.render import mesh_in_frame, render_lookup, rotated_params, uv_lookup
+from train.render import PosedMesh, render_lookup, rotated_params
 
-__all__ = ["DataConfig", "IndexStream", "StoreStream", "NoUsableSamples", "make_loader"]
+__all__ = ["DataConfig", "IndexStream", "StoreStream", "NoUsableSamples", "add_renders", "make_loader"]
 
 _SAMPLE_ARRAYS = ("image", "face_region", "uv_gt", "uv_gt_mask", "params")
 _TARGET_ARRAYS = ("uv_bl",)
@@ -65,6 +68,8 @@ class DataConfig:
     """Share of each batch replaced by rotate-and-render inputs (Section 4.1); generator phase only."""
     max_yaw: float = 60.0
     """I1 and rotate-and-render poses have a yaw drawn uniformly in [-max_yaw, max_yaw] degrees."""
+    render_in_loader: bool = True
+    """Rasterise (UV lookups, rotate-and-render) in the loader; False: the trainer calls :func:`add_renders`."""
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.image_size < 16 or self.shuffle_window < 1:
@@ -175,11 +180,14 @@ class StoreStream(IterableDataset):
     image           (B, 3, S, S)        the input (the photo, or its rotate-and-render), [0, 1]
     target          (B, 3, S, S)        I^m: the photo with everything but the face region zeroed
     face            (B, 1, S, S)        the face region (``face_region``), {0, 1}
-    grid0, cover0   (B, S, S, 2), (B, 1, S, S)  UV lookup at the stored pose (:func:`train.render.uv_lookup`)
+    frame           int                 side of the stored image (the frame of params0 / params1)
+    params0         (B, 62) float32     the stored fit
+    grid0, cover0   (B, S, S, 2), (B, 1, S, S)  UV lookup at the stored pose (render_in_loader, else add_renders)
     uv_gt           (B, 3, U, U)        UV_gt, [0, 1]
     uv_gt_mask      (B, 1, U, U)        its observed texels
     uv_bl           (B, 3, U, U)        UV_bl (with_targets)
-    grid1, cover1   as grid0, cover0    UV lookup at a random pose (with_targets)
+    params1         (B, 62) float32     the same faces at a random yaw (with_targets)
+    grid1, cover1   as grid0, cover0    UV lookup at params1 (with_targets; as grid0)
     rotated         (B,) bool           the input is a rotate-and-render (with_targets)
     ctr_real[_mask] (B, 3|1, hc, wc)    real centre crops and masks (with_targets, when the store has any)
     ctr_index       (B,) int64          their store indices
@@ -237,6 +245,7 @@ class StoreStream(IterableDataset):
     def _iterate(self, shard: int, n_shards: int, first: int, step: int) -> Iterator[dict]:
         reader = StoreReader(self.store)
         model = reader.face_model()
+        mesh = PosedMesh(model) if self.config.render_in_loader else None
         streams = self._streams(shard, n_shards)
         cap = self.config.shuffle_window + 2
         names = _SAMPLE_ARRAYS + (_TARGET_ARRAYS if self.config.with_targets else ())
@@ -250,7 +259,7 @@ class StoreStream(IterableDataset):
             local = i // step
             batch = {"batch": i}
             idx = streams["samples"].take(local * b, b)
-            batch.update(self._samples(caches["samples"].gather(idx), idx, model, shard, local))
+            batch.update(self._samples(caches["samples"].gather(idx), idx, model, mesh, shard, local))
             for key in ("ctr", "sd"):
                 if key in streams:
                     cidx = streams[key].take(local * b, b)
@@ -261,29 +270,43 @@ class StoreStream(IterableDataset):
             yield batch
             i += step
 
-    def _samples(self, a: dict[str, np.ndarray], idx: np.ndarray, model, shard: int, local: int) -> dict:
+    def _samples(self, a: dict[str, np.ndarray], idx: np.ndarray, model: FaceModel, mesh: PosedMesh | None,
+                 shard: int, local: int) -> dict:
         cfg, s, h = self.config, self.config.image_size, self.layout.image_size
         image = _resize(_u8(a["image"]), s)
         face = _resize(_mask(a["face_region"]), s, binary=True)
-        verts0 = mesh_in_frame(model, a["params"], h, s)
-        grid0, cover0 = uv_lookup(model, verts0, s)
-        out = {"index": torch.from_numpy(idx), "target": image * face, "face": face, "grid0": grid0,
-               "cover0": cover0, "uv_gt": _u8(a["uv_gt"]), "uv_gt_mask": _mask(a["uv_gt_mask"])}
-        if not cfg.with_targets:
-            out["image"] = image
-            return out
-        rng = np.random.default_rng([cfg.seed, 7, shard, local])
-        yaw = rng.uniform(-cfg.max_yaw, cfg.max_yaw, len(idx))
-        rotate = rng.random(len(idx)) < cfg.rotate_share
-        uv_bl = _u8(a["uv_bl"])
-        verts1 = mesh_in_frame(model, rotated_params(a["params"], yaw, h, model), h, s)
-        grid1, cover1 = uv_lookup(model, verts1, s)
-        if rotate.any():
-            r = torch.from_numpy(rotate)
-            image = image.clone()
-            image[r] = render_lookup(uv_bl[r], grid1[r], cover1[r])
-        out.update(image=image, uv_bl=uv_bl, grid1=grid1, cover1=cover1, rotated=torch.from_numpy(rotate))
+        out = {"index": torch.from_numpy(idx), "image": image, "target": image * face, "face": face,
+               "uv_gt": _u8(a["uv_gt"]), "uv_gt_mask": _mask(a["uv_gt_mask"]), "frame": h,
+               "params0": torch.from_numpy(np.ascontiguousarray(a["params"], np.float32))}
+        if cfg.with_targets:
+            rng = np.random.default_rng([cfg.seed, 7, shard, local])
+            yaw = rng.uniform(-cfg.max_yaw, cfg.max_yaw, len(idx))
+            rotate = rng.random(len(idx)) < cfg.rotate_share
+            out.update(uv_bl=_u8(a["uv_bl"]), rotated=torch.from_numpy(rotate),
+                       params1=torch.from_numpy(rotated_params(a["params"], yaw, h, model)))
+        if mesh is not None:
+            add_renders(out, mesh, s)
         return out
+
+
+def add_renders(batch: dict, mesh: PosedMesh, size: int) -> dict:
+    """Rasterise a batch's faces into UV lookups and make its rotate-and-render inputs, in place, on mesh's device.
+
+    Adds ``grid0``/``cover0`` (stored pose ``params0``) and, when the batch has ``params1`` (the random pose),
+    ``grid1``/``cover1``, and replaces ``image`` where ``rotated`` by UV_bl rendered at ``params1`` (Section 4.1).
+    Done in the loader's workers by default, or in the training step (``uvtrain fit --render-on device``).
+    """
+    f = int(batch["frame"])
+    batch["grid0"], batch["cover0"] = mesh.lookup(mesh.verts(batch["params0"], f, size), size)
+    if "params1" in batch:
+        grid1, cover1 = mesh.lookup(mesh.verts(batch["params1"], f, size), size)
+        batch["grid1"], batch["cover1"] = grid1, cover1
+        r = batch["rotated"].to(grid1.device)
+        if bool(r.any()):
+            image = batch["image"].clone()
+            image[r] = render_lookup(batch["uv_bl"][r], grid1[r], cover1[r])
+            batch["image"] = image
+    return batch
 
 
 def make_loader(dataset: StoreStream, num_workers: int, pin_memory: bool = False) -> torch.utils.data.DataLoader:

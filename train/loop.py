@@ -38,7 +38,7 @@ from common.imageio import image_grid, write_png
 from common.store import StoreReader
 from common.uvtools import model_uv_fragments
 from train.config import RunOptions, TrainConfig
-from train.data import DataConfig, StoreStream, make_loader
+from train.data import DataConfig, StoreStream, add_renders, make_loader
 from train.losses import (
     NonFiniteLoss,
     check_finite,
@@ -53,7 +53,7 @@ from train.losses import (
     tv_loss,
 )
 from train.models import PatchDiscriminator, UVGenerator, UVSampler
-from train.render import mesh_in_frame, render_lookup, texel_image_grid
+from train.render import PosedMesh, mesh_in_frame, render_lookup, texel_image_grid
 from train.uvops import centre_crop, resize_masked, side_crops
 
 CHECKPOINT, SAMPLER_CHECKPOINT, CONFIG, METRICS = "checkpoint.pt", "sampler.pt", "config.json", "metrics.jsonl"
@@ -246,6 +246,9 @@ class Trainer:
         self.ctr_region = torch.from_numpy(self.layout.ctr_region.astype(np.float32)).to(dev)
         self.sd_region = torch.from_numpy(self.layout.sd_region.astype(np.float32)).to(dev)
         self.amp_dtype = self._amp_dtype()
+        ro = run.render_on
+        self.render_in_loader = ro == "loader" or (ro == "auto" and dev.type != "cuda")
+        self.mesh = None if self.render_in_loader else PosedMesh(self.face_model, dev)
         self._build_models()
         self.identity = load_identity(cfg.identity, dev)
         self.step = 0
@@ -518,7 +521,7 @@ def _stage_loader(tr: Trainer, stage: Stage):
     cfg = tr.cfg
     data = DataConfig(batch_size=cfg.batch_size, image_size=stage.image_size, seed=cfg.seed + 1000 * stage.start,
                       shuffle_window=cfg.shuffle_window, with_targets=stage.with_targets,
-                      rotate_share=cfg.rotate_share, max_yaw=cfg.max_yaw)
+                      rotate_share=cfg.rotate_share, max_yaw=cfg.max_yaw, render_in_loader=tr.render_in_loader)
     ds = StoreStream(cfg.store, data, tr.world.rank, tr.world.world_size, start_batch=tr.step - stage.start)
     usable = ds.usable(cfg.workers)
     if not usable["samples"]:
@@ -585,6 +588,8 @@ def _run_stage(tr: Trainer, stage: Stage, stop: int, tb, on_log, on_step) -> lis
             t0 = time.perf_counter()
             b = _to(next(it), tr.device)
             wait += time.perf_counter() - t0
+            if tr.mesh is not None:
+                add_renders(b, tr.mesh, stage.image_size)
             terms = tr.generator_step(b) if stage.with_targets else tr.sampler_step(b, stage)
             tr.step += 1
             steps_in_window += 1

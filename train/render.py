@@ -19,7 +19,42 @@ from common.facemodel import FaceModel
 from common.geometry import euler_to_matrix, pose_to_srt, project_to_image, split_params
 from common.render import interpolate, rasterize
 
-__all__ = ["mesh_in_frame", "uv_lookup", "render_lookup", "rotated_params", "texel_image_grid"]
+__all__ = ["PosedMesh", "mesh_in_frame", "uv_lookup", "render_lookup", "rotated_params", "texel_image_grid"]
+
+
+class PosedMesh:
+    """The face model's geometry as tensors on one device: fitted 62-parameter faces -> pixels -> UV lookups.
+
+    Used in the loader's workers (CPU) or, with ``uvtrain fit --render-on device``, in the training step on the GPU.
+    """
+
+    def __init__(self, model: FaceModel, device: torch.device | str = "cpu") -> None:
+        dev = torch.device(device)
+        f32 = torch.float32
+        self.mean = torch.as_tensor(model.mean_shape, dtype=f32, device=dev)
+        self.id_basis = torch.as_tensor(model.id_basis, dtype=f32, device=dev)
+        self.exp_basis = torch.as_tensor(model.exp_basis, dtype=f32, device=dev)
+        self.triangles = torch.as_tensor(np.ascontiguousarray(model.triangles), dtype=torch.int64, device=dev)
+        self.uv = torch.as_tensor(model.uv, dtype=f32, device=dev)
+
+    def verts(self, params: torch.Tensor, frame_size: int, out_size: int) -> torch.Tensor:
+        """params (B, 62) in a frame of side ``frame_size`` -> (B, V, 3) pixel coordinates of an ``out_size`` image."""
+        if params.ndim != 2 or params.shape[1] != 62:
+            raise ValueError(f"params: expected (B, 62), found {tuple(params.shape)}")
+        p = params.to(self.mean.device, torch.float32)
+        pose, a_id, a_exp = split_params(p)
+        k_id, k_exp = min(a_id.shape[1], self.id_basis.shape[2]), min(a_exp.shape[1], self.exp_basis.shape[2])
+        shape = (self.mean + torch.einsum("vck,bk->bvc", self.id_basis[:, :, :k_id], a_id[:, :k_id])
+                 + torch.einsum("vck,bk->bvc", self.exp_basis[:, :, :k_exp], a_exp[:, :k_exp]))
+        return project_to_image(shape, pose, float(frame_size)) * (out_size / frame_size)
+
+    def lookup(self, verts_px: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """:func:`uv_lookup` on this device: (B, size, size, 2) grid and (B, 1, size, size) cover."""
+        frags = rasterize(verts_px, self.triangles, (size, size), cull_backfaces=True)
+        uv = interpolate(frags, self.uv)
+        grid = torch.stack([2.0 * uv[..., 0] - 1.0, 1.0 - 2.0 * uv[..., 1]], -1)
+        cover = frags.mask.unsqueeze(1).to(torch.float32)
+        return grid * cover.permute(0, 2, 3, 1), cover
 
 
 def mesh_in_frame(model: FaceModel, params: np.ndarray, frame_size: int, out_size: int) -> torch.Tensor:
@@ -45,12 +80,7 @@ def uv_lookup(model: FaceModel, verts_px: torch.Tensor, size: int) -> tuple[torc
     ``grid_sample``'s convention (``x = 2u - 1``, ``y = 1 - 2v``; 0 on background) and cover
     (B, 1, size, size) float32 in {0, 1}. Back faces are culled, the nearest surface wins.
     """
-    tris = torch.from_numpy(np.ascontiguousarray(model.triangles, np.int64))
-    frags = rasterize(verts_px, tris, (size, size), cull_backfaces=True)
-    uv = interpolate(frags, torch.from_numpy(np.ascontiguousarray(model.uv, np.float32)))  # (B, H, W, 2)
-    grid = torch.stack([2.0 * uv[..., 0] - 1.0, 1.0 - 2.0 * uv[..., 1]], -1)
-    cover = frags.mask.unsqueeze(1).to(torch.float32)
-    return grid * cover.permute(0, 2, 3, 1), cover
+    return PosedMesh(model, verts_px.device).lookup(verts_px, size)
 
 
 def render_lookup(texture: torch.Tensor, grid: torch.Tensor, cover: torch.Tensor) -> torch.Tensor:
