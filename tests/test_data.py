@@ -150,3 +150,30 @@ def test_rotate_and_render_replaces_only_the_chosen_inputs(train_store):
             # a rotate-and-render input has a black background outside the face at the new pose
             assert torch.equal(x["image"][r] * (1 - x["cover1"][r]), torch.zeros_like(x["image"][r]))
     assert 0 < n_rot < 12
+
+
+@pytest.mark.parametrize("batch", [1, 3, 5])
+def test_rotated_params_turn_the_face_in_place(batch):
+    """I1's pose: the requested yaw, the same pitch, roll and scale, the face's mean vertex where it was."""
+    from common.geometry import compose_params, make_pose, params_to_euler, project_to_image, split_params
+    from common.procedural import build_procedural_model
+    from train.render import rotated_params
+
+    model = build_procedural_model()
+    rng = np.random.default_rng(batch)
+    pose = make_pose(rng.uniform(40, 60, batch), np.radians(rng.uniform(-40, 40, batch)),
+                     np.radians(rng.uniform(-10, 10, batch)), np.radians(rng.uniform(-10, 10, batch)),
+                     np.tile([64.0, 64.0, 0.0], (batch, 1)))
+    p = compose_params(pose, rng.normal(size=(batch, 40)).astype(np.float32),
+                       rng.normal(size=(batch, 10)).astype(np.float32))
+    yaw = rng.uniform(-60, 60, batch)
+    q = rotated_params(p, yaw, 128, model)
+
+    def centroid(params):
+        pose, a_id, a_exp = split_params(params)
+        return project_to_image(model.shape(a_id, a_exp), pose, 128).mean(1)[:, :2]
+
+    np.testing.assert_allclose(centroid(q), centroid(p), atol=1e-2)
+    np.testing.assert_allclose(params_to_euler(q)[:, 0], yaw, atol=1e-3)
+    np.testing.assert_allclose(params_to_euler(q)[:, 1:], params_to_euler(p)[:, 1:], atol=1e-3)
+    np.testing.assert_allclose(np.linalg.norm(q[:, :3], axis=1), np.linalg.norm(p[:, :3], axis=1), rtol=1e-5)

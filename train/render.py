@@ -110,7 +110,11 @@ def rotated_params(params: np.ndarray, yaw_deg: np.ndarray, frame_size: int, mod
     pitch = np.arctan2(rot[:, 2, 1], rot[:, 2, 2])
     roll = np.arctan2(rot[:, 1, 0], rot[:, 0, 0])
     new_rot = euler_to_matrix(np.radians(np.asarray(yaw_deg, np.float64)), pitch, roll)
-    centre = model.shape(a_id.astype(np.float32), a_exp.astype(np.float32)).mean(1).astype(np.float64)  # (B, 3)
+    k_id, k_exp = min(a_id.shape[1], model.n_id), min(a_exp.shape[1], model.n_exp)
+    # the mean vertex (B, 3): the shape is linear in the coefficients, so average the bases once
+    centre = (model.mean_shape.mean(0)[:, None].astype(np.float64)
+              + model.id_basis[:, :, :k_id].mean(0).astype(np.float64) @ a_id[:, :k_id].T
+              + model.exp_basis[:, :, :k_exp].mean(0).astype(np.float64) @ a_exp[:, :k_exp].T).T
     old_c = s[:, None] * np.einsum("bij,bj->bi", rot, centre) + t
     new_t = old_c - s[:, None] * np.einsum("bij,bj->bi", new_rot, centre)
     out = params.copy()
