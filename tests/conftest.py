@@ -20,6 +20,18 @@ def asset_path(*parts: str) -> Path:
     return p
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Run a module at one torch thread: setup outside the build's chunk tasks runs at torch's default thread count,
+    which on 2 shared cores spins (use with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def assets():
     return asset_path

@@ -95,15 +95,7 @@ def _copy(src: Path, dst: Path) -> Path:
     return dst
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """Setup outside the chunk tasks runs at torch's default thread count; on 2 shared cores that spins."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -223,7 +223,7 @@ class Dist:
 
 # ------------------------------------------------------------------------------------------ trainer
 class Trainer:
-    """Holds the models, optimisers and state of one run; :meth:`run` trains until the phase's last step."""
+    """The models, optimisers, AMP scaler and logging state of one run, and its steps; :func:`fit` drives it."""
 
     def __init__(self, cfg: TrainConfig, run: RunOptions, world: Dist | None = None) -> None:
         self.cfg, self.run_opts = cfg, run
@@ -327,7 +327,7 @@ class Trainer:
         path = self.rd / CHECKPOINT
         if not path.exists():
             return False
-        ck = torch.load(path, map_location=self.device, weights_only=True)
+        ck = torch.load(path, map_location="cpu", weights_only=True)  # RNG states must stay CPU tensors
         self.load_state_dict(ck)
         if self.world.main:
             _truncate_metrics(self.rd / METRICS, self.step)
@@ -634,7 +634,7 @@ __all__ = ["RunError", "Stage", "Trainer", "atomic_save", "config_differences", 
 def load_trained(run_dir: Path, device: str = "cpu") -> tuple[TrainConfig, UVSampler, UVGenerator, int]:
     """(config, sampler, generator, step) of a run directory's last checkpoint, in eval mode on ``device``."""
     cfg = load_run_config(run_dir)
-    ck = torch.load(Path(run_dir) / CHECKPOINT, map_location=device, weights_only=True)
+    ck = torch.load(Path(run_dir) / CHECKPOINT, map_location="cpu", weights_only=True)
     uv_size = StoreReader(cfg.store).layout.uv_size
     sampler, generator = UVSampler(cfg.sampler), UVGenerator(uv_size, cfg.generator)
     sampler.load_state_dict(ck["models"]["sampler"])
