@@ -143,8 +143,8 @@ def main() -> None:
             print(f"loader at {h}², {w} workers: {rates[w]:.1f} samples/s rasterising in the loader, "
                   f"{bare:.1f} samples/s without (--render-on device)")
         steps = step_rates(store, args.device, args.train_size, args.steps, args.small)
-        print(f"\nsteps at batch 6 on {args.device} (image {args.train_size}², sampler grid 152, "
-              f"{'small' if args.small else 'full-size'} networks):")
+        print(f"\nsteps at batch 6 on {args.device} (image {args.train_size}², sampler grid 152, UV {h}² after the "
+              f"first stage, {'small' if args.small else 'full-size'} networks):")
         print(f"{'phase':<10} {'s/step':>8} {'steps/s':>8} {'samples/s':>10} {'loader(best)/step':>18}")
         best = max(rates.values())
         for name, r in steps.items():
