@@ -3,6 +3,8 @@ gradients, determinism, autocast and the documented parameter counts. Tiny sizes
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -246,11 +248,15 @@ def test_count_parameters_and_documented_defaults():
     lin = nn.Linear(3, 5)
     assert count_parameters(lin) == 20
     sampler = UVSampler(TINY_SAMPLER)
-    assert count_parameters(sampler.out) == (64 + 1) * 2 * 24 * 24
+    assert count_parameters(sampler.out) == (64 + 1) * 2 * 19 * 19  # offsets on the 19 x 19 control grid
+    assert count_parameters(UVSampler(dataclasses.replace(TINY_SAMPLER, control_size=None)).out) == 65 * 2 * 24 * 24
     # the numbers quoted in train/models.py's docstrings
     torch.manual_seed(0)
     full = UVSampler()
-    assert count_parameters(full) == 63_986_688
-    assert count_parameters(full.out) == 47_363_200
+    assert count_parameters(full) == 17_363_538
+    assert count_parameters(full.out) == 740_050
+    literal = UVSampler(SamplerConfig(control_size=None))
+    assert count_parameters(literal) == 63_986_688
+    assert count_parameters(literal.out) == 47_363_200
     assert count_parameters(UVGenerator(256)) == 50_245_635
     assert count_parameters(PatchDiscriminator()) == 1_843_649

@@ -45,6 +45,8 @@ def fit(
     w_id: float = typer.Option(0.1, min=0.0, help="Weight of the identity loss (Eq. 13), lambda_3 of Eq. 14."),
     w_adv: float = typer.Option(0.01, min=0.0, help="Weight of the adversarial loss (Eq. 10), lambda_1 of Eq. 14."),
     w_side: float = typer.Option(0.5, min=0.0, help="Extra factor of D_sd's adversarial term."),
+    w_grid: float = typer.Option(1.0, min=0.0, help="Weight of the auxiliary sampling-grid L1 to the fit (not in "
+                                                    "the paper; 0: Eq. 5 alone)."),
     r1_gamma: float = typer.Option(0.0, min=0.0, help="R1 penalty weight of the discriminators (0: off)."),
     rotate_share: float = typer.Option(0.25, min=0.0, max=1.0, help="Share of rotate-and-render inputs."),
     max_yaw: float = typer.Option(60.0, min=0.0, max=90.0, help="|yaw| bound of the random poses (degrees)."),
@@ -67,7 +69,7 @@ def fit(
             sampler_image_size=sampler_image_size, workers=workers, seed=seed, rotate_share=rotate_share,
             max_yaw=max_yaw, identity=identity,
             weights=LossWeights(face=w_face, uv=w_uv, sym=w_sym, tv=w_tv, id=w_id, adv=w_adv, side=w_side,
-                                r1_gamma=r1_gamma),
+                                grid=w_grid, r1_gamma=r1_gamma),
             optim=OptimConfig(lr_sampler=lr_sampler, lr_generator=lr_generator, lr_discriminator=lr_discriminator),
             sampler=SamplerConfig(grid_size=sampler_grid, channels=channels),
             generator=GeneratorConfig(channels=channels), discriminator=DiscriminatorConfig(channels=channels))

@@ -44,6 +44,7 @@ from train.losses import (
     check_finite,
     d_loss,
     g_adv_loss,
+    grid_loss,
     identity_loss,
     r1_penalty,
     reconstruction_loss,
@@ -248,7 +249,8 @@ class Trainer:
         self.amp_dtype = self._amp_dtype()
         ro = run.render_on
         self.render_in_loader = ro == "loader" or (ro == "auto" and dev.type != "cuda")
-        self.mesh = None if self.render_in_loader else PosedMesh(self.face_model, dev)
+        self.posed = PosedMesh(self.face_model, dev)
+        self.mesh = None if self.render_in_loader else self.posed
         self._build_models()
         self.identity = load_identity(cfg.identity, dev)
         self.step = 0
@@ -349,16 +351,21 @@ class Trainer:
 
     # ---------------------------------------------------------------------------------- steps
     def sampler_step(self, b: dict, stage: Stage) -> dict[str, torch.Tensor]:
-        """One Eq. 5 step of the UV sampler."""
+        """One Eq. 5 step of the UV sampler (plus the auxiliary :func:`train.losses.grid_loss`, weight ``grid``)."""
         with self.autocast():
-            uv_spl, _ = self.sampler_t(b["image"], out_size=stage.uv_out)
+            uv_spl, grid = self.sampler_t(b["image"], out_size=stage.uv_out)
         uv_spl = uv_spl.float()
         uv_gt, mask = b["uv_gt"], b["uv_gt_mask"]
         if stage.uv_out != self.uv_size:
             uv_gt, mask = resize_masked(uv_gt, mask, stage.uv_out)
         render = render_lookup(uv_spl, b["grid0"], b["cover0"])
-        terms = sampler_loss(uv_spl, uv_gt, mask, render, b["target"], b["face"] * b["cover0"],
-                             self.cfg.weights.tv)
+        w = self.cfg.weights
+        terms = sampler_loss(uv_spl, uv_gt, mask, render, b["target"], b["face"] * b["cover0"], w.tv)
+        if w.grid > 0:
+            verts = self.posed.verts(b["params0"], b["frame"], stage.image_size)
+            target = self.posed.texel_grid(verts, stage.uv_out, stage.image_size)
+            terms["loss_grid"] = grid_loss(grid, target, mask)
+            terms["loss"] = terms["loss"] + w.grid * terms["loss_grid"]
         check_finite(terms, self.step)
         self.opt_s.zero_grad(set_to_none=True)
         self.scaler.scale(terms["loss"]).backward()

@@ -178,6 +178,22 @@ def identity_loss(feat_a: Tensor, feat_b: Tensor) -> Tensor:  # Eq. 13
     return (feat_a.float() - feat_b.float()).abs().mean()
 
 
+def grid_loss(grid: Tensor, target: Tensor, mask: Tensor) -> Tensor:
+    """Auxiliary sampler loss, **not in the paper**: ||S_att - S_fit||_1 on the observed texels.
+
+    grid: the sampler's attention sampling grid S_att (B, U, U, 2); target: the fitted mesh's texel -> pixel map at
+    the stored pose in the same normalised coordinates (:meth:`train.render.PosedMesh.texel_grid`; finite where
+    ``mask``); mask: (B, 1, U, U) the texels UV_gt observed. Eq. 5 alone only sees colour differences, whose
+    gradient w.r.t. a sampling point reaches about one pixel: a grid that starts more than a few pixels off (any
+    face far from the mean pose) slides into a scramble of face-coloured pixels that lowers the L1 to the mean
+    colour and stays there (seen on the synthetic world). The fit already knows where every observed texel is, so
+    this term gives the sampler a global, pose-aware signal; ``LossWeights.grid = 0`` gives the paper's Eq. 5 alone.
+    """
+    expect_shape("grid", grid, ("B", "U", "U", 2))
+    expect_shape("target", target, ("B", "U", "U", 2))
+    return masked_l1(grid.permute(0, 3, 1, 2), torch.nan_to_num(target).permute(0, 3, 1, 2), mask)
+
+
 @dataclass(frozen=True)
 class LossWeights:
     """Weights of the generator's loss terms (Eq. 14) and of the discriminators' R1 penalty."""
@@ -196,6 +212,8 @@ class LossWeights:
     """lambda_1, adversarial loss (Eq. 10), summed over D_ctr, D_sd and D_face."""
     side: float = 0.5
     """Extra factor on D_sd's adversarial term (on top of ``adv``): it sees two crops per map."""
+    grid: float = 1.0
+    """Auxiliary sampler term :func:`grid_loss` (not in the paper; 0 turns it off)."""
     r1_gamma: float = 0.0
     """R1 penalty weight gamma of the discriminators (gamma / 2 * r1_penalty); 0: off."""
 

@@ -9,8 +9,9 @@ of a 256 image).
 
 Parameter counts of the default configurations (``count_parameters``):
 
-* ``UVSampler(SamplerConfig())`` (S = 152): 63,986,688 -- 15,048,576 in the feature extractor, 48,938,112
-  in the sampler head, of which 47,363,200 in its last layer (1024 x 46,208 weights + 46,208 biases).
+* ``UVSampler(SamplerConfig())`` (S = 152, 19 x 19 control grid): 17,363,538 -- 15,048,576 in the feature
+  extractor, 2,314,962 in the sampler head, 740,050 of them in its last layer. With ``control_size=None`` (the
+  paper's per-texel head): 63,986,688, of which 47,363,200 in the last layer (1024 x 46,208 weights + biases).
 * ``UVGenerator(256)`` (5 halvings, bottleneck 8 x 8): 50,245,635 (``UVGenerator(152)``, 3 halvings: 26,640,387).
 * ``PatchDiscriminator()``: 1,843,649.
 """
@@ -89,6 +90,16 @@ class SamplerConfig:
     """Hidden Linear + ReLU layers of the head before its output layer (0: the feature maps straight to the grid)."""
     template_weight_scale: float = 1e-2
     """``set_template`` multiplies the output layer's weights by this, so the first grids stay near the template."""
+    out_gain: float = 1 / 32
+    """Run-time multiplier of the output layer's weights (an equalised learning rate for the head): Adam moves every
+    weight by about the learning rate per step whatever its gradient, and all of an output's inputs are >= 0 after
+    the ReLU, so an output coordinate moves by ~lr * sum(h) per step; the gain scales that down. 1: a plain Linear."""
+    control_size: int | None = 19
+    """The head predicts offsets from the template on a ``control_size``² grid of control points, bilinearly
+    upsampled to S (a smooth sampling map by construction). None: the head outputs all 2 S² coordinates, as the
+    paper's text. With per-texel outputs every coordinate follows its own noisy colour gradient and the grid
+    scrambles into face-coloured noise within tens of steps on the synthetic world; a control point pools the
+    gradients of the ~64 texels around it."""
 
 
 def identity_grid(size: int, device: torch.device | str | None = None) -> Tensor:
@@ -139,13 +150,14 @@ class UVSampler(nn.Module):
     Feature extractor: SN conv3x3 stem, ``n_down`` SN residual blocks each halving the map (avg-pool),
     ReLU, global average pooling (so any input side >= 2**n_down works: 128 and 256 in practice) and a
     linear projection to ``feature_dim``. Head: ``head_layers`` x (Linear + ReLU), then a Linear to
-    2 S^2 values reshaped to (B, S, S, 2) normalised image coordinates (x, y; grid_sample convention,
-    align_corners=False). Coordinates are not clamped: outside [-1, 1] the sample is 0, which is how
+    2 C^2 offsets on a C x C control grid (C = ``control_size``; C = S with ``control_size=None``, the paper's
+    literal head), bilinearly upsampled to S and added to the template: the (B, S, S, 2) normalised image
+    coordinates (x, y; grid_sample convention, align_corners=False). Coordinates are not clamped: outside
+    [-1, 1] the sample is 0, which is how
     the sampler can leave a texel empty. The output layer runs in float32, with autocast off.
 
     Starts from the identity grid (:func:`identity_grid`); the trainer calls :meth:`set_template` with the
-    mean sampling map of the data. At S = 152 the last layer alone has 1024 x 46,208 + 46,208 =
-    47,363,200 parameters; the default model has 63,986,688 (see the module docstring).
+    mean sampling map of the data. Parameter counts are in the module docstring.
     """
 
     def __init__(self, config: SamplerConfig = SamplerConfig()) -> None:
@@ -161,23 +173,27 @@ class UVSampler(nn.Module):
             hidden += [nn.Linear(width, c.head_hidden), nn.ReLU()]
             width = c.head_hidden
         self.hidden = nn.Sequential(*hidden)
-        self.out = nn.Linear(width, 2 * c.grid_size**2)
+        side = c.grid_size if c.control_size is None else c.control_size
+        self.out = nn.Linear(width, 2 * side**2)
+        self.register_buffer("template", identity_grid(c.grid_size))
         self.set_template(identity_grid(c.grid_size))
 
     @torch.no_grad()
     def set_template(self, grid: Tensor) -> None:
         """Start the sampler from a template grid: (S, S, 2) normalised image coordinates.
 
-        The output layer's bias becomes the flattened template and its weights are redrawn from
-        ``nn.Linear``'s default uniform init scaled by ``template_weight_scale`` (redrawn, so calling it
-        again does not shrink them further), so the first predictions are the template plus a small
-        image-dependent perturbation rather than noise around the image centre. Call before training.
+        The template is kept as a buffer (saved with the weights) and the head predicts offsets from it: the
+        output layer's bias is zeroed and its weights are redrawn from ``nn.Linear``'s default uniform init scaled
+        by ``template_weight_scale`` (redrawn, so calling it again does not shrink them further), so the first
+        predictions are the template plus a small image-dependent perturbation rather than noise around the
+        image centre. Call before training.
         """
         s = self.config.grid_size
         expect_shape("grid", grid, (s, s, 2))
         bound = self.config.template_weight_scale / math.sqrt(self.out.in_features)
         self.out.weight.uniform_(-bound, bound)
-        self.out.bias.copy_(grid.reshape(-1).to(self.out.bias))
+        self.out.bias.zero_()
+        self.template.copy_(grid.to(self.template))
 
     def features(self, image: Tensor) -> Tensor:
         """The image feature: image (B, 3, H, W) in [0, 1] -> (B, feature_dim)."""
@@ -199,7 +215,9 @@ class UVSampler(nn.Module):
         h = self.hidden(self.features(image))
         s = self.config.grid_size
         with torch.autocast(image.device.type, enabled=False):
-            grid = self.out(h.float()).view(b, s, s, 2)
+            offset = F.linear(h.float(), self.out.weight * self.config.out_gain, self.out.bias)
+            side = s if self.config.control_size is None else self.config.control_size
+            grid = self.template + resize_grid(offset.view(b, side, side, 2), s)
             if out_size is not None:
                 grid = resize_grid(grid, int(out_size))
             uv = F.grid_sample(image.float(), grid, mode="bilinear", padding_mode="zeros", align_corners=False)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from common.facemodel import FaceModel
 from common.geometry import euler_to_matrix, pose_to_srt, project_to_image, split_params
-from common.render import interpolate, rasterize
+from common.render import interpolate, rasterize, uv_fragments
 
 __all__ = ["PosedMesh", "mesh_in_frame", "uv_lookup", "render_lookup", "rotated_params", "texel_image_grid"]
 
@@ -36,6 +36,7 @@ class PosedMesh:
         self.exp_basis = torch.as_tensor(model.exp_basis, dtype=f32, device=dev)
         self.triangles = torch.as_tensor(np.ascontiguousarray(model.triangles), dtype=torch.int64, device=dev)
         self.uv = torch.as_tensor(model.uv, dtype=f32, device=dev)
+        self._uv_frags: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def verts(self, params: torch.Tensor, frame_size: int, out_size: int) -> torch.Tensor:
         """params (B, 62) in a frame of side ``frame_size`` -> (B, V, 3) pixel coordinates of an ``out_size`` image."""
@@ -47,6 +48,15 @@ class PosedMesh:
         shape = (self.mean + torch.einsum("vck,bk->bvc", self.id_basis[:, :, :k_id], a_id[:, :k_id])
                  + torch.einsum("vck,bk->bvc", self.exp_basis[:, :, :k_exp], a_exp[:, :k_exp]))
         return project_to_image(shape, pose, float(frame_size)) * (out_size / frame_size)
+
+    def texel_grid(self, verts_px: torch.Tensor, uv_size: int, image_size: int) -> torch.Tensor:
+        """Where each texel of a ``uv_size`` UV map lands in the image: (B, U, U, 2) ``grid_sample`` coordinates,
+        NaN outside the layout (:func:`texel_image_grid`); the per-size UV rasterisation is cached."""
+        if uv_size not in self._uv_frags:
+            frags = uv_fragments(self.uv.detach().cpu().double(), self.triangles.cpu(), uv_size)
+            self._uv_frags[uv_size] = (frags.tri_id[0].to(self.uv.device), frags.bary[0].to(self.uv.device))
+        tri_id, bary = self._uv_frags[uv_size]
+        return _texel_grid(verts_px, self.triangles, tri_id, bary, image_size)
 
     def lookup(self, verts_px: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """:func:`uv_lookup` on this device: (B, size, size, 2) grid and (B, 1, size, size) cover."""
@@ -130,8 +140,13 @@ def texel_image_grid(model: FaceModel, verts_px: torch.Tensor, uv_frags, size: i
     image), NaN on texels outside the layout. Averaged over samples it is the UV sampler's template grid.
     """
     tris = torch.from_numpy(np.ascontiguousarray(model.triangles, np.int64))
-    tri_id, bary = uv_frags.tri_id[0], uv_frags.bary[0].to(torch.float64)  # (U, U), (U, U, 3)
+    return _texel_grid(verts_px, tris, uv_frags.tri_id[0], uv_frags.bary[0], size)
+
+
+def _texel_grid(verts_px: torch.Tensor, tris: torch.Tensor, tri_id: torch.Tensor, bary: torch.Tensor,
+                size: int) -> torch.Tensor:
+    """verts (B, V, 3), triangles (F, 3), the UV layout's tri_id (U, U) and bary (U, U, 3) -> (B, U, U, 2)."""
     corners = verts_px[:, tris[tri_id.clamp(min=0)], :2].to(torch.float64)  # (B, U, U, 3, 2)
-    pos = (bary[None, ..., None] * corners).sum(-2)  # (B, U, U, 2) pixels
+    pos = (bary.to(torch.float64)[None, ..., None] * corners).sum(-2)  # (B, U, U, 2) pixels
     grid = (2.0 * pos / size - 1.0).to(torch.float32)
     return torch.where((tri_id >= 0)[None, ..., None], grid, torch.full_like(grid, float("nan")))
