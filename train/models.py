@@ -90,10 +90,6 @@ class SamplerConfig:
     """Hidden Linear + ReLU layers of the head before its output layer (0: the feature maps straight to the grid)."""
     template_weight_scale: float = 1e-2
     """``set_template`` multiplies the output layer's weights by this, so the first grids stay near the template."""
-    out_gain: float = 1 / 32
-    """Run-time multiplier of the output layer's weights (an equalised learning rate for the head): Adam moves every
-    weight by about the learning rate per step whatever its gradient, and all of an output's inputs are >= 0 after
-    the ReLU, so an output coordinate moves by ~lr * sum(h) per step; the gain scales that down. 1: a plain Linear."""
     control_size: int | None = 19
     """The head predicts offsets from the template on a ``control_size``² grid of control points, bilinearly
     upsampled to S (a smooth sampling map by construction). None: the head outputs all 2 S² coordinates, as the
@@ -215,7 +211,7 @@ class UVSampler(nn.Module):
         h = self.hidden(self.features(image))
         s = self.config.grid_size
         with torch.autocast(image.device.type, enabled=False):
-            offset = F.linear(h.float(), self.out.weight * self.config.out_gain, self.out.bias)
+            offset = self.out(h.float())
             side = s if self.config.control_size is None else self.config.control_size
             grid = self.template + resize_grid(offset.view(b, side, side, 2), s)
             if out_size is not None:
