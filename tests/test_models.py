@@ -253,10 +253,10 @@ def test_count_parameters_and_documented_defaults():
     # the numbers quoted in train/models.py's docstrings
     torch.manual_seed(0)
     full = UVSampler()
-    assert count_parameters(full) == 17_363_538
+    assert count_parameters(full) == 21_296_722
     assert count_parameters(full.out) == 740_050
     literal = UVSampler(SamplerConfig(control_size=None))
-    assert count_parameters(literal) == 63_986_688
+    assert count_parameters(literal) == 67_919_872
     assert count_parameters(literal.out) == 47_363_200
     assert count_parameters(UVGenerator(256)) == 50_245_635
     assert count_parameters(PatchDiscriminator()) == 1_843_649

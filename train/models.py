@@ -9,9 +9,10 @@ of a 256 image).
 
 Parameter counts of the default configurations (``count_parameters``):
 
-* ``UVSampler(SamplerConfig())`` (S = 152, 19 x 19 control grid): 17,363,538 -- 15,048,576 in the feature
-  extractor, 2,314,962 in the sampler head, 740,050 of them in its last layer. With ``control_size=None`` (the
-  paper's per-texel head): 63,986,688, of which 47,363,200 in the last layer (1024 x 46,208 weights + biases).
+* ``UVSampler(SamplerConfig())`` (S = 152, 19 x 19 control grid): 21,296,722 -- 18,981,760 in the feature
+  extractor (4,195,840 of them in the projection of the 4 x 4 pooled map to 512), 2,314,962 in the sampler head,
+  740,050 of them in its last layer. With ``control_size=None`` (the paper's per-texel head): 67,919,872, of which
+  47,363,200 in the last layer (1024 x 46,208 weights + biases).
 * ``UVGenerator(256)`` (5 halvings, bottleneck 8 x 8): 50,245,635 (``UVGenerator(152)``, 3 halvings: 26,640,387).
 * ``PatchDiscriminator()``: 1,843,649.
 """
@@ -83,7 +84,12 @@ class SamplerConfig:
     n_down: int = 5
     """Residual blocks, each halving H and W (avg-pool); input sides must be >= 2**n_down."""
     feature_dim: int = 512
-    """Length of the globally pooled image feature (the paper's 512-d feature)."""
+    """Length of the image feature (the paper's 512-d feature)."""
+    pool_size: int = 4
+    """The last feature map is average-pooled to ``pool_size``² cells (any input size) and flattened before the
+    projection to ``feature_dim``. 1 is global average pooling, which throws away where things are in the image:
+    measured at init on 6 synthetic faces, its features varied by 1.5e-4 (std over the batch) against a mean of
+    0.01, and the grid could not learn the pose."""
     head_hidden: int = 1024
     """Width of the sampler head's hidden fully connected layers."""
     head_layers: int = 2
@@ -144,8 +150,8 @@ class UVSampler(nn.Module):
     activations. The sampler's output is reshaped as S_att in R^{B x 152 x 152 x 2}".
 
     Feature extractor: SN conv3x3 stem, ``n_down`` SN residual blocks each halving the map (avg-pool),
-    ReLU, global average pooling (so any input side >= 2**n_down works: 128 and 256 in practice) and a
-    linear projection to ``feature_dim``. Head: ``head_layers`` x (Linear + ReLU), then a Linear to
+    ReLU, average pooling to a ``pool_size``² map (so any input side >= 2**n_down works: 128 and 256 in practice),
+    a linear projection of the flattened map to ``feature_dim`` and a LayerNorm. Head: ``head_layers`` x (Linear + ReLU), then a Linear to
     2 C^2 offsets on a C x C control grid (C = ``control_size``; C = S with ``control_size=None``, the paper's
     literal head), bilinearly upsampled to S and added to the template: the (B, S, S, 2) normalised image
     coordinates (x, y; grid_sample convention, align_corners=False). Coordinates are not clamped: outside
@@ -162,7 +168,8 @@ class UVSampler(nn.Module):
         widths = [min(c.channels * 2**k, c.max_channels) for k in range(c.n_down + 1)]
         self.stem = SNConv2d(3, widths[0], 3, padding=1)
         self.blocks = nn.Sequential(*(_DownResBlock(a, b) for a, b in zip(widths[:-1], widths[1:], strict=True)))
-        self.project = nn.Linear(widths[-1], c.feature_dim)
+        self.project = nn.Linear(widths[-1] * c.pool_size**2, c.feature_dim)
+        self.norm = nn.LayerNorm(c.feature_dim)
         hidden: list[nn.Module] = []
         width = c.feature_dim
         for _ in range(c.head_layers):
@@ -194,7 +201,8 @@ class UVSampler(nn.Module):
     def features(self, image: Tensor) -> Tensor:
         """The image feature: image (B, 3, H, W) in [0, 1] -> (B, feature_dim)."""
         h = self.blocks(self.stem(image * 2 - 1))
-        return self.project(F.relu(h).mean(dim=(2, 3)))
+        pooled = F.adaptive_avg_pool2d(F.relu(h), self.config.pool_size).flatten(1)
+        return self.norm(self.project(pooled))
 
     def forward(self, image: Tensor, out_size: int | None = None) -> tuple[Tensor, Tensor]:
         """image (B, 3, H, W) in [0, 1], H, W >= 2**n_down -> (uv_spl (B, 3, U, U), grid (B, U, U, 2)), float32.
