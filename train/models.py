@@ -149,14 +149,14 @@ class UVSampler(nn.Module):
     feature is fed into the sampler head, a stack of fully connected layers interspersed with ReLU
     activations. The sampler's output is reshaped as S_att in R^{B x 152 x 152 x 2}".
 
-    Feature extractor: SN conv3x3 stem, ``n_down`` SN residual blocks each halving the map (avg-pool),
-    ReLU, average pooling to a ``pool_size``² map (so any input side >= 2**n_down works: 128 and 256 in practice),
-    a linear projection of the flattened map to ``feature_dim`` and a LayerNorm. Head: ``head_layers`` x (Linear + ReLU), then a Linear to
-    2 C^2 offsets on a C x C control grid (C = ``control_size``; C = S with ``control_size=None``, the paper's
-    literal head), bilinearly upsampled to S and added to the template: the (B, S, S, 2) normalised image
-    coordinates (x, y; grid_sample convention, align_corners=False). Coordinates are not clamped: outside
-    [-1, 1] the sample is 0, which is how
-    the sampler can leave a texel empty. The output layer runs in float32, with autocast off.
+    Feature extractor: SN conv3x3 stem, ``n_down`` SN residual blocks each halving the map (avg-pool), ReLU,
+    average pooling to a ``pool_size``² map (so any input side >= 2**n_down works: 128 and 256 in practice), a
+    linear projection of the flattened map to ``feature_dim`` and a LayerNorm. Head: ``head_layers`` x (Linear +
+    ReLU), then a Linear to 2 C^2 offsets on a C x C control grid (C = ``control_size``; C = S with
+    ``control_size=None``, the paper's literal head), bilinearly upsampled to S and added to the template: the
+    (B, S, S, 2) normalised image coordinates (x, y; grid_sample convention, align_corners=False). Coordinates
+    are not clamped: outside [-1, 1] the sample is 0, which is how the sampler can leave a texel empty. The
+    output layer runs in float32, with autocast off.
 
     Starts from the identity grid (:func:`identity_grid`); the trainer calls :meth:`set_template` with the
     mean sampling map of the data. Parameter counts are in the module docstring.
