@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import os
+
 import zarr
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -31,6 +34,8 @@ def _summary(result: dict, cfg: TrainConfig, run: RunOptions) -> Table:
 
 def run_fit(cfg: TrainConfig, run: RunOptions, console: Console | None = None) -> int:
     """Run :func:`fit` with a progress line; returns the exit code (0 ok, 2 a user error, printed as one line)."""
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 shows progress and the summary
+        run = dataclasses.replace(run, progress=False)
     console = console or Console(stderr=True)
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                         TextColumn("[cyan]{task.fields[rate]}"), TextColumn("{task.fields[loss]}"),
