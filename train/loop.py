@@ -246,6 +246,9 @@ class Trainer:
         self.uv_valid = torch.from_numpy(np.asarray(valid, np.float32))[None, None].to(dev)
         self.ctr_region = torch.from_numpy(self.layout.ctr_region.astype(np.float32)).to(dev)
         self.sd_region = torch.from_numpy(self.layout.sd_region.astype(np.float32)).to(dev)
+        if cfg.weights.r1_gamma > 0 and self.world.world_size > 1:
+            raise RunError("--r1-gamma > 0 under torchrun: the R1 penalty's double backward through "
+                           "DistributedDataParallel is not supported; use one process or --r1-gamma 0")
         self.amp_dtype = self._amp_dtype()
         ro = run.render_on
         self.render_in_loader = ro == "loader" or (ro == "auto" and dev.type != "cuda")
