@@ -24,7 +24,7 @@ from common.store import StoreReader
 from train.config import RunOptions, TrainConfig
 from train.data import DataConfig, StoreStream, make_loader
 from train.loop import Trainer, schedule
-from train.render import mesh_in_frame, uv_lookup
+from train.render import PosedMesh
 
 
 def build_store(out: Path, size: int, count: int) -> str:
@@ -71,13 +71,13 @@ def read_rates(store: str, n: int = 48) -> tuple[float, float]:
 def raster_share(store: str, image_size: int) -> float:
     """Seconds per sample spent rasterising (two lookups: I0 and I1) in the loader."""
     reader = StoreReader(store)
-    model = reader.face_model()
-    params = reader.batch(reader.ok_indices()[:6], ["params"])["params"]
-    verts = mesh_in_frame(model, params, reader.layout.image_size, image_size)
+    mesh = PosedMesh(reader.face_model())
+    params = torch.from_numpy(reader.batch(reader.ok_indices()[:6], ["params"])["params"])
+    verts = mesh.verts(params, reader.layout.image_size, image_size)
     times = []
     for _ in range(3):
         t0 = time.perf_counter()
-        uv_lookup(model, verts, image_size)
+        mesh.lookup(verts, image_size)
         times.append(time.perf_counter() - t0)
     return 2 * min(times) / 6
 

@@ -491,12 +491,13 @@ def _non_lock_entries(folder: Path) -> list[str]:
     return [p.name for p in folder.iterdir() if p.name != LOCK_NAME]
 
 
-def _flat(d, prefix: str = "") -> dict[str, Any]:
+def flatten_mapping(d, prefix: str = "") -> dict[str, Any]:
+    """Nested mappings -> {"a.b.c": leaf}: the dotted keys config comparisons name (stores and training runs)."""
     if not isinstance(d, Mapping):
         return {prefix: d}
     out: dict[str, Any] = {}
     for k, v in d.items():
-        out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
+        out.update(flatten_mapping(v, f"{prefix}.{k}" if prefix else str(k)))
     return out
 
 
@@ -513,7 +514,7 @@ def _differences(stored: Mapping, layout: StoreLayout, user: Mapping, m_count: i
     want = {"layout": layout.to_json(), "config": user["config"]}
     want.update({k: user[k] for k in user if k != "config" and k not in _PROVENANCE_ATTRS})
     for top, value in want.items():
-        a, b = _flat(stored.get(top), top), _flat(value, top)
+        a, b = flatten_mapping(stored.get(top), top), flatten_mapping(value, top)
         for key in sorted(set(a) | set(b)):
             old, new = a.get(key, "<absent>"), b.get(key, "<absent>")
             if old != new:

@@ -35,7 +35,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from common.imageio import image_grid, write_png
-from common.store import StoreReader
+from common.store import StoreReader, flatten_mapping
 from common.uvtools import model_uv_fragments
 from train.config import RunOptions, TrainConfig
 from train.data import DataConfig, StoreStream, add_renders, make_loader
@@ -54,7 +54,7 @@ from train.losses import (
     tv_loss,
 )
 from train.models import PatchDiscriminator, UVGenerator, UVSampler
-from train.render import PosedMesh, mesh_in_frame, render_lookup, texel_image_grid
+from train.render import PosedMesh, render_lookup
 from train.uvops import centre_crop, resize_masked, side_crops
 
 CHECKPOINT, SAMPLER_CHECKPOINT, CONFIG, METRICS = "checkpoint.pt", "sampler.pt", "config.json", "metrics.jsonl"
@@ -87,18 +87,9 @@ def schedule(cfg: TrainConfig, uv_size: int) -> list[Stage]:
 
 
 # ------------------------------------------------------------------------------------ run directory
-def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(d, dict):
-        return {prefix: d}
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        out.update(_flat(v, f"{prefix}.{k}" if prefix else k))
-    return out
-
-
 def config_differences(old: dict, new: dict) -> list[str]:
     """Human-readable ``key: run dir X, this run Y`` lines for every differing (nested) config field."""
-    a, b = _flat(old), _flat(new)
+    a, b = flatten_mapping(old), flatten_mapping(new)
     return [f"{k}: run dir {a.get(k, '<absent>')!r}, this run {b.get(k, '<absent>')!r}"
             for k in sorted(set(a) | set(b)) if a.get(k, "<absent>") != b.get(k, "<absent>")]
 
@@ -132,20 +123,23 @@ def prepare_run_dir(cfg: TrainConfig, run: RunOptions, write: bool) -> None:
         raise RunError(f"run directory {rd} is not writable ({e.strerror})") from None
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def atomic_save(obj: dict, path: Path) -> None:
-    """``torch.save`` to a temporary file in the same folder, fsync, then rename over ``path``."""
+def _atomic_write(path: Path, write) -> None:
+    """``write(f)`` into a temporary file in the same folder, fsync, then rename over ``path``."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "wb") as f:
-        torch.save(obj, f)
+        write(f)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    _atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def atomic_save(obj: dict, path: Path) -> None:
+    """``torch.save`` a checkpoint atomically (temporary file, fsync, rename over ``path``)."""
+    _atomic_write(path, lambda f: torch.save(obj, f))
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -344,10 +338,9 @@ class Trainer:
         s = self.cfg.sampler.grid_size
         idx = self.reader.ok_indices()
         idx = idx[np.linspace(0, len(idx) - 1, min(n, len(idx))).astype(np.int64)]
-        params = self.reader.batch(idx, ["params"])["params"]
+        params = torch.from_numpy(self.reader.batch(idx, ["params"])["params"])
         h = self.reader.layout.image_size
-        verts = mesh_in_frame(self.face_model, params, h, h)
-        grid = texel_image_grid(self.face_model, verts, model_uv_fragments(self.face_model, s), h)
+        grid = self.posed.texel_grid(self.posed.verts(params, h, h), s, h)
         mean = torch.nanmean(grid, 0)
         mean = torch.where(torch.isfinite(mean), mean, torch.zeros_like(mean))
         self.sampler.set_template(mean.to(self.device))

@@ -1,8 +1,9 @@
 """Rendering for the trainer: rasterise once per sample and pose, then render any UV map by one ``grid_sample``.
 
 The stored pose of a sample never changes during training, and the random pose of I1 is drawn once per sample
-visit, so the non-differentiable part of rendering (the z-buffered rasterisation) is done in the data loader's
-workers, off the training step (:mod:`train.data`). What reaches the step is a per-pixel **UV lookup**: for every
+visit, so the non-differentiable part of rendering (the z-buffered rasterisation) is done once per batch, in the
+data loader's workers or batched on the training device (:func:`train.data.add_renders`), and never per loss
+term. What reaches the losses is a per-pixel **UV lookup**: for every
 image pixel covered by the face mesh, the UV coordinate of the surface point it sees, in ``grid_sample``'s
 normalised convention. Rendering a texture is then Eq. 3 (barycentric interpolation of the UV coordinate, done
 once here) followed by a bilinear texture read, and its gradient w.r.t. the texture is Eq. 4
@@ -16,10 +17,11 @@ import torch
 import torch.nn.functional as F
 
 from common.facemodel import FaceModel
-from common.geometry import euler_to_matrix, pose_to_srt, project_to_image, split_params
-from common.render import interpolate, rasterize, uv_fragments
+from common.geometry import euler_to_matrix, matrix_to_euler, pose_to_srt, project_to_image, split_params
+from common.render import interpolate, rasterize
+from common.uvtools import model_uv_fragments
 
-__all__ = ["PosedMesh", "mesh_in_frame", "uv_lookup", "render_lookup", "rotated_params", "texel_image_grid"]
+__all__ = ["PosedMesh", "render_lookup", "rotated_params"]
 
 
 class PosedMesh:
@@ -31,6 +33,7 @@ class PosedMesh:
     def __init__(self, model: FaceModel, device: torch.device | str = "cpu") -> None:
         dev = torch.device(device)
         f32 = torch.float32
+        self.model = model
         self.mean = torch.as_tensor(model.mean_shape, dtype=f32, device=dev)
         self.id_basis = torch.as_tensor(model.id_basis, dtype=f32, device=dev)
         self.exp_basis = torch.as_tensor(model.exp_basis, dtype=f32, device=dev)
@@ -50,16 +53,29 @@ class PosedMesh:
         return project_to_image(shape, pose, float(frame_size)) * (out_size / frame_size)
 
     def texel_grid(self, verts_px: torch.Tensor, uv_size: int, image_size: int) -> torch.Tensor:
-        """Where each texel of a ``uv_size`` UV map lands in the image: (B, U, U, 2) ``grid_sample`` coordinates,
-        NaN outside the layout (:func:`texel_image_grid`); the per-size UV rasterisation is cached."""
+        """Where each texel's surface point projects in the image, in ``grid_sample`` coordinates.
+
+        verts_px: (B, V, 3) in an image of side ``image_size``. Returns (B, U, U, 2) float32 (x, y in [-1, 1]
+        inside the image) for a ``uv_size`` UV map, NaN on texels outside the layout. Averaged over samples it is
+        the UV sampler's template grid; per sample, the target of :func:`train.losses.grid_loss`. The UV layout's
+        rasterisation is computed once per size.
+        """
         if uv_size not in self._uv_frags:
-            frags = uv_fragments(self.uv.detach().cpu().double(), self.triangles.cpu(), uv_size)
+            frags = model_uv_fragments(self.model, uv_size)
             self._uv_frags[uv_size] = (frags.tri_id[0].to(self.uv.device), frags.bary[0].to(self.uv.device))
         tri_id, bary = self._uv_frags[uv_size]
-        return _texel_grid(verts_px, self.triangles, tri_id, bary, image_size)
+        corners = verts_px[:, self.triangles[tri_id.clamp(min=0)], :2].to(torch.float64)  # (B, U, U, 3, 2)
+        pos = (bary.to(torch.float64)[None, ..., None] * corners).sum(-2)  # (B, U, U, 2) pixels
+        grid = (2.0 * pos / image_size - 1.0).to(torch.float32)
+        return torch.where((tri_id >= 0)[None, ..., None], grid, torch.full_like(grid, float("nan")))
 
     def lookup(self, verts_px: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """:func:`uv_lookup` on this device: (B, size, size, 2) grid and (B, 1, size, size) cover."""
+        """Rasterise posed meshes and return the per-pixel UV lookup (Eq. 3's barycentric interpolation of UVs).
+
+        verts_px: (B, V, 3) from :meth:`verts`. Returns grid (B, size, size, 2) float32 in ``grid_sample``'s
+        convention (``x = 2u - 1``, ``y = 1 - 2v``; 0 on background) and cover (B, 1, size, size) float32 in
+        {0, 1}. Back faces are culled, the nearest surface wins.
+        """
         frags = rasterize(verts_px, self.triangles, (size, size), cull_backfaces=True)
         uv = interpolate(frags, self.uv)
         grid = torch.stack([2.0 * uv[..., 0] - 1.0, 1.0 - 2.0 * uv[..., 1]], -1)
@@ -67,36 +83,10 @@ class PosedMesh:
         return grid * cover.permute(0, 2, 3, 1), cover
 
 
-def mesh_in_frame(model: FaceModel, params: np.ndarray, frame_size: int, out_size: int) -> torch.Tensor:
-    """Vertices of each fitted face in the pixels of an ``out_size`` image.
-
-    params: (B, 62) float32 in the stored image's frame of side ``frame_size`` (see :mod:`common.geometry`).
-    Returns (B, V, 3) float32 pixel coordinates (x right, y down, z nearer-is-larger) scaled to ``out_size``
-    (scaled orthographic projection, so resizing the image scales the coordinates exactly).
-    """
-    params = np.asarray(params, np.float32)
-    if params.ndim != 2 or params.shape[1] != 62:
-        raise ValueError(f"params: expected (B, 62), found {params.shape}")
-    pose, a_id, a_exp = split_params(params)
-    shape = model.shape(a_id, a_exp)
-    verts = project_to_image(shape, pose, float(frame_size)) * np.float32(out_size / frame_size)
-    return torch.from_numpy(np.ascontiguousarray(verts, np.float32))
-
-
-def uv_lookup(model: FaceModel, verts_px: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rasterise posed meshes and return the per-pixel UV lookup (Eq. 3's barycentric interpolation of UVs).
-
-    verts_px: (B, V, 3) from :func:`mesh_in_frame`. Returns grid (B, size, size, 2) float32 in
-    ``grid_sample``'s convention (``x = 2u - 1``, ``y = 1 - 2v``; 0 on background) and cover
-    (B, 1, size, size) float32 in {0, 1}. Back faces are culled, the nearest surface wins.
-    """
-    return PosedMesh(model, verts_px.device).lookup(verts_px, size)
-
-
 def render_lookup(texture: torch.Tensor, grid: torch.Tensor, cover: torch.Tensor) -> torch.Tensor:
     """Render UV textures through precomputed lookups: I = R(UV, S, P) (Eq. 6), differentiable per Eq. 4.
 
-    texture: (B, C, U, U) float; grid: (B, H, W, 2) from :func:`uv_lookup`; cover: (B, 1, H, W).
+    texture: (B, C, U, U) float; grid: (B, H, W, 2) from :meth:`PosedMesh.lookup`; cover: (B, 1, H, W).
     Returns (B, C, H, W), 0 on background. The bilinear read distributes each pixel's gradient to the
     texels around its UV point with the interpolation weights, as Eq. 4 does for the vertex colours.
     """
@@ -117,8 +107,7 @@ def rotated_params(params: np.ndarray, yaw_deg: np.ndarray, frame_size: int, mod
     params = np.asarray(params, np.float64)
     pose, a_id, a_exp = split_params(params)
     s, rot, t = pose_to_srt(pose)
-    pitch = np.arctan2(rot[:, 2, 1], rot[:, 2, 2])
-    roll = np.arctan2(rot[:, 1, 0], rot[:, 0, 0])
+    _, pitch, roll = matrix_to_euler(rot)
     new_rot = euler_to_matrix(np.radians(np.asarray(yaw_deg, np.float64)), pitch, roll)
     k_id, k_exp = min(a_id.shape[1], model.n_id), min(a_exp.shape[1], model.n_exp)
     # the mean vertex (B, 3): the shape is linear in the coefficients, so average the bases once
@@ -130,23 +119,3 @@ def rotated_params(params: np.ndarray, yaw_deg: np.ndarray, frame_size: int, mod
     out = params.copy()
     out[:, :12] = np.concatenate([s[:, None, None] * new_rot, new_t[:, :, None]], 2).reshape(-1, 12)
     return out.astype(np.float32)
-
-
-def texel_image_grid(model: FaceModel, verts_px: torch.Tensor, uv_frags, size: int) -> torch.Tensor:
-    """Where each texel's surface point projects in the image, in ``grid_sample`` coordinates.
-
-    verts_px: (B, V, 3) in an image of side ``size``; uv_frags: the model's UV-layout fragments at the UV size
-    (:func:`common.uvtools.model_uv_fragments`). Returns (B, U, U, 2) float32 (x, y in [-1, 1] inside the
-    image), NaN on texels outside the layout. Averaged over samples it is the UV sampler's template grid.
-    """
-    tris = torch.from_numpy(np.ascontiguousarray(model.triangles, np.int64))
-    return _texel_grid(verts_px, tris, uv_frags.tri_id[0], uv_frags.bary[0], size)
-
-
-def _texel_grid(verts_px: torch.Tensor, tris: torch.Tensor, tri_id: torch.Tensor, bary: torch.Tensor,
-                size: int) -> torch.Tensor:
-    """verts (B, V, 3), triangles (F, 3), the UV layout's tri_id (U, U) and bary (U, U, 3) -> (B, U, U, 2)."""
-    corners = verts_px[:, tris[tri_id.clamp(min=0)], :2].to(torch.float64)  # (B, U, U, 3, 2)
-    pos = (bary.to(torch.float64)[None, ..., None] * corners).sum(-2)  # (B, U, U, 2) pixels
-    grid = (2.0 * pos / size - 1.0).to(torch.float32)
-    return torch.where((tri_id >= 0)[None, ..., None], grid, torch.full_like(grid, float("nan")))
