@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Create .venv and install the project with its CPU torch pin and dev tools. Idempotent.
+# Create .venv and install the project with its CPU torch pin, the identity network (dlib face descriptor) and
+# dev tools. Idempotent.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -e ".[cpu,dev]"
+.venv/bin/python -m pip install -q -e ".[cpu,identity,dev]"

@@ -24,7 +24,7 @@ def tiny(store: str, **kw) -> TrainConfig:
                 image_size=64, sampler_image_size=48, workers=0, rotate_share=0.5,
                 sampler=SamplerConfig(grid_size=24, channels=8, max_channels=32, feature_dim=32, head_hidden=32),
                 generator=GeneratorConfig(channels=8, max_channels=32, n_res=1),
-                discriminator=DiscriminatorConfig(channels=8, n_layers=2))
+                discriminator=DiscriminatorConfig(channels=8, n_layers=2), identity="none")
     base.update(kw)
     return TrainConfig(**base)
 
@@ -285,8 +285,22 @@ def test_bf16_autocast_and_a_torchscript_identity_network(train_store, tmp_path)
     assert "loss_id" in rows[-1] and rows[-1]["phase"] == "generator"
     for r in rows:
         assert all(torch.isfinite(torch.tensor(v)) for k, v in r.items() if "loss" in k), r
-    with pytest.raises(RunError, match="no built-in identity network"):
-        fit(dataclasses.replace(cfg, identity="lightcnn"), opts(tmp_path / "r2"))
+    with pytest.raises(RunError, match=r"expected one of none \| dlib"):
+        fit(dataclasses.replace(cfg, identity="arcface"), opts(tmp_path / "r2"))
+
+
+def test_dlib_identity_network_in_the_generator_step(train_store, tmp_path):
+    """--identity dlib: Eq. 13 on chips aligned by the fit's landmarks (the batch's points0 / points1)."""
+    from common.identity.dlibnet import dlib_model_path
+
+    try:
+        dlib_model_path()
+    except FileNotFoundError as e:
+        pytest.skip(f"needs the identity extra (pip install -e .[identity]): {e}")
+    cfg = tiny(train_store, sampler_steps=1, sampler_finetune_steps=0, generator_steps=2, identity="dlib")
+    fit(cfg, opts(tmp_path / "r"))
+    rows = [r for r in _metrics(tmp_path / "r") if r["phase"] == "generator"]
+    assert rows and all(0 < r["loss_id"] < 1 for r in rows), rows
 
 
 def test_rendering_on_the_device_equals_rendering_in_the_loader(train_store, tmp_path):

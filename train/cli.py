@@ -50,7 +50,9 @@ def fit(
     r1_gamma: float = typer.Option(0.0, min=0.0, help="R1 penalty weight of the discriminators (0: off)."),
     rotate_share: float = typer.Option(0.25, min=0.0, max=1.0, help="Share of rotate-and-render inputs."),
     max_yaw: float = typer.Option(60.0, min=0.0, max=90.0, help="|yaw| bound of the random poses (degrees)."),
-    identity: str = typer.Option("none", help="Identity network of Eq. 13: none | PATH (TorchScript)."),
+    identity: str = typer.Option("dlib", help="Identity network of Eq. 13: dlib (CC0, the identity extra) | "
+                                              "dlib:PATH | lightcnn:PATH (LightCNN-29 v2 checkpoint) | PATH.pt "
+                                              "(TorchScript) | none."),
     amp: str = typer.Option("auto", help="auto | bf16 | fp16 | none (auto: bf16 on CUDA)."),
     render_on: str = typer.Option("auto", help="Rasterise in the loader or on the device: auto | loader | device."),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the networks."),

@@ -59,8 +59,10 @@ class TrainConfig:
     """Share of each generator batch replaced by rotate-and-render inputs (Section 4.1)."""
     max_yaw: float = 60.0
     """|yaw| bound in degrees of I1's random pose and of the rotate-and-render poses."""
-    identity: str = "none"
-    """Identity network for Eq. 13: ``none``, a TorchScript file, or a built-in name."""
+    identity: str = "dlib"
+    """Identity network F of Eq. 13 (:func:`common.identity.load_identity`): ``dlib`` (needs the ``identity``
+    extra), ``dlib:PATH``, ``lightcnn:PATH`` (the paper's LightCNN-29 v2 checkpoint), a TorchScript/export file, or
+    ``none``."""
     weights: LossWeights = field(default_factory=LossWeights)
     """The lambdas of Eq. 5 and Eq. 14."""
     optim: OptimConfig = field(default_factory=OptimConfig)

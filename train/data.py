@@ -183,11 +183,14 @@ class StoreStream(IterableDataset):
     frame           int                 side of the stored image (the frame of params0 / params1)
     params0         (B, 62) float32     the stored fit
     grid0, cover0   (B, S, S, 2), (B, 1, S, S)  UV lookup at the stored pose (render_in_loader, else add_renders)
+    points0         (B, 68, 2)          the fit's 68 landmarks in the image (pixel centres at integers; with grid0,
+                                        when the face model has keypoints): the identity network's alignment
     uv_gt           (B, 3, U, U)        UV_gt, [0, 1]
     uv_gt_mask      (B, 1, U, U)        its observed texels
     uv_bl           (B, 3, U, U)        UV_bl (with_targets)
     params1         (B, 62) float32     the same faces at a random yaw (with_targets)
     grid1, cover1   as grid0, cover0    UV lookup at params1 (with_targets; as grid0)
+    points1         (B, 68, 2)          landmarks at params1 (as points0)
     rotated         (B,) bool           the input is a rotate-and-render (with_targets)
     ctr_real[_mask] (B, 3|1, hc, wc)    real centre crops and masks (with_targets, when the store has any)
     ctr_index       (B,) int64          their store indices
@@ -297,10 +300,16 @@ def add_renders(batch: dict, mesh: PosedMesh, size: int) -> dict:
     Done in the loader's workers by default, or in the training step (``uvtrain fit --render-on device``).
     """
     f = int(batch["frame"])
-    batch["grid0"], batch["cover0"] = mesh.lookup(mesh.verts(batch["params0"], f, size), size)
+    verts0 = mesh.verts(batch["params0"], f, size)
+    batch["grid0"], batch["cover0"] = mesh.lookup(verts0, size)
+    if mesh.keypoints is not None:
+        batch["points0"] = mesh.landmarks(verts0)
     if "params1" in batch:
-        grid1, cover1 = mesh.lookup(mesh.verts(batch["params1"], f, size), size)
+        verts1 = mesh.verts(batch["params1"], f, size)
+        grid1, cover1 = mesh.lookup(verts1, size)
         batch["grid1"], batch["cover1"] = grid1, cover1
+        if mesh.keypoints is not None:
+            batch["points1"] = mesh.landmarks(verts1)
         r = batch["rotated"].to(grid1.device)
         if bool(r.any()):
             image = batch["image"].clone()

@@ -23,7 +23,6 @@ import json
 import os
 import shutil
 import time
-import warnings
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +33,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+from common.identity import load_identity as common_load_identity
 from common.imageio import image_grid, write_png
 from common.store import StoreReader, flatten_mapping
 from common.uvtools import model_uv_fragments
@@ -154,27 +154,14 @@ def resolve_device(name: str) -> torch.device:
 
 
 def load_identity(spec: str, device: torch.device) -> torch.nn.Module | None:
-    """The frozen face-recognition network of Eq. 13: None for ``none``, a TorchScript file, else an error.
+    """The frozen face-recognition network of Eq. 13 (:func:`common.identity.load_identity`): None for ``none``.
 
-    The module (TorchScript ``.pt`` or a ``torch.export`` ``.pt2`` archive) maps (B, 3, H, W) float images in
-    [0, 1] to (B, D) identity features; its parameters are frozen.
+    It maps (B, 3, H, W) images in [0, 1] and their (B, 68, 2) landmarks to (B, D) identity features.
     """
-    if spec == "none":
-        return None
-    p = Path(spec)
-    if p.is_file():
-        if p.suffix == ".pt2":  # torch.export archive
-            net = torch.export.load(str(p)).module().to(device)
-        else:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", DeprecationWarning)  # TorchScript still loads in torch 2.x
-                net = torch.jit.load(str(p), map_location=device).eval()
-        for q in net.parameters():
-            q.requires_grad_(False)
-        return net
-    raise RunError(f"--identity {spec!r}: not a file, and no built-in identity network has that name (built in: "
-                   f"none); pass 'none' or a TorchScript (.pt) / torch.export (.pt2) file mapping (B, 3, H, W) "
-                   f"images in [0, 1] to features")
+    try:
+        return common_load_identity(spec, device)
+    except (FileNotFoundError, ValueError) as e:
+        raise RunError(str(e)) from None
 
 
 def _rng_state() -> dict:
@@ -413,7 +400,8 @@ class Trainer:
             for name, fake in fakes.items():
                 terms[f"loss_adv_{name}"] = g_adv_loss(self.discs[name](fake).float())
         if self.identity is not None:
-            terms["loss_id"] = identity_loss(self.identity(r1), self.identity(b["target"]))
+            terms["loss_id"] = identity_loss(self.identity(r1, b.get("points1")),
+                                             self.identity(b["target"], b.get("points0")))
         terms["loss"] = total_generator_loss(terms, w)
         check_finite(terms, self.step)
         self.opt_g.zero_grad(set_to_none=True)

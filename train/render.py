@@ -39,6 +39,8 @@ class PosedMesh:
         self.exp_basis = torch.as_tensor(model.exp_basis, dtype=f32, device=dev)
         self.triangles = torch.as_tensor(np.ascontiguousarray(model.triangles), dtype=torch.int64, device=dev)
         self.uv = torch.as_tensor(model.uv, dtype=f32, device=dev)
+        self.keypoints = (None if model.keypoints is None
+                          else torch.as_tensor(model.keypoints, dtype=torch.int64, device=dev))
         self._uv_frags: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def verts(self, params: torch.Tensor, frame_size: int, out_size: int) -> torch.Tensor:
@@ -51,6 +53,16 @@ class PosedMesh:
         shape = (self.mean + torch.einsum("vck,bk->bvc", self.id_basis[:, :, :k_id], a_id[:, :k_id])
                  + torch.einsum("vck,bk->bvc", self.exp_basis[:, :, :k_exp], a_exp[:, :k_exp]))
         return project_to_image(shape, pose, float(frame_size)) * (out_size / frame_size)
+
+    def landmarks(self, verts_px: torch.Tensor) -> torch.Tensor | None:
+        """The 68 iBUG landmarks of posed meshes, (B, 68, 2) pixels with pixel centres at integers (the convention
+        of :func:`common.identity.align.face_chip`), or None when the face model has no ``keypoints``.
+
+        verts_px: (B, V, 3) from :meth:`verts` (pixel j covers [j, j + 1)).
+        """
+        if self.keypoints is None:
+            return None
+        return verts_px[:, self.keypoints, :2] - 0.5
 
     def texel_grid(self, verts_px: torch.Tensor, uv_size: int, image_size: int) -> torch.Tensor:
         """Where each texel's surface point projects in the image, in ``grid_sample`` coordinates.
