@@ -221,3 +221,23 @@ def test_input_errors():
         lightcnn_input(torch.zeros(1, 4, 128, 128))
     with pytest.raises(ValueError, match=r"expected \(B, 1, 128, 128\).*found \(1, 3, 128, 128\).*lightcnn_input"):
         LightCNN29v2()(torch.zeros(1, 3, 128, 128))
+
+
+def test_identity_spec_lightcnn_path(tmp_path, official_sd):
+    """--identity lightcnn:PATH: aligned grey 128 px chips from the landmarks -> the checkpoint's fc features."""
+    from common.identity import load_identity
+    from common.identity.align import DLIB_5PT_TEMPLATE, face_chip
+
+    path = tmp_path / "LightCNN_29Layers_V2_checkpoint.pth.tar"
+    _save_official(path, official_sd)
+    net = load_identity(f"lightcnn:{path}")
+    img = torch.rand(2, 3, 256, 256, requires_grad=True)
+    pts = ((0.25 + DLIB_5PT_TEMPLATE.float()) / 1.5 * 200 + 20).expand(2, 5, 2)
+    feat = net(img, pts)
+    assert feat.shape == (2, 256)
+    grey = lightcnn_input(face_chip(img.detach(), pts, size=128))
+    torch.testing.assert_close(feat.detach(), _reference_features(official_sd, grey), rtol=1e-4, atol=1e-4)
+    feat.sum().backward()
+    assert img.grad.abs().sum() > 0
+    with pytest.raises(FileNotFoundError):
+        load_identity(f"lightcnn:{tmp_path / 'nowhere.pth.tar'}")
