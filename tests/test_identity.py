@@ -303,3 +303,15 @@ def test_load_identity_specs(dlib_dat, tmp_path):
         load_identity("lightcnn:")
     with pytest.raises(ValueError, match="expected one of none \\| dlib"):
         load_identity("arcface")
+
+
+@pytest.mark.gpu
+def test_cuda_matches_cpu(dlib_dat, tmp_path):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    net = load_identity("dlib", "cpu", cache_dir=tmp_path)
+    gpu = load_identity("dlib", "cuda", cache_dir=tmp_path)
+    img = torch.rand(4, 3, 256, 256)
+    pts = ((0.25 + DLIB_5PT_TEMPLATE.float()) / 1.5 * 200 + 20).expand(4, 5, 2)
+    with torch.no_grad():
+        torch.testing.assert_close(gpu(img.cuda(), pts.cuda()).cpu(), net(img, pts), atol=2e-3, rtol=1e-3)

@@ -400,8 +400,9 @@ class Trainer:
             for name, fake in fakes.items():
                 terms[f"loss_adv_{name}"] = g_adv_loss(self.discs[name](fake).float())
         if self.identity is not None:
-            terms["loss_id"] = identity_loss(self.identity(r1, b.get("points1")),
-                                             self.identity(b["target"], b.get("points0")))
+            with torch.no_grad():  # F(I^m) does not depend on the generator
+                feat_target = self.identity(b["target"], b.get("points0"))
+            terms["loss_id"] = identity_loss(self.identity(r1, b.get("points1")), feat_target)
         terms["loss"] = total_generator_loss(terms, w)
         check_finite(terms, self.step)
         self.opt_g.zero_grad(set_to_none=True)
