@@ -39,8 +39,8 @@ def main() -> None:
     args = ap.parse_args()
     import dlib
 
-    from preprocess.detect import FaceBoxesDetector
-    from preprocess.tddfa import TDDFARegressor
+    from common.faces.detect import FaceBoxesDetector
+    from common.faces.tddfa import TDDFARegressor
 
     a = args.assets
     d = dlib_model_path().parent

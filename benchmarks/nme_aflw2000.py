@@ -28,8 +28,8 @@ import numpy as np
 import scipy.io as sio
 import torch
 
-from preprocess.detect import FaceBoxesDetector
-from preprocess.tddfa import TDDFARegressor, pose_from_params
+from common.faces.detect import FaceBoxesDetector
+from common.faces.tddfa import TDDFARegressor, pose_from_params
 
 PUBLISHED = {"mb1 (MobileNet)": 3.51, "mb05 (MobileNet x0.5)": float("nan")}
 

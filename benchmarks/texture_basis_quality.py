@@ -48,10 +48,10 @@ import numpy as np
 import scipy.sparse as sp
 import scipy.sparse.linalg as spla
 
+from common.faces.fit import FitConfig
 from common.procedural import build_procedural_model
 from common.synthetic import SyntheticConfig, generate_batch
 from preprocess.blend import SOURCE_MIRRORED, SOURCE_MODEL, blend_uv, poisson_system, symmetric_fill
-from preprocess.fit import FitConfig
 from preprocess.sources import SampleInput
 from preprocess.stages import StageConfig, StageContext, Timer, run_geometry
 from preprocess.texture import MaskedPCAConfig, UVTextureBasis, learn_masked_pca, ridge_texture_fit

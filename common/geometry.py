@@ -5,7 +5,7 @@ The 62-vector is ``[P (12, the 3x4 matrix [sR | t] row-major), alpha_id (40), al
 ``X = s R V + t``. Image pixel coordinates (x right, y down, pixel ``j`` covers ``[j, j + 1)``,
 so its centre is ``j + 0.5``) are ``x = X_x``, ``y = S - X_y``; depth ``z = X_z`` grows towards
 the camera. For the synthetic world the frame is the whole image; for 3DDFA_V2 fits the frame
-is the 120x120 crop, mapped back to the photo by the ROI box (see ``preprocess.fit``).
+is the 120x120 crop, mapped back to the photo by the ROI box (see ``common.faces.fit``).
 
 Euler angles follow 3DDFA_V2's ``matrix2angle``: ``yaw = asin(R[2, 0])``,
 ``pitch = atan2(R[2, 1], R[2, 2])``, ``roll = atan2(R[1, 0], R[0, 0])``, i.e.

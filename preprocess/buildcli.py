@@ -48,11 +48,11 @@ def _first_existing(*paths: Path) -> Path | None:
 
 def make_config(a: BuildArgs):
     """Returns (BuildConfig, RunOptions). Real-photo defaults come from the 3DDFA_V2 folder when given."""
+    from common.faces.fit import FitConfig
     from common.synthetic import SyntheticConfig
     from common.uvlayout import CropConfig
     from preprocess.blend import BlendConfig
     from preprocess.build import BuildConfig, RunOptions
-    from preprocess.fit import FitConfig
     from preprocess.sources import SyntheticSource, make_source
     from preprocess.stages import StageConfig
     from preprocess.texture import MaskedPCAConfig

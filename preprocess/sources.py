@@ -427,7 +427,7 @@ class AFLW2000Source:
     """AFLW2000-3D: ``imageXXXXX.jpg`` with ``imageXXXXX.mat`` (Pose_Para, Shape_Para, Exp_Para, pt3d_68, ...).
 
     The raw ``.mat`` fields go to ``SampleInput.meta``, their 62-parameter form
-    (:func:`preprocess.fit.aflw2000_params`, photo frame) to ``given_params``; ``landmarks`` are
+    (:func:`common.faces.fit.aflw2000_params`, photo frame) to ``given_params``; ``landmarks`` are
     ``pt3d_68[:2].T - 0.5`` (68, 2), the 68 ground-truth points in
     the project's pixel convention (as ``benchmarks/nme_aflw2000.py``). A manifest entry's size is the
     jpg's plus the mat's, its mtime the later of the two, so editing an annotation counts as a change.
@@ -465,7 +465,7 @@ class AFLW2000Source:
         if meta is None:
             return SampleInput(index=int(i), key=key, image=None, failure=Reason.BAD_ANNOTATION)
         lm = (np.asarray(meta["pt3d_68"], np.float32)[:2].T - 0.5).astype(np.float32)
-        from preprocess.fit import aflw2000_params
+        from common.faces.fit import aflw2000_params
 
         params = aflw2000_params(meta["Pose_Para"], meta["Shape_Para"], meta["Exp_Para"], img.shape[0])
         return SampleInput(index=int(i), key=key, image=img, landmarks=lm, meta=meta, given_params=params)

@@ -1,6 +1,6 @@
 """The per-sample stage chain of ``uvprep build``, as pure functions over a batch of decoded samples.
 
-decode (the source) -> crop/align + shape fit (:mod:`preprocess.fit`) -> UV_gt under the eroded face mask
+decode (the source) -> crop/align + shape fit (:mod:`common.faces.fit`) -> UV_gt under the eroded face mask
 (:mod:`preprocess.unwrap`) -> texture fit, Eq. 8 (:mod:`preprocess.texture`) -> symmetric fill + Poisson
 blend, Eq. 9 (:mod:`preprocess.blend`) -> partial crops (:mod:`preprocess.crops`).
 
@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from common.facemodel import FaceModel
+from common.faces.fit import FitConfig, ShapeFitter
 from common.imageio import to_uint8
 from common.store import FAILED, OK, Reason
 from common.texbasis import UVTextureBasis
@@ -26,7 +27,6 @@ from common.uvlayout import CropConfig, CropLayout, crop_layout
 from common.uvtools import texel_mirror_index
 from preprocess.blend import BlendConfig, blend_uv
 from preprocess.crops import cut_partial_crops
-from preprocess.fit import FitConfig, ShapeFitter
 from preprocess.texture import MaskedPCAConfig, ridge_texture_fit
 from preprocess.unwrap import UVGTConfig, UVLayoutCache, layout_cache, uv_gt_from_images
 

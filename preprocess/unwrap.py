@@ -87,7 +87,7 @@ def projected_face_region(verts_px, model: FaceModel, image_size: int,
                           cache: UVLayoutCache | None = None) -> np.ndarray:
     """The visible face triangles of fitted meshes, without any segmentation: (B, S, S) bool.
 
-    verts_px: (B, V, 3) numpy or torch, the meshes in image pixels (``preprocess.fit.mesh_in_image``). This is
+    verts_px: (B, V, 3) numpy or torch, the meshes in image pixels (``common.faces.fit.mesh_in_image``). This is
     :attr:`UVGT.face_mask` when no segmentation mask is given (``uvprep upgrade`` rebuilds ``face_region`` so).
     """
     verts = torch.as_tensor(np.asarray(verts_px) if not isinstance(verts_px, torch.Tensor) else verts_px,

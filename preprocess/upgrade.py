@@ -118,7 +118,7 @@ def face_region_chunk(out: str, chunk_index: int, stages: StageConfig, threads: 
 
     OK samples get the visible face triangles of their mesh at the stored pose; the others stay False.
     """
-    from preprocess.fit import mesh_in_image
+    from common.faces.fit import mesh_in_image
     from preprocess.unwrap import projected_face_region
 
     if threads is not None:

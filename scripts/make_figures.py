@@ -22,12 +22,12 @@ import cv2
 import numpy as np
 
 from common.facemodel import FaceModel
+from common.faces.fit import FitConfig, mesh_in_image
 from common.imageio import image_grid, read_image, write_png
 from common.procedural import build_procedural_model
 from common.synthetic import SyntheticConfig, generate
 from common.uvlayout import crop_layout
 from common.uvtools import uv_vertex_attribute_image
-from preprocess.fit import FitConfig, mesh_in_image
 from preprocess.inspect import sample_row
 from preprocess.sources import SampleInput
 from preprocess.stages import StageConfig, StageContext, Timer, run_geometry, run_stages

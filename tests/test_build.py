@@ -24,6 +24,7 @@ import zarr
 from conftest import ROOT, asset_path
 from typer.testing import CliRunner
 
+from common.faces.fit import FitConfig
 from common.store import (
     FAILED,
     OK,
@@ -42,7 +43,6 @@ from common.store import (
 from preprocess.build import BuildConfig, RunOptions, _learn_basis, _Runner, build_store, prepass_batch
 from preprocess.buildcli import BuildArgs, make_config
 from preprocess.cli import app
-from preprocess.fit import FitConfig
 from preprocess.progress import BuildProgress
 from preprocess.sources import FolderSource
 from preprocess.stages import StageConfig, build_face_model

@@ -9,8 +9,7 @@ import scipy.io as sio
 import torch
 from conftest import asset_path
 
-from common.geometry import make_pose
-from preprocess.detect import (
+from common.faces.detect import (
     AlignedCrop,
     FaceBoxesDetector,
     FaceBoxesNet,
@@ -21,7 +20,7 @@ from preprocess.detect import (
     prior_boxes,
     resize_scale,
 )
-from preprocess.tddfa import (
+from common.faces.tddfa import (
     MobileNetV1,
     SparseLandmarkModel,
     TDDFARegressor,
@@ -32,6 +31,7 @@ from preprocess.tddfa import (
     roi_from_bbox,
     roi_from_landmarks,
 )
+from common.geometry import make_pose
 
 FACEBOXES = ("3ddfa_v2", "FaceBoxes", "weights", "FaceBoxesProd.pth")
 MB05 = ("3ddfa_v2", "weights", "mb05_120x120.pth")

@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
+from common.faces.fit import FitConfig, ShapeFitter, crop_params_to_image, mesh_in_image
+from common.faces.tddfa import params_to_image_vertices
 from common.geometry import make_pose, project_to_image, split_params
-from preprocess.fit import FitConfig, ShapeFitter, crop_params_to_image, mesh_in_image
-from preprocess.tddfa import params_to_image_vertices
 
 
 def test_crop_params_to_image_matches_3ddfa_similar_transform():
@@ -64,7 +64,7 @@ def test_reframe_params_maps_the_mesh_into_the_crop():
     verts = rng.normal(scale=30, size=(1, 40, 3)).astype(np.float32)
     photo = project_to_image(verts, params[:, :12].reshape(1, 3, 4), 300.0)
     origin, side, size = np.array([120.0, 60.0]), 180.0, 96
-    from preprocess.fit import reframe_params
+    from common.faces.fit import reframe_params
 
     crop = project_to_image(verts, reframe_params(params, 300.0, origin, side, size)[:, :12].reshape(1, 3, 4), size)
     k = size / side
@@ -77,8 +77,8 @@ def test_aflw2000_annotations_reproduce_the_official_landmarks(assets):
     mean on 450 px photos; the rest is the truncation of 199/29 coefficients to 40/10)."""
     import scipy.io as sio
 
-    from preprocess.fit import aflw2000_params
-    from preprocess.tddfa import SparseLandmarkModel
+    from common.faces.fit import aflw2000_params
+    from common.faces.tddfa import SparseLandmarkModel
 
     sparse = SparseLandmarkModel.from_dir(assets("3ddfa_v1", "c++", "weights"))
     folder = assets("aflw2000")

@@ -28,13 +28,13 @@ import numpy as np
 import pytest
 from conftest import asset_path
 
+from common.faces.fit import FitConfig, mesh_in_image
+from common.faces.tddfa import TDDFARegressor
 from common.imageio import read_image, to_uint8
 from common.loaders import load_param_stats
 from preprocess.blend import SOURCE_MIRRORED, SOURCE_OBSERVED, BlendConfig, blend_uv, symmetric_fill
-from preprocess.fit import FitConfig, mesh_in_image
 from preprocess.sources import SampleInput
 from preprocess.stages import StageConfig, StageContext, Timer, run_geometry, run_stages
-from preprocess.tddfa import TDDFARegressor
 from preprocess.texture import MaskedPCAConfig, learn_masked_pca, ridge_texture_fit
 from preprocess.unwrap import UVGTConfig
 

@@ -4,7 +4,7 @@ Two fitters behind one interface (:class:`ShapeFitter`):
 
 * ``given``: parameters come with the sample (the synthetic world's truth, or a user's NPZ/CSV),
   already expressed in the working image's frame;
-* ``tddfa``: the 3DDFA_V2 regressor (:mod:`preprocess.tddfa`) on a FaceBoxes detection
+* ``tddfa``: the 3DDFA_V2 regressor (:mod:`common.faces.tddfa`) on a FaceBoxes detection
   (in-the-wild photos) or on the fixed box of pre-aligned FFHQ / CelebA-HQ images.
 
 Every result's parameters are in the *working image's* frame: ``common.geometry.project_to_image``
@@ -76,9 +76,9 @@ def crop_params_to_image(params: np.ndarray, roi_boxes: np.ndarray, frame_size: 
 
     params: (N, 62) regressed on ROI crops ``[sx, sy, ex, ey]`` (N, 4) of side ``size``; frame_size: the
     photo's height S. Returns (N, 62) float32 whose pose ``[s'R | t']`` satisfies
-    ``project_to_image(V, pose', S) == preprocess.tddfa.params_to_image_vertices(params, rois, V)``:
+    ``project_to_image(V, pose', S) == common.faces.tddfa.params_to_image_vertices(params, rois, V)``:
     with ``k = roi / size``, ``s' = k s``, ``t'_x = k t_x + sx - k/2``, ``t'_y = k t_y + S - sy - k (size + 1/2)``,
-    ``t'_z = k t_z`` (square ROIs; see the half-pixel note in :mod:`preprocess.tddfa`).
+    ``t'_z = k t_z`` (square ROIs; see the half-pixel note in :mod:`common.faces.tddfa`).
     """
     params = np.asarray(params, np.float64).reshape(-1, N_PARAMS)
     rois = np.asarray(roi_boxes, np.float64).reshape(-1, 4)
@@ -182,8 +182,8 @@ class ShapeFitter:
 
     # ------------------------------------------------------------------ networks (lazy)
     def _nets(self, need_detector: bool):
-        from preprocess.detect import FaceBoxesDetector
-        from preprocess.tddfa import TDDFARegressor
+        from common.faces.detect import FaceBoxesDetector
+        from common.faces.tddfa import TDDFARegressor
 
         cfg = self.config
         if self._regressor is None:
@@ -223,7 +223,7 @@ class ShapeFitter:
 
     def fit_photo(self, image: np.ndarray, aligned: bool) -> FitResult:
         """``tddfa`` on a photo (H, W, 3) uint8 RGB: aligned sources use a fixed box, others the detector."""
-        from preprocess.detect import AlignedCrop
+        from common.faces.detect import AlignedCrop
 
         s = self.config.image_size
         detector, regressor = self._nets(need_detector=not aligned)
@@ -237,7 +237,7 @@ class ShapeFitter:
             b = det.boxes[0, :4].astype(np.float64)
             if min(b[2] - b[0], b[3] - b[1]) < self.config.min_face_px:
                 return FitResult(None, reason="no_face")
-            from preprocess.tddfa import roi_from_bbox
+            from common.faces.tddfa import roi_from_bbox
 
             roi = roi_from_bbox(b[None])[0].astype(np.float64)
             side = (roi[2] - roi[0]) * self.config.context
