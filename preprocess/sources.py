@@ -31,6 +31,7 @@ from typing import Any, ClassVar
 import cv2
 import numpy as np
 
+from common.faces.fit import read_given_params
 from common.store import Reason, manifest_sha256
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
@@ -358,40 +359,6 @@ class _ImageFiles:
         if why is not None:
             return self._failed(i, key, why)
         return SampleInput(index=i, key=key, image=img, aligned=self.aligned)
-
-
-def read_given_params(path: str | Path) -> dict[str, np.ndarray]:
-    """Known 62 parameters per image key from a ``.npz`` (``keys``, ``params``) or ``.csv`` (``key,p0..p61``).
-
-    The parameters put the mesh on the photo as stored: ``common.geometry.project_to_image(V, pose, H)`` with
-    H the photo's height (x right, y down, pixel j covering [j, j+1)). Raises ValueError naming the problem.
-    """
-    path = Path(path)
-    if path.suffix.lower() == ".npz":
-        with np.load(path, allow_pickle=False) as z:
-            if "keys" not in z or "params" not in z:
-                raise ValueError(f"{path}: expected arrays 'keys' (N,) and 'params' (N, 62), found {sorted(z.files)}")
-            keys, params = [str(k) for k in z["keys"]], np.asarray(z["params"], np.float32)
-    elif path.suffix.lower() == ".csv":
-        rows = np.genfromtxt(path, delimiter=",", dtype=str, comments=None)
-        rows = rows.reshape(-1, rows.shape[-1])
-        if rows.shape[0] and not _is_number(rows[0, 1]):
-            rows = rows[1:]  # header
-        keys, params = list(rows[:, 0]), rows[:, 1:].astype(np.float32)
-    else:
-        raise ValueError(f"{path}: parameter files are .npz or .csv")
-    if params.ndim != 2 or params.shape[1] != 62 or len(keys) != len(params):
-        raise ValueError(f"{path}: expected one row of 62 parameters per key, found {params.shape} for "
-                         f"{len(keys)} keys")
-    return dict(zip(keys, params, strict=True))
-
-
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-        return True
-    except ValueError:
-        return False
 
 
 @dataclass(frozen=True)

@@ -88,6 +88,45 @@ def fit(
 
 
 @app.command()
+def infer(
+    checkpoint: Path = typer.Option(..., help="A `uvtrain fit` run directory (or its checkpoint.pt)."),
+    images: Path = typer.Option(..., help="A face photo, or a folder of photos."),
+    out: Path = typer.Option(..., help="Output folder: NAME_uv.png (+ NAME.obj/.mtl, NAME_views.png), "
+                                       "failures.csv."),
+    device: str = typer.Option("cpu", help="cpu | cuda | cuda:N."),
+    batch_size: int = typer.Option(8, help="Photos per network batch."),
+    framing: str = typer.Option("detect", help="detect (face detector) | aligned (FFHQ / CelebA-HQ portraits) | "
+                                              "none (the photo is the frame)."),
+    fitter: str = typer.Option("auto", help="Shape fit for meshes and views: auto | tddfa | given | none."),
+    params: Path = typer.Option(None, help="Known 62 parameters per photo (.npz keys/params or .csv) for "
+                                           "--fitter given."),
+    bfm_v2_dir: Path = typer.Option(None, help="3DDFA_V2 checkout (weights, statistics, FaceBoxes)."),
+    tddfa_weights: Path = typer.Option(None, help="3DDFA_V2 regressor weights (mb1/mb05_120x120.pth)."),
+    param_stats: Path = typer.Option(None, help="3DDFA_V2 param_mean_std_62d_120x120.pkl."),
+    detector_weights: Path = typer.Option(None, help="FaceBoxesProd.pth (else OpenCV's Haar cascade)."),
+    views: str = typer.Option("-60,-30,0,30,60", help="Yaw angles (degrees) of NAME_views.png."),
+    view_size: int = typer.Option(256, help="Side of each rendered view."),
+    progress: bool = typer.Option(True, help="Show a progress bar and the summary."),
+) -> None:
+    """Complete UV textures (and textured meshes) from face photos with a trained run."""
+    from train.infer import InferConfig
+
+    try:
+        yaws = tuple(float(v) for v in views.split(",") if v.strip())
+        cfg = InferConfig(checkpoint=checkpoint, images=images, out=out, device=device, batch_size=batch_size,
+                          framing=framing, fitter=fitter, params=params, bfm_v2_dir=bfm_v2_dir,
+                          tddfa_weights=tddfa_weights, param_stats=param_stats, detector_weights=detector_weights,
+                          views=yaws, view_size=view_size, progress=progress)
+    except ValueError as e:
+        _fail(str(e))
+    from train.run import run_infer
+
+    code = run_infer(cfg)
+    if code:
+        raise typer.Exit(code=code)
+
+
+@app.command()
 def version() -> None:
     """Print the package version."""
     from importlib.metadata import version as _v

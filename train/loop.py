@@ -37,6 +37,7 @@ from common.identity import load_identity as common_load_identity
 from common.imageio import image_grid, write_png
 from common.store import StoreReader, flatten_mapping
 from common.uvtools import model_uv_fragments
+from train.bundle import read_bundle, write_bundle
 from train.config import RunOptions, TrainConfig
 from train.data import DataConfig, StoreStream, add_renders, make_loader
 from train.losses import (
@@ -542,6 +543,8 @@ def fit(cfg: TrainConfig, run: RunOptions, on_log=None, on_step=None) -> dict[st
     if world.world_size > 1:
         dist.barrier()
     tr = Trainer(cfg, run, world)
+    if world.main:
+        write_bundle(tr.rd, tr.reader, cfg.store)  # what infer / eval need without the store
     resumed = tr.resume()
     if run.phase == "generator" and tr.step < cfg.sampler_steps:
         raise RunError(f"--phase generator: the sampler phase is not done in {run.run_dir} (step {tr.step} of "
@@ -616,7 +619,10 @@ def _lr(tr: Trainer, stage: Stage) -> float:
 
 def load_run_config(run_dir: Path) -> TrainConfig:
     """The :class:`TrainConfig` stored in a run directory."""
-    return TrainConfig.from_json(json.loads((Path(run_dir) / CONFIG).read_text()))
+    path = Path(run_dir) / CONFIG
+    if not path.is_file():
+        raise RunError(f"{run_dir}: not a uvtrain run directory (no {CONFIG})")
+    return TrainConfig.from_json(json.loads(path.read_text()))
 
 
 __all__ = ["RunError", "Stage", "Trainer", "atomic_save", "config_differences", "fit", "load_run_config",
@@ -626,8 +632,11 @@ __all__ = ["RunError", "Stage", "Trainer", "atomic_save", "config_differences", 
 def load_trained(run_dir: Path, device: str = "cpu") -> tuple[TrainConfig, UVSampler, UVGenerator, int]:
     """(config, sampler, generator, step) of a run directory's last checkpoint, in eval mode on ``device``."""
     cfg = load_run_config(run_dir)
-    ck = torch.load(Path(run_dir) / CHECKPOINT, map_location="cpu", weights_only=True)
-    uv_size = StoreReader(cfg.store).layout.uv_size
+    path = Path(run_dir) / CHECKPOINT
+    if not path.is_file():
+        raise RunError(f"{run_dir}: no {CHECKPOINT} (train with `uvtrain fit --run-dir {run_dir}` first)")
+    ck = torch.load(path, map_location="cpu", weights_only=True)
+    uv_size = read_bundle(Path(run_dir), cfg.store).uv_size
     sampler, generator = UVSampler(cfg.sampler), UVGenerator(uv_size, cfg.generator)
     sampler.load_state_dict(ck["models"]["sampler"])
     generator.load_state_dict(ck["models"]["generator"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections import Counter
 
 import zarr
 from rich.console import Console
@@ -13,6 +14,7 @@ from rich.table import Table
 from common.store import StoreMismatch
 from train.config import RunOptions, TrainConfig
 from train.data import NoUsableSamples
+from train.infer import InferConfig, InferSummary, infer
 from train.loop import RunError, fit
 
 USER_ERRORS = (RunError, StoreMismatch, NoUsableSamples)
@@ -62,4 +64,43 @@ def run_fit(cfg: TrainConfig, run: RunOptions, console: Console | None = None) -
         console.print(f"note: {note}", highlight=False)
     if run.progress:
         console.print(_summary(result, cfg, run))
+    return 0
+
+
+def _infer_summary(sm: InferSummary, cfg: InferConfig) -> Table:
+    table = Table(title="uvtrain infer", show_header=True)
+    table.add_column("what")
+    table.add_column("value", justify="right")
+    table.add_row("photos", str(sm.photos))
+    table.add_row("UV textures written", str(sm.written))
+    table.add_row("meshes + views written", str(sm.meshes))
+    table.add_row("framing / detector", f"{sm.framing} / {sm.detector}")
+    table.add_row("shape fitter", sm.fitter)
+    for reason, n in sorted(Counter(r for _, r, _ in sm.failures).items()):
+        table.add_row(f"failed: {reason}", str(n))
+    total = sum(sm.seconds.values()) or 1.0
+    for stage, sec in sm.seconds.items():
+        table.add_row(f"time: {stage}", f"{sec:.2f} s ({100 * sec / total:.0f} %)")
+    table.add_row("output", str(cfg.out))
+    return table
+
+
+def run_infer(cfg: InferConfig, console: Console | None = None) -> int:
+    """Run :func:`train.infer.infer` with a progress bar and a summary; 0 ok, 2 a user error (one line)."""
+    console = console or Console(stderr=True)
+    progress = Progress(TextColumn("infer"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                        console=console, disable=not cfg.progress)
+    task = progress.add_task("infer", total=None)
+    try:
+        with progress:
+            sm = infer(cfg, on_photo=lambda done, total: progress.update(task, completed=done, total=total))
+    except USER_ERRORS as e:
+        console.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+        return 2
+    for note in sm.notes:
+        console.print(f"note: {note}", highlight=False)
+    if sm.failures:
+        console.print(f"{len(sm.failures)} photo(s) failed: see {cfg.out / 'failures.csv'}", highlight=False)
+    if cfg.progress:
+        console.print(_infer_summary(sm, cfg))
     return 0

@@ -161,6 +161,38 @@ def _square_crop(image: np.ndarray, centre: np.ndarray, side: float, size: int) 
                           borderMode=cv2.BORDER_CONSTANT, borderValue=0)
 
 
+def frame_face(image: np.ndarray, detector, size: int, context: float = 1.25,
+               min_face_px: float = 24.0) -> FitResult:
+    """The working crop of a photo, framed as ``uvprep build`` frames faces for the ``tddfa`` fitter.
+
+    image: (H, W, 3) uint8 RGB. detector: anything with ``detect(image, select="largest") -> Detection``
+    (:class:`common.faces.detect.FaceBoxesDetector`, :class:`~common.faces.detect.HaarDetector`), or None for a
+    pre-aligned portrait (FFHQ / CelebA-HQ: the photo resized, :class:`~common.faces.detect.AlignedCrop`'s box).
+    The crop is the square of ``context`` x 3DDFA_V2's ROI around the largest detection, resized to ``size``.
+    Returns a :class:`FitResult` with ``image`` (size, size, 3) and ``box`` (4,) the face box in it (no
+    parameters), or with ``reason="no_face"``.
+    """
+    from common.faces.detect import AlignedCrop
+    from common.faces.tddfa import roi_from_bbox
+
+    if detector is None:
+        work = cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA if image.shape[0] > size
+                          else cv2.INTER_LINEAR)
+        return FitResult(work, box=AlignedCrop().detect(work).boxes[0, :4].astype(np.float32))
+    det = detector.detect(image, select="largest")
+    if not det.found:
+        return FitResult(None, reason="no_face")
+    b = det.boxes[0, :4].astype(np.float64)
+    if min(b[2] - b[0], b[3] - b[1]) < min_face_px:
+        return FitResult(None, reason="no_face")
+    roi = roi_from_bbox(b[None])[0].astype(np.float64)
+    side = (roi[2] - roi[0]) * context
+    centre = (roi[:2] + roi[2:]) / 2
+    scale, origin = size / side, centre - side / 2
+    box = np.concatenate([(b[:2] - origin) * scale, (b[2:] - origin) * scale]).astype(np.float32)
+    return FitResult(_square_crop(image, centre, side, size), box=box)
+
+
 class ShapeFitter:
     """Per-worker fitter: holds the face model and, for ``tddfa``, the networks (built lazily, once)."""
 
@@ -223,32 +255,19 @@ class ShapeFitter:
 
     def fit_photo(self, image: np.ndarray, aligned: bool) -> FitResult:
         """``tddfa`` on a photo (H, W, 3) uint8 RGB: aligned sources use a fixed box, others the detector."""
-        from common.faces.detect import AlignedCrop
-
-        s = self.config.image_size
         detector, regressor = self._nets(need_detector=not aligned)
-        if aligned:
-            work = cv2.resize(image, (s, s), interpolation=cv2.INTER_AREA if image.shape[0] > s else cv2.INTER_LINEAR)
-            box = AlignedCrop().detect(work).boxes[0, :4].astype(np.float32)
-        else:
-            det = detector.detect(image, select="largest")
-            if not det.found:
-                return FitResult(None, reason="no_face")
-            b = det.boxes[0, :4].astype(np.float64)
-            if min(b[2] - b[0], b[3] - b[1]) < self.config.min_face_px:
-                return FitResult(None, reason="no_face")
-            from common.faces.tddfa import roi_from_bbox
+        framed = frame_face(image, None if aligned else detector, self.config.image_size, self.config.context,
+                            self.config.min_face_px)
+        if not framed.ok:
+            return framed
+        return self.fit_framed(framed.image, framed.box)
 
-            roi = roi_from_bbox(b[None])[0].astype(np.float64)
-            side = (roi[2] - roi[0]) * self.config.context
-            centre = (roi[:2] + roi[2:]) / 2
-            work = _square_crop(image, centre, side, s)
-            scale = s / side
-            origin = centre - side / 2
-            box = np.concatenate([(b[:2] - origin) * scale, (b[2:] - origin) * scale]).astype(np.float32)
-        fit = regressor.predict(work, box[None])
-        params = crop_params_to_image(fit.params, fit.roi_boxes, float(s))
-        return self._finish(work, params, box)
+    def fit_framed(self, work: np.ndarray, box: np.ndarray) -> FitResult:
+        """``tddfa`` on a working crop (S, S, 3) uint8 from :func:`frame_face` and its (4,) face box."""
+        _, regressor = self._nets(need_detector=False)
+        fit = regressor.predict(work, np.asarray(box, np.float32)[None])
+        params = crop_params_to_image(fit.params, fit.roi_boxes, float(self.config.image_size))
+        return self._finish(work, params, np.asarray(box, np.float32))
 
     def _finish(self, image: np.ndarray, params: np.ndarray, box: np.ndarray) -> FitResult:
         s = self.config.image_size
@@ -260,3 +279,37 @@ class ShapeFitter:
             return FitResult(image, params=params[0], reason="fit_diverged")
         pose = params_to_euler(params)[0].astype(np.float32)
         return FitResult(image, params=params[0], pose=pose, verts_px=verts.astype(np.float32), box=box)
+
+
+def read_given_params(path: str | Path) -> dict[str, np.ndarray]:
+    """Known 62 parameters per image key from a ``.npz`` (``keys``, ``params``) or ``.csv`` (``key,p0..p61``).
+
+    The parameters put the mesh on the photo as stored: ``common.geometry.project_to_image(V, pose, H)`` with
+    H the photo's height (x right, y down, pixel j covering [j, j+1)). Raises ValueError naming the problem.
+    """
+    path = Path(path)
+    if path.suffix.lower() == ".npz":
+        with np.load(path, allow_pickle=False) as z:
+            if "keys" not in z or "params" not in z:
+                raise ValueError(f"{path}: expected arrays 'keys' (N,) and 'params' (N, 62), found {sorted(z.files)}")
+            keys, params = [str(k) for k in z["keys"]], np.asarray(z["params"], np.float32)
+    elif path.suffix.lower() == ".csv":
+        rows = np.genfromtxt(path, delimiter=",", dtype=str, comments=None)
+        rows = rows.reshape(-1, rows.shape[-1])
+        if rows.shape[0] and not _is_number(rows[0, 1]):
+            rows = rows[1:]  # header
+        keys, params = list(rows[:, 0]), rows[:, 1:].astype(np.float32)
+    else:
+        raise ValueError(f"{path}: parameter files are .npz or .csv")
+    if params.ndim != 2 or params.shape[1] != 62 or len(keys) != len(params):
+        raise ValueError(f"{path}: expected one row of 62 parameters per key, found {params.shape} for "
+                         f"{len(keys)} keys")
+    return dict(zip(keys, params, strict=True))
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
