@@ -55,3 +55,16 @@ def train_store(tmp_path_factory) -> str:
     summary = build_store(cfg, dataclasses.replace(run, workers=0, progress=False))
     assert summary.ok == TRAIN_STORE_FLAGS["count"], summary
     return str(out)
+
+
+@pytest.fixture(scope="session")
+def trained_run(train_store, tmp_path_factory):
+    """A run directory trained for a few steps on ``train_store`` by the tiny networks of the trainer tests."""
+    from tests.test_train import tiny
+    from train.config import RunOptions
+    from train.loop import fit
+
+    run_dir = tmp_path_factory.mktemp("trained") / "run"
+    cfg = tiny(train_store, sampler_steps=2, sampler_finetune_steps=0, generator_steps=2)
+    fit(cfg, RunOptions(run_dir=run_dir, progress=False, tensorboard=False, checkpoint_every=1000))
+    return run_dir

@@ -16,21 +16,15 @@ from common.imageio import read_image, write_png
 from common.store import StoreReader
 from train.bundle import BUNDLE_DIR, read_bundle
 from train.cli import app
-from train.config import RunOptions
 from train.infer import InferConfig, infer
-from train.loop import RunError, fit, load_trained, predict_uv
+from train.loop import RunError, load_trained, predict_uv
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def trained(train_store, tmp_path_factory):
-    from tests.test_train import tiny
-
-    run_dir = tmp_path_factory.mktemp("infer") / "run"
-    cfg = tiny(train_store, sampler_steps=2, sampler_finetune_steps=0, generator_steps=2)
-    fit(cfg, RunOptions(run_dir=run_dir, progress=False, tensorboard=False, checkpoint_every=1000))
-    return run_dir
+def trained(trained_run):
+    return trained_run
 
 
 @pytest.fixture(scope="module")

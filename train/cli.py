@@ -126,6 +126,46 @@ def infer(
         raise typer.Exit(code=code)
 
 
+@app.command("eval")
+def eval_(
+    store: str = typer.Option(..., help="Store to evaluate on (path or URL; --src aflw2000 for the paper's "
+                                        "protocol)."),
+    out: Path = typer.Option(..., help="metrics.json to write (every number, hashes, sample count, failures)."),
+    checkpoint: Path = typer.Option(None, help="A `uvtrain fit` run directory (or its checkpoint.pt)."),
+    method: list[str] = typer.Option(None, help="bfm | bl | sampler | generator (repeatable); default: generator "
+                                                "with --checkpoint."),
+    baselines: bool = typer.Option(False, "--baselines", help="Also evaluate bfm, bl and the sampler alone on the "
+                                                              "same samples."),
+    identity: str = typer.Option("dlib", help="Identity network of the Recon / Front columns: dlib | "
+                                              "lightcnn:PATH | PATH.pt | none."),
+    batch_size: int = typer.Option(8, help="Samples per batch."),
+    device: str = typer.Option("cpu", help="cpu | cuda | cuda:N."),
+    limit: int = typer.Option(0, help="Evaluate only the first N usable samples (0: all)."),
+    progress: bool = typer.Option(True, help="Show a progress bar and the tables."),
+) -> None:
+    """Table 1 (reconstruction L1 / SSIM, identity Recon / Front) and completion against the truth."""
+    from train.evaluate import METHODS, EvalConfig
+
+    methods = list(method or [])
+    if not methods:
+        if checkpoint is None:
+            _fail("pass --checkpoint (a trained run), or --method bfm / bl to evaluate the store's own textures")
+        methods = ["generator"]
+    if baselines:
+        extra = ["bfm", "bl"] + (["sampler"] if checkpoint is not None else [])
+        methods = [m for m in METHODS if m in extra or m in methods]
+    try:
+        cfg = EvalConfig(store=store, out=out, checkpoint=checkpoint, methods=tuple(dict.fromkeys(methods)),
+                         identity=identity, batch_size=batch_size, device=device, limit=limit, progress=progress)
+    except ValueError as e:
+        _fail(str(e))
+    from train.run import run_eval
+
+    code = run_eval(cfg)
+    if code:
+        raise typer.Exit(code=code)
+
+
 @app.command()
 def version() -> None:
     """Print the package version."""

@@ -14,6 +14,7 @@ from rich.table import Table
 from common.store import StoreMismatch
 from train.config import RunOptions, TrainConfig
 from train.data import NoUsableSamples
+from train.evaluate import YAW_BANDS, EvalConfig, evaluate
 from train.infer import InferConfig, InferSummary, infer
 from train.loop import RunError, fit
 
@@ -103,4 +104,52 @@ def run_infer(cfg: InferConfig, console: Console | None = None) -> int:
         console.print(f"{len(sm.failures)} photo(s) failed: see {cfg.out / 'failures.csv'}", highlight=False)
     if cfg.progress:
         console.print(_infer_summary(sm, cfg))
+    return 0
+
+
+def _fmt(v, digits: int = 3) -> str:
+    return "-" if v is None else f"{v:.{digits}f}"
+
+
+def eval_tables(result: dict) -> list[Table]:
+    """Table 1's layout (reconstruction, identity) and, with ground truth, completion MAE x 255 per yaw band."""
+    t = Table(title=f"uvtrain eval: {result['samples']} samples of {result['store']}", show_header=True)
+    for col in ("method", "L1", "SSIM", "ID Recon", "ID Front", "L1 (face px)"):
+        t.add_column(col, justify="left" if col == "method" else "right")
+    for m, row in result["methods"].items():
+        t.add_row(m, _fmt(row.get("l1")), _fmt(row.get("ssim")), _fmt(row.get("id_recon")),
+                  _fmt(row.get("id_front")), _fmt(row.get("l1_face")))
+    tables = [t]
+    if any("completion_mae_255" in r for r in result["methods"].values()):
+        c = Table(title="completion against uv_true: mean abs. error x 255 (seen / unseen / all face texels)")
+        c.add_column("method")
+        for band in ("all", *(b[0] for b in YAW_BANDS)):
+            c.add_column(band, justify="right")
+        for m, row in result["methods"].items():
+            comp = row.get("completion_mae_255", {})
+            c.add_row(m, *(" / ".join(_fmt(comp.get(band, {}).get(k), 1) for k in ("seen", "unseen", "all"))
+                           + f" (n={comp.get(band, {}).get('samples', 0)})"
+                           for band in ("all", *(b[0] for b in YAW_BANDS))))
+        tables.append(c)
+    return tables
+
+
+def run_eval(cfg: EvalConfig, console: Console | None = None) -> int:
+    """Run :func:`train.evaluate.evaluate` with a progress bar and the tables; 0 ok, 2 a user error (one line)."""
+    console = console or Console(stderr=True)
+    progress = Progress(TextColumn("eval"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                        console=console, disable=not cfg.progress)
+    task = progress.add_task("eval", total=None)
+    try:
+        with progress:
+            result = evaluate(cfg, on_batch=lambda done, total: progress.update(task, completed=done, total=total))
+    except USER_ERRORS as e:
+        console.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+        return 2
+    if cfg.progress:
+        for table in eval_tables(result):
+            console.print(table)
+    if result["failures"]:
+        console.print(f"{len(result['failures'])} store sample(s) not usable (listed in {cfg.out})", highlight=False)
+    console.print(f"wrote {cfg.out}", highlight=False)
     return 0
