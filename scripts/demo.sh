@@ -7,6 +7,7 @@
 #   out/demo/store_preview.png  image | UV_gt | UV_bl | source map | centre crop | side crop | face region | true UV
 #   out/demo/run/               uvtrain fit's run directory: config.json, checkpoint.pt, metrics.jsonl, tb/,
 #                               previews/*.png (input | UV_spl | UV_gt/UV_pred | UV_bl | I0 | I1 | I^m | crops)
+#   out/demo/metrics.json       uvtrain eval of that run and the baselines on the store (Table 1 + completion)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -18,3 +19,5 @@ bash scripts/setup.sh
 .venv/bin/uvtrain fit --store out/demo/store.zarr --run-dir out/demo/run --sampler-steps 40 --generator-steps 20 \
     --batch-size 4 --image-size 128 --sampler-grid 64 --channels 16 --workers 1 --log-every 10 --checkpoint-every 20
 ls out/demo/run/previews
+.venv/bin/uvtrain eval --store out/demo/store.zarr --checkpoint out/demo/run --baselines --limit 16 \
+    --out out/demo/metrics.json

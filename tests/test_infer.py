@@ -145,3 +145,46 @@ def test_cli_infer_and_one_line_errors(trained, photos, tmp_path):
     assert res.exit_code == 2
     lines = [ln for ln in res.output.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:") and "Traceback" not in res.output
+
+
+@pytest.fixture(scope="module")
+def bfm_run(tmp_path_factory):
+    """A run trained for a few steps on a store of the four AFLW2000-3D samples (the public BFM, their official
+    fits): a run whose face model 3DDFA_V2 can fit."""
+    from preprocess.build import build_store
+    from preprocess.buildcli import BuildArgs, make_config
+    from tests.conftest import asset_path
+    from tests.test_train import tiny
+    from train.config import RunOptions
+    from train.loop import fit
+
+    a = asset_path("aflw2000").parent
+    asset_path("3ddfa_v1", "train.configs")
+    asset_path("3ddfa_v2", "weights")
+    d = tmp_path_factory.mktemp("bfm")
+    cfg, run = make_config(BuildArgs(out=d / "aflw.zarr", src="aflw2000", images=a / "aflw2000", image_size=128,
+                                     uv_size=64, chunk=4, pca_samples=4, n_tex=4, bfm_v1_dir=a / "3ddfa_v1",
+                                     bfm_v2_dir=a / "3ddfa_v2", frontal_yaw=30.0))
+    summary = build_store(cfg, dataclasses.replace(run, workers=0, progress=False))
+    assert summary.ok == 4, summary
+    train = tiny(str(d / "aflw.zarr"), sampler_steps=1, sampler_finetune_steps=0, generator_steps=1, image_size=64)
+    fit(train, RunOptions(run_dir=d / "run", progress=False, tensorboard=False, checkpoint_every=1000))
+    return d / "run", a
+
+
+def test_real_photos_get_meshes_through_3ddfa(bfm_run, tmp_path):
+    """--bfm-v2-dir on a BFM run: FaceBoxes frames, 3DDFA_V2 fits, every face gets a mesh and views."""
+    trimesh = pytest.importorskip("trimesh")
+    run_dir, a = bfm_run
+    out = tmp_path / "out"
+    sm = infer(InferConfig(checkpoint=run_dir, images=a / "faces", out=out, bfm_v2_dir=a / "3ddfa_v2",
+                           view_size=64, progress=False))
+    assert (sm.fitter, sm.detector) == ("tddfa", "FaceBoxes")
+    assert sm.photos == 3 and sm.meshes == 3 and not sm.failures
+    mesh = trimesh.load(out / "emma.obj", process=False)
+    assert mesh.visual.uv is not None and mesh.visual.material.image.size == (64, 64)
+    ext = mesh.vertices.max(0) - mesh.vertices.min(0)  # in the face model's units (BFM: micrometres)
+    mean = read_bundle(run_dir).face_model.mean_shape
+    ratio = ext / (mean.max(0) - mean.min(0))
+    assert np.all((ratio > 0.8) & (ratio < 1.25)), ratio  # a plausible face of this model, not a blown-up fit
+

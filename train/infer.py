@@ -170,12 +170,16 @@ class Inferencer:
         paths = self._paths()
         stored = self.bundle.fit
         can_tddfa = paths["tddfa_weights"] is not None and paths["param_stats"] is not None
+        bfm = stored.get("fitter") == "tddfa" or self.model.name.startswith("bfm")
         fitter = c.fitter
         if fitter == "auto":
-            fitter = "given" if c.params is not None else ("tddfa" if can_tddfa and self.model.n_id >= 40 else "none")
+            fitter = "given" if c.params is not None else ("tddfa" if can_tddfa and bfm else "none")
         if fitter == "tddfa" and not can_tddfa:
             raise RunError("--fitter tddfa needs the 3DDFA_V2 weights and parameter statistics: pass --bfm-v2-dir "
                            "or --tddfa-weights and --param-stats")
+        if fitter == "tddfa" and not bfm:
+            raise RunError(f"--fitter tddfa: 3DDFA_V2 predicts BFM coefficients, but this run's face model is "
+                           f"{self.model.name!r}; use --params with parameters of that model, or --fitter none")
         fit_cfg = FitConfig(fitter="tddfa" if fitter == "tddfa" else "given", image_size=s,
                             tddfa_weights=paths["tddfa_weights"], param_stats=paths["param_stats"],
                             detector_weights=paths["detector_weights"],
