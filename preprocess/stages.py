@@ -27,7 +27,7 @@ from common.uvlayout import CropConfig, CropLayout, crop_layout
 from common.uvtools import texel_mirror_index
 from preprocess.blend import BlendConfig, blend_uv
 from preprocess.crops import cut_partial_crops
-from preprocess.texture import MaskedPCAConfig, ridge_texture_fit
+from preprocess.texture import MaskedPCAConfig, match_greyscale, ridge_texture_fit
 from preprocess.unwrap import UVGTConfig, UVLayoutCache, layout_cache, uv_gt_from_images
 
 
@@ -221,7 +221,7 @@ def run_stages(inputs, ctx: StageContext, timer: Timer | None = None) -> tuple[d
     if idx.size:
         coeff = ridge_texture_fit(geo.uv_gt[idx], geo.uv_gt_mask[idx], ctx.basis, lam=ctx.config.ridge_lambda)
         arrays["tex_coeff"][idx] = coeff
-        uv_bfm = np.clip(ctx.basis.synthesize(coeff), 0.0, 1.0)
+        uv_bfm = match_greyscale(np.clip(ctx.basis.synthesize(coeff), 0.0, 1.0), geo.uv_gt[idx], geo.uv_gt_mask[idx])
         t0 = timer.add("texture", t0)
         geo.reason[idx[~np.isfinite(coeff).all(1)]] = Reason.NAN
         for j, k in enumerate(idx):

@@ -51,6 +51,24 @@ def basis_from_model_file(kind: str, path: str | Path, uv_size: int, v1_dir: str
     return basis
 
 
+def match_greyscale(uv_bfm: np.ndarray, uv_gt: np.ndarray, mask: np.ndarray, tol: float = 2.0 / 255) -> np.ndarray:
+    """Keep a greyscale photo's model part grey: where a photo's observed texels have no colour (mean channel
+    spread <= ``tol``), its UV_bfm (coloured by the basis learned from colour photos) becomes its luminance.
+
+    uv_bfm: (B, U, U, 3) float in [0, 1]; uv_gt: (B, U, U, 3) float in [0, 1] or uint8; mask: (B, U, U) bool.
+    Returns (B, U, U, 3) float32 (colour photos unchanged).
+    """
+    gt = _as_unit_float(uv_gt)
+    spread = gt.max(-1) - gt.min(-1)  # (B, U, U)
+    n = mask.sum((1, 2))
+    grey = (n > 0) & ((spread * mask).sum((1, 2)) / np.maximum(n, 1) <= tol)
+    out = np.asarray(uv_bfm, np.float32).copy()
+    if grey.any():
+        lum = out[grey] @ np.array([0.299, 0.587, 0.114], np.float32)
+        out[grey] = lum[..., None]
+    return out
+
+
 def ridge_texture_fit(uv_gt: np.ndarray, mask: np.ndarray, basis: UVTextureBasis, lam: float = 1.0,
                       n_components: int | None = None) -> np.ndarray:
     """Eq. 8: texture coefficients by ridge regression on the observed texels, in closed form.

@@ -319,3 +319,36 @@ def test_cuda_matches_cpu(detector, regressor):
     lm_gpu = reg_gpu.landmarks(*reg_gpu.predict(img, det_cpu.boxes))
     lm_cpu = regressor.landmarks(*regressor.predict(img, det_cpu.boxes))
     np.testing.assert_allclose(lm_gpu[..., :2], lm_cpu[..., :2], atol=0.5)
+
+
+def test_second_pass_lowers_the_nme_on_aflw2000_samples(detector, regressor):
+    """FaceBoxes box -> 3DDFA_V2, with and without the landmark-ROI second pass (the build's default since it is
+    better here): measured mean NME 3.43 % (one pass) and 3.29 % (two) on the four samples."""
+    two = TDDFARegressor.from_paths(asset_path(*MB05), asset_path(*STATS), asset_path(*V1_WEIGHTS), second_pass=True)
+    e1, e2 = [], []
+    for name in ("image00050", "image00251", "image00430", "image03324"):
+        img = _read_rgb("aflw2000", f"{name}.jpg")
+        gt = sio.loadmat(str(asset_path("aflw2000", f"{name}.mat")))["pt3d_68"][:2].T - 0.5
+        box = detector.detect(img, select="largest").boxes
+        wh = gt.max(0) - gt.min(0)
+        for fit_with, errs in ((regressor, e1), (two, e2)):
+            lm = fit_with.landmarks(*fit_with.predict(img, box))[0, :, :2]
+            errs.append(np.linalg.norm(lm - gt, axis=1).mean() / np.sqrt(wh[0] * wh[1]))
+    assert np.mean(e2) < np.mean(e1) < 0.05, (e1, e2)
+
+
+def test_build_runs_the_second_pass_by_default(tmp_path):
+    from preprocess.buildcli import BuildArgs, make_config
+
+    v1, v2 = asset_path("3ddfa_v1"), asset_path("3ddfa_v2")
+    flags = dict(out=tmp_path / "s.zarr", src="folder", images=asset_path("faces"), bfm_v1_dir=v1, bfm_v2_dir=v2)
+    fit = make_config(BuildArgs(**flags))[0].stages.fit
+    assert fit.fitter == "tddfa" and fit.second_pass and fit.landmarks_dir == v1 / "c++" / "weights"
+    assert not make_config(BuildArgs(**flags, second_pass=False))[0].stages.fit.second_pass
+    flags.pop("bfm_v1_dir")
+    assert not make_config(BuildArgs(**flags, face_model="bfm-public"))[0].stages.fit.second_pass
+    from common.faces.fit import describe_fit
+
+    text = describe_fit(fit)
+    assert "2 passes" in text and fit.tddfa_weights.name in text and "FaceBoxesProd.pth" in text, text
+    assert describe_fit({"fitter": "given"}).startswith("given")

@@ -14,6 +14,7 @@ gives a typed failure (:class:`FitResult` with ``reason``), never an exception.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -159,6 +160,17 @@ def _square_crop(image: np.ndarray, centre: np.ndarray, side: float, size: int) 
                               borderMode=cv2.BORDER_CONSTANT, borderValue=0)
     return cv2.warpAffine(image, m, (size, size), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
                           borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+
+
+def describe_fit(fit: FitConfig | dict) -> str:
+    """One line saying which fitter, weights and passes a build ran (a :class:`FitConfig` or its stored dict)."""
+    d = dataclasses.asdict(fit) if isinstance(fit, FitConfig) else dict(fit)
+    if d.get("fitter") != "tddfa":
+        return "given (parameters supplied by the source)"
+    name = lambda p: Path(str(p)).name if p else "-"  # noqa: E731
+    passes = "2 passes (box ROI, then landmark ROI)" if d.get("second_pass") else "1 pass (box ROI)"
+    return (f"tddfa: 3DDFA_V2 {name(d.get('tddfa_weights'))}, detector {name(d.get('detector_weights'))}, "
+            f"{passes}")
 
 
 def frame_face(image: np.ndarray, detector, size: int, context: float = 1.25,
