@@ -35,6 +35,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from common.files import sha256_file
 from common.identity import load_identity
 from common.store import OK, Reason, StoreReader
 from train.bundle import read_bundle
@@ -114,14 +115,6 @@ def _cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------------ the run
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def store_fingerprint(reader: StoreReader) -> str:
     """A content fingerprint of a store: its layout, build config, face model, texture basis and source manifest."""
     a = reader.attrs
@@ -268,7 +261,7 @@ def _batch(reader: StoreReader, idx: np.ndarray, names: list[str], dev: torch.de
 def _assemble(cfg, reader, methods, per, comp, idx, failed, seconds) -> dict:
     out = {"store": str(cfg.store), "store_fingerprint": store_fingerprint(reader),
            "checkpoint": None if cfg.checkpoint is None else str(methods.checkpoint_file),
-           "checkpoint_sha256": None if cfg.checkpoint is None else _sha256(methods.checkpoint_file),
+           "checkpoint_sha256": None if cfg.checkpoint is None else sha256_file(methods.checkpoint_file),
            "checkpoint_step": None if cfg.checkpoint is None else methods.step,
            "samples": len(idx), "failures": failed, "identity": cfg.identity, "ssim": SSIM_SETTINGS,
            "image_size": reader.layout.image_size, "uv_size": reader.layout.uv_size, "seconds": round(seconds, 2),

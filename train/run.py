@@ -86,18 +86,26 @@ def _infer_summary(sm: InferSummary, cfg: InferConfig) -> Table:
     return table
 
 
+def _with_progress(label: str, show: bool, console: Console, work):
+    """Call ``work(report)`` under a progress bar (``report(done, total)``); (result, None) or (None, exit code 2)
+    after printing a user error as one line."""
+    progress = Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                        console=console, disable=not show)
+    task = progress.add_task(label, total=None)
+    try:
+        with progress:
+            return work(lambda done, total: progress.update(task, completed=done, total=total)), None
+    except USER_ERRORS as e:
+        console.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+        return None, 2
+
+
 def run_infer(cfg: InferConfig, console: Console | None = None) -> int:
     """Run :func:`train.infer.infer` with a progress bar and a summary; 0 ok, 2 a user error (one line)."""
     console = console or Console(stderr=True)
-    progress = Progress(TextColumn("infer"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                        console=console, disable=not cfg.progress)
-    task = progress.add_task("infer", total=None)
-    try:
-        with progress:
-            sm = infer(cfg, on_photo=lambda done, total: progress.update(task, completed=done, total=total))
-    except USER_ERRORS as e:
-        console.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
-        return 2
+    sm, code = _with_progress("infer", cfg.progress, console, lambda report: infer(cfg, on_photo=report))
+    if code:
+        return code
     for note in sm.notes:
         console.print(f"note: {note}", highlight=False)
     if sm.failures:
@@ -137,15 +145,9 @@ def eval_tables(result: dict) -> list[Table]:
 def run_eval(cfg: EvalConfig, console: Console | None = None) -> int:
     """Run :func:`train.evaluate.evaluate` with a progress bar and the tables; 0 ok, 2 a user error (one line)."""
     console = console or Console(stderr=True)
-    progress = Progress(TextColumn("eval"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                        console=console, disable=not cfg.progress)
-    task = progress.add_task("eval", total=None)
-    try:
-        with progress:
-            result = evaluate(cfg, on_batch=lambda done, total: progress.update(task, completed=done, total=total))
-    except USER_ERRORS as e:
-        console.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
-        return 2
+    result, code = _with_progress("eval", cfg.progress, console, lambda report: evaluate(cfg, on_batch=report))
+    if code:
+        return code
     if cfg.progress:
         for table in eval_tables(result):
             console.print(table)

@@ -17,7 +17,6 @@ plain state dict (``torch.save``; loaded with ``weights_only=True``).
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import os
 import pickle
@@ -27,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from common.files import sha256_file
 from common.identity.dlib_format import DlibFormatError, DlibNet, read_dlib_net
 
 __all__ = ["DLIB_CHIP_SIZE", "DlibResNet", "cached_dlib_resnet", "default_cache_dir", "dlib_model_path"]
@@ -207,14 +207,6 @@ def default_cache_dir() -> Path:
     return Path(base) / "uvtex" / "identity"
 
 
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def cached_dlib_resnet(path: str | Path | None = None, cache_dir: str | Path | None = None) -> DlibResNet:
     """The network with weights from ``path`` (default: :func:`dlib_model_path`), converted on first use.
 
@@ -226,7 +218,7 @@ def cached_dlib_resnet(path: str | Path | None = None, cache_dir: str | Path | N
     if not src.is_file():
         raise FileNotFoundError(f"dlib face-recognition model {src} not found; expected {DLIB_MODEL_FILE}")
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    target = cache / f"dlib_resnet_{_file_sha256(src)[:16]}.pt"
+    target = cache / f"dlib_resnet_{sha256_file(src)[:16]}.pt"
     net = DlibResNet()
     if target.is_file():
         try:
