@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import argparse
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import cv2
 import numpy as np
@@ -253,7 +253,8 @@ def blend_study(basis: UVTextureBasis, test: World, trusted: np.ndarray, albedo:
         vals = np.where(test.mask[k][..., None], values[k], 0).astype(np.float32)
         uv_bfm = fit_and_synthesize(vals[None], test.mask[k:k + 1], basis, lam)[0]
         bl, src = blend_uv(vals, test.mask[k], uv_bfm, face_mask=basis.valid, mirror_index=ctx.mirror_index,
-                           config=ctx.config.blend)
+                           config=replace(ctx.config.blend, fill_mode="mirror", mirror_blend=False,
+                                          mirror_min_facing=None, nose_strip=0.0))  # no normals here: plain mirror
         filled, fill_mask, _ = symmetric_fill(vals, test.mask[k], ctx.mirror_index, basis.valid)
         tb, _ = trusted_blend(vals, test.mask[k], uv_bfm, basis.valid, trusted, ctx.mirror_index)
         ref = np.where(fill_mask[..., None], filled, uv_bfm).astype(np.float64)

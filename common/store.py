@@ -31,6 +31,10 @@ ctr_valid             (N,)                 bool     the sample yields a centre c
 uv_sd, uv_sd_mask     (N, hs, ws, 3 | -)   u8/bool  side crop and its mask
 sd_valid              (N,)                 bool     the sample yields a side crop
 uv_true               (N, U, U, 3)         uint8    synthetic stores only: the exact UV texture
+occlusion             (N, H, W)            bool     only when ``layout.has_occlusion`` (built with occluder
+                                                    rejection): pixels inside the eroded projected mesh mask
+                                                    rejected as occluders (``preprocess.occlusion``); they are
+                                                    outside ``face_region`` and ``face_mask_eroded``
 status                (N,)                 uint8    PENDING / OK / FAILED
 reason                (N,)                 uint8    :class:`Reason` of a failed sample, 0 otherwise
 chunk_done            (n_chunks,)          uint8    1 once chunk c is completely written
@@ -92,6 +96,7 @@ import json
 import os
 import socket
 import struct
+import time
 import uuid
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
@@ -138,6 +143,11 @@ class Reason(enum.IntEnum):
     UNSUPPORTED_MODE = 5
     TOO_SMALL = 6
     BAD_ANNOTATION = 7
+    TOO_LARGE = 8
+    NOT_A_FILE = 9
+    BAD_NAME = 10
+    UNSUPPORTED_ARCHIVE = 11
+    DUPLICATE_NAME = 12
     NO_FACE = 20
     FIT_DIVERGED = 21
     NAN = 22
@@ -171,6 +181,11 @@ _REASON_TEXT = {
     Reason.UNSUPPORTED_MODE: "decoded, but the pixel type or channel count is not one we convert",
     Reason.TOO_SMALL: "decoded, but the image is smaller than the source's min_size",
     Reason.BAD_ANNOTATION: "the sample's annotation file (e.g. AFLW2000 .mat) is missing or malformed",
+    Reason.TOO_LARGE: "over a read limit (bytes per file or zip member, pixels per image): not decoded",
+    Reason.NOT_A_FILE: "not a regular file (FIFO, device, folder, dangling or looping link): not read",
+    Reason.BAD_NAME: "the file name is not valid UTF-8 (stored with replacement characters): rename the file",
+    Reason.UNSUPPORTED_ARCHIVE: "a zip member that is encrypted or uses a compression method we cannot read",
+    Reason.DUPLICATE_NAME: "a zip member whose name an earlier member already has (only the first is read)",
     Reason.NO_FACE: "the detector found no face",
     Reason.FIT_DIVERGED: "the 3DMM fit did not converge or left the image",
     Reason.NAN: "a stage produced NaN or infinite values",
@@ -210,6 +225,11 @@ class StoreLayout:
     """Samples per chunk (one build task writes one chunk)."""
     has_truth: bool = False
     """Synthetic stores also hold ``uv_true``."""
+    has_occlusion: bool = False
+    """The store holds ``occlusion`` (the build rejected occluders; stores written before it never do)."""
+    chunk_records: bool = False
+    """The store holds ``chunk_record``: per chunk, the SHA-256 of its data and the generation that wrote it
+    (stores written before it never do; their chunks cannot be verified)."""
     compressor: str = "zstd"
     """One of zstd | blosc-zstd | blosc-lz4 | none."""
     clevel: int = 3
@@ -284,9 +304,13 @@ ARRAY_DOCS = {
     "uv_sd_mask": "side crop mask, (N, hs, ws) bool",
     "sd_valid": "sample yields a side crop, (N,) bool",
     "uv_true": "synthetic ground-truth UV texture, (N, U, U, 3) uint8",
+    "occlusion": "pixels inside the eroded projected mesh mask rejected as occluders (outside face_region), "
+                 "(N, H, W) bool",
     "status": "0 pending, 1 ok, 2 failed, (N,) uint8",
     "reason": "failure reason code (common.store.Reason), (N,) uint8",
     "chunk_done": "1 once the chunk is completely written, (n_chunks,) uint8",
+    "chunk_record": "per chunk: SHA-256 of its arrays as written (32 bytes) + the writing build's generation "
+                    "(16 bytes), (n_chunks, 48) uint8",
     "manifest_path": "source key of each sample, (N,) variable-length UTF-8",
     "manifest_size": "source file size in bytes, (N,) int64",
     "manifest_mtime": "source modification time in POSIX seconds, (N,) float64",
@@ -315,10 +339,14 @@ def array_specs(layout: StoreLayout) -> dict[str, ArraySpec]:
     }
     if layout.has_truth:
         rest["uv_true"] = ((u, u, 3), u8)
+    if layout.has_occlusion:
+        rest["occlusion"] = ((h, h), b)
     rest["status"] = ((), u8)
     rest["reason"] = ((), u8)
     specs = {name: ArraySpec((n, *shp), dt, (min(c, n), *shp)) for name, (shp, dt) in rest.items()}
     specs["chunk_done"] = ArraySpec((layout.n_chunks,), u8, (1,))
+    if layout.chunk_records:
+        specs["chunk_record"] = ArraySpec((layout.n_chunks, RECORD_BYTES), u8, (1, RECORD_BYTES))
     return specs
 
 
@@ -428,6 +456,22 @@ def _exists(path) -> bool:
         return False
 
 
+CREATING = "uvprep_creating"
+"""Root attribute written before anything else when a store is created, replaced by the full attributes last: a
+store that still carries it was interrupted while being created and holds no data."""
+
+
+def creation_interrupted(path) -> bool:
+    """True for a store whose creation was interrupted (it carries :data:`CREATING` but no ``schema_version``)."""
+    if not _exists(path):
+        return False
+    try:
+        a = dict(zarr.open_group(_store_arg(path), mode="r").attrs)
+    except (FileNotFoundError, ValueError, KeyError):
+        return False
+    return CREATING in a and "schema_version" not in a
+
+
 def create_store(path, layout: StoreLayout, attrs: Mapping, manifest, overwrite: bool = False, *,
                  face_model: FaceModel, crop_layout: CropLayout, mirror_index: np.ndarray,
                  crop_config: CropConfig) -> zarr.Group:
@@ -454,6 +498,9 @@ def create_store(path, layout: StoreLayout, attrs: Mapping, manifest, overwrite:
             raise FileExistsError(f"{path} already holds a store; resume it with open_for_build or pass "
                                   f"--overwrite to rebuild")
         group = zarr.open_group(_store_arg(path), mode="r+")
+        if "schema_version" not in group.attrs and CREATING not in group.attrs:
+            raise FileExistsError(f"{path} is a Zarr group that uvprep did not create (it has no schema "
+                                  f"attributes); refusing to delete its arrays: choose another --out")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", zarr.errors.ZarrUserWarning)
             members = list(group.keys())
@@ -464,10 +511,12 @@ def create_store(path, layout: StoreLayout, attrs: Mapping, manifest, overwrite:
             raise FileExistsError(f"{path} exists and is not a Zarr store; refusing to write into it "
                                   f"(choose another --out or remove it yourself)")
         group = zarr.open_group(_store_arg(path), mode="a")
+    group.attrs.put({CREATING: {"started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                                "pid": os.getpid()}})
     comp = _compressors(layout)
     for name, spec in array_specs(layout).items():
         a = group.create_array(name, shape=spec.shape, dtype=spec.dtype, chunks=spec.chunks,
-                               fill_value=_fill(spec.dtype), compressors=comp if name != "chunk_done" else None,
+                               fill_value=_fill(spec.dtype), compressors=comp if name not in PER_CHUNK else None,
                                attributes={"description": ARRAY_DOCS[name]})
         del a
     for name, spec in manifest_specs(layout).items():
@@ -513,11 +562,14 @@ def _differences(stored: Mapping, layout: StoreLayout, user: Mapping, m_count: i
         diffs.append(f"schema_version: store {stored.get('schema_version')}, this code {SCHEMA_VERSION}{hint}")
     want = {"layout": layout.to_json(), "config": user["config"]}
     want.update({k: user[k] for k in user if k != "config" and k not in _PROVENANCE_ATTRS})
+    stored = dict(stored)
+    with contextlib.suppress(KeyError, TypeError, ValueError):  # a layout written before a field existed: its default
+        stored["layout"] = StoreLayout.from_json(stored["layout"]).to_json()
     for top, value in want.items():
         a, b = flatten_mapping(stored.get(top), top), flatten_mapping(value, top)
         for key in sorted(set(a) | set(b)):
             old, new = a.get(key, "<absent>"), b.get(key, "<absent>")
-            if old != new:
+            if old != new and not (old == "<absent>" and new is None):  # a setting added later, left off
                 diffs.append(f"{key}: store {_short(old)}, this run {_short(new)}")
     sm = stored.get("manifest", {})
     if sm.get("sha256") != m_sha:
@@ -588,6 +640,20 @@ class BuildLock:
         self.release()
 
 
+UNREADABLE_LOCK_AGE = 10.0
+"""Seconds after which an empty or unreadable lock file (a build killed while writing it) counts as stale."""
+
+
+def _stale(lock: Path, held: dict, host: str) -> bool:
+    """A lock from this host whose process has exited, or a lock file nobody could have finished writing."""
+    if held.get("note") == "unreadable lock file":
+        try:
+            return time.time() - lock.stat().st_mtime > UNREADABLE_LOCK_AGE
+        except FileNotFoundError:
+            return False
+    return held.get("host") == host and not _pid_alive(int(held.get("pid", -1)))
+
+
 def _read_lock(lock: Path) -> dict | None:
     try:
         return json.loads(lock.read_text())
@@ -652,7 +718,7 @@ def acquire_build_lock(path, owner: str = "uvprep build") -> BuildLock:
         held = _read_lock(lock)
         if held is None:
             continue  # released meanwhile
-        if held.get("host") == host and not _pid_alive(int(held.get("pid", -1))):
+        if _stale(lock, held, host):
             aside = lock.with_name(f"{LOCK_NAME}.stale-{info['token']}")
             try:
                 os.rename(lock, aside)
@@ -754,8 +820,14 @@ def _coerce(name: str, value, spec: ArraySpec, n: int) -> np.ndarray:
     return a.astype(dt, copy=False)
 
 
-def write_chunk(path_or_group, chunk_index: int, arrays: Mapping[str, np.ndarray]) -> None:
+def write_chunk(path_or_group, chunk_index: int, arrays: Mapping[str, np.ndarray],
+                generation: str | None = None) -> None:
     """Write one chunk-aligned region (samples ``chunk_bounds(chunk_index)``), then mark it done.
+
+    generation: the writing build's token (:func:`start_generation`). The write is refused with
+    :class:`StaleWriter` when the store's current generation differs (a newer build took the store over:
+    this task belongs to a dead client), checked before the data and again before the completion record.
+    With ``layout.chunk_records`` the record holds the SHA-256 of everything written and the generation.
 
     path_or_group: the store path or URL (workers should pass the path: the store is opened here, so
     nothing zarr-related is pickled) or an open group. arrays: name -> (n, ...) values for the n
@@ -771,10 +843,10 @@ def write_chunk(path_or_group, chunk_index: int, arrays: Mapping[str, np.ndarray
     specs = array_specs(layout)
     start, stop = layout.chunk_bounds(int(chunk_index))
     n = stop - start
-    unknown = sorted(set(arrays) - (set(specs) - {"chunk_done"}))
+    unknown = sorted(set(arrays) - (set(specs) - set(PER_CHUNK)))
     if unknown:
         raise KeyError(f"write_chunk: unknown arrays {unknown}; the schema has "
-                       f"{sorted(set(specs) - {'chunk_done'})}")
+                       f"{sorted(set(specs) - set(PER_CHUNK))}")
     if "status" not in arrays:
         raise KeyError("write_chunk: 'status' is required (OK or FAILED for every sample of the chunk)")
     data = {k: _coerce(k, v, specs[k], n) for k, v in arrays.items()}
@@ -788,15 +860,131 @@ def write_chunk(path_or_group, chunk_index: int, arrays: Mapping[str, np.ndarray
         raise ValueError(f"write_chunk: unknown reason codes {sorted(set(reason.tolist()) - set(known))}")
     if ((status == FAILED) & (reason == Reason.NONE)).any() or ((status == OK) & (reason != Reason.NONE)).any():
         raise ValueError("write_chunk: failed samples need a reason != 0 and OK samples reason 0")
+    if generation is not None:
+        _check_generation(path_or_group, group, generation, chunk_index)
+    written = {"reason": reason, "status": status}
     for name, spec in specs.items():
-        if name not in ("status", "reason", "chunk_done"):
+        if name not in ("status", "reason", *PER_CHUNK):
             value = data.get(name)
             if value is None:
                 value = np.full((n, *spec.shape[1:]), _fill(spec.dtype), spec.dtype)  # all-fill: no object stored
             group[name][start:stop] = value
+            written[name] = np.asarray(value, spec.dtype)
     group["reason"][start:stop] = reason
     group["status"][start:stop] = status
+    if layout.chunk_records:
+        if generation is not None:  # the window in which a newer build could have started is this write
+            _check_generation(path_or_group, group, generation, chunk_index)
+        token = bytes.fromhex(generation)[:16].ljust(16, b"\0") if generation else bytes(16)
+        group["chunk_record"][chunk_index] = np.frombuffer(_digest(written) + token, np.uint8)
     group["chunk_done"][chunk_index] = 1
+
+
+RECORD_BYTES = 48
+PER_CHUNK = ("chunk_done", "chunk_record")
+"""Arrays indexed by chunk, not by sample."""
+GENERATION = "generation"
+"""Root attribute: the token of the build that currently owns the store (a new one per ``uvprep build`` run)."""
+
+
+class StaleWriter(RuntimeError):
+    """A chunk write from a build that no longer owns the store (its generation was replaced)."""
+
+
+def start_generation(path) -> str:
+    """Give the store a new generation token (call with the build lock held); returns it (32 hex digits)."""
+    token = uuid.uuid4().hex
+    _open(path, "r+").attrs[GENERATION] = token
+    return token
+
+
+def _check_generation(path_or_group, group: zarr.Group, generation: str, chunk_index: int) -> None:
+    fresh = zarr.open_group(_store_arg(path_or_group), mode="r") if not isinstance(path_or_group, zarr.Group) \
+        else group
+    current = fresh.attrs.get(GENERATION)
+    if current != generation:
+        raise StaleWriter(f"chunk {chunk_index}: the store now belongs to build generation {str(current)[:8]}, this "
+                          f"task to {generation[:8]}: a newer build took it over; this write is refused")
+
+
+def _digest(arrays: Mapping[str, np.ndarray]) -> bytes:
+    """SHA-256 of a chunk's arrays in a canonical form (sorted names, C order, the schema dtypes)."""
+    h = hashlib.sha256()
+    for name in sorted(arrays):
+        a = np.ascontiguousarray(arrays[name])
+        h.update(name.encode() + str(a.dtype).encode() + str(a.shape).encode())
+        h.update(a.tobytes())
+    return h.digest()
+
+
+def verify_chunks(path_or_group, chunks: Iterable[int] | None = None) -> dict[int, str]:
+    """Re-read completed chunks and compare them with their records: chunk -> problem, for each bad one.
+
+    chunks: which to check (default: every completed chunk). Finds deleted, truncated or altered chunk files
+    of any array (a deleted one reads back as fill values). A store without ``chunk_record`` has nothing to
+    compare with: {} (its chunks are unverifiable).
+    """
+    group = _open(path_or_group, "r")
+    layout = layout_of(group)
+    if not layout.chunk_records:
+        return {}
+    specs = array_specs(layout)
+    done = group["chunk_done"][:] == 1
+    todo = np.flatnonzero(done) if chunks is None else [c for c in chunks if done[int(c)]]
+    bad = {}
+    for c in todo:
+        start, stop = layout.chunk_bounds(int(c))
+        record = bytes(np.asarray(group["chunk_record"][int(c)], np.uint8))
+        try:
+            got = _digest({name: np.asarray(group[name][start:stop], spec.dtype)
+                           for name, spec in specs.items() if name not in PER_CHUNK})
+        except Exception as e:  # noqa: BLE001 - a chunk file the codec cannot read is damaged
+            bad[int(c)] = f"unreadable ({type(e).__name__}: {e})"
+            continue
+        if got != record[:32]:
+            bad[int(c)] = "data does not match its SHA-256 record (deleted, truncated or altered chunk files)"
+    return bad
+
+
+def repair_for_resume(path, verify: bool = False) -> list[str]:
+    """Before a build resumes: check the store's structure and make every chunk that is not provably complete
+    pending again; returns what was done (one line each).
+
+    Missing sample arrays (an interrupted ``--overwrite`` or a deleted folder) are recreated empty and every chunk
+    is redone. A chunk marked done whose ``status`` holds PENDING samples (a deleted ``status`` chunk) is redone.
+    With ``verify`` every completed chunk is re-read and compared with its SHA-256 record (:func:`verify_chunks`);
+    a bad one is redone. Arrays with the wrong shape, dtype or chunking cannot be repaired: :class:`StoreMismatch`
+    with the problems.
+    """
+    group = _open(path, "r+")
+    layout = layout_of(group)
+    specs = array_specs(layout)
+    notes: list[str] = []
+    wrong = [p for p in _check_schema(group, layout) if not p.endswith(": missing") and not p.startswith("unexpected")]
+    if wrong:
+        raise StoreMismatch(f"{path}: cannot resume a store whose arrays do not match the schema: {'; '.join(wrong)}; "
+                            f"pass --overwrite to rebuild it")
+    missing = [name for name in specs if name not in group]
+    if missing:
+        comp = _compressors(layout)
+        for name in missing:
+            spec = specs[name]
+            group.create_array(name, shape=spec.shape, dtype=spec.dtype, chunks=spec.chunks,
+                               fill_value=_fill(spec.dtype), compressors=comp if name not in PER_CHUNK else None,
+                               attributes={"description": ARRAY_DOCS[name]})
+        group["chunk_done"][:] = 0
+        notes.append(f"arrays {missing} were missing: recreated, every chunk is rebuilt")
+        return notes
+    done = group["chunk_done"][:] == 1
+    st = group["status"][:]
+    pending = np.add.reduceat((st == PENDING).astype(np.int64), np.arange(0, len(st), layout.chunk)) > 0
+    redo = {int(c): "marked done but holds PENDING samples" for c in np.flatnonzero(done & pending)}
+    if verify:
+        redo.update(verify_chunks(group))
+    for c, why in sorted(redo.items()):
+        group["chunk_done"][c] = 0
+        notes.append(f"chunk {c}: {why}: rebuilt")
+    return notes
 
 
 def completed_chunks(path_or_group) -> np.ndarray:
@@ -827,7 +1015,7 @@ class StoreReader:
     @property
     def names(self) -> list[str]:
         """Sample-aligned array names (everything :meth:`sample` returns besides ``index`` and ``path``)."""
-        return [k for k in array_specs(self.layout) if k != "chunk_done"]
+        return [k for k in array_specs(self.layout) if k not in PER_CHUNK]
 
     def status(self) -> np.ndarray:
         return self.group["status"][:]

@@ -22,12 +22,14 @@ Discretisation (shared by every solver, so they all solve the *same* linear syst
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import cv2
 import numpy as np
 import scipy.sparse as sp
 import scipy.sparse.linalg as spla
+
+from preprocess.shading import ShadingConfig, estimate_shading
 
 SOURCE_MODEL = 0
 """``source_map`` code: texel comes from the model texture UV_bfm (via the Poisson solution)."""
@@ -40,6 +42,7 @@ SOURCE_OUTSIDE = 255
 
 SOLVERS = ("auto", "mgcg", "direct", "amg")
 BLEND_MODES = ("paste", "fill")
+FILL_MODES = ("mirror", "relit")
 
 
 @dataclass(frozen=True)
@@ -71,9 +74,36 @@ class BlendConfig:
     model texels are the unknowns, guided by UV_bfm's gradients, with the observed/mirrored texels as the boundary:
     photo texels stay exact and the model part is shifted to meet them without seams (see README, "Eq. 9")."""
 
+    fill_mode: str = "relit"
+    """Values of the mirrored texels. ``mirror``: the observed mirror texel's colour (Fig. 5h, as the paper).
+    ``relit`` (beyond the paper): that colour divided by the shading at the source texel's normal and multiplied
+    by the shading at the texel's own normal, the lighting fitted on the observed texels (:mod:`preprocess.shading`;
+    needs ``normals``). :meth:`paper_mirror` is today's plain fill (no cuts, no blend of the mirrored half)."""
+    mirror_blend: bool = True
+    """Blend the mirrored texels by Eq. 9 too ("this step is also based on Equation 9"): they keep the mirror's
+    gradients and take their values at the boundary from the observed texels (Dirichlet there, Neumann towards
+    the model part)."""
+    mirror_min_facing: float | None = 0.5
+    """Do not mirror from a source texel seen more obliquely than this cos(view angle) (the ``n_z`` of its
+    camera-frame normal; needs ``normals``). None = no cut."""
+    nose_strip: float = 0.03
+    """Do not mirror nose texels (``nose_mask``) closer than this to the symmetry line (fraction of U): there small
+    fit errors double the nose. 0 = no cut."""
+    shading: ShadingConfig = field(default_factory=ShadingConfig)
+    """Lighting estimate of the relit fill."""
+
+    @classmethod
+    def paper_mirror(cls, **kw) -> BlendConfig:
+        """The plain symmetric fill as the paper and earlier builds: colours copied verbatim, no cuts, no blend."""
+        return cls(fill_mode="mirror", mirror_blend=False, mirror_min_facing=None, nose_strip=0.0, **kw)
+
     def __post_init__(self) -> None:
         if self.mode not in BLEND_MODES:
             raise ValueError(f"BlendConfig.mode must be one of {BLEND_MODES}, got {self.mode!r}")
+        if self.fill_mode not in FILL_MODES:
+            raise ValueError(f"BlendConfig.fill_mode must be one of {FILL_MODES}, got {self.fill_mode!r}")
+        if self.nose_strip < 0:
+            raise ValueError(f"BlendConfig.nose_strip must be >= 0, got {self.nose_strip}")
         if self.solver not in SOLVERS:
             raise ValueError(f"BlendConfig.solver must be one of {SOLVERS}, got {self.solver!r}")
         if not self.tol > 0:
@@ -201,6 +231,12 @@ def _prolong_add(xc: np.ndarray, fine: _Level, x: np.ndarray) -> np.ndarray:
     return cv2.add(x, fine.t2, dst=x)
 
 
+def _neighbour_count(mask: np.ndarray) -> np.ndarray:
+    """(H, W) float32 number of 4-neighbours of each texel inside ``mask`` (none beyond the image), at least 1
+    (a texel with none is outside the unknowns or, on a coarse grid, an isolated one: 1 keeps it regular)."""
+    return np.maximum(cv2.filter2D(mask.astype(np.float32), -1, _CROSS, borderType=cv2.BORDER_CONSTANT), 1.0)
+
+
 def _coarsen(mask: np.ndarray, op) -> np.ndarray:
     """2x2 pooling (``op`` = np.any / np.all) of a (H, W) bool mask; odd sizes padded with False."""
     h, w = mask.shape
@@ -222,15 +258,21 @@ class _Multigrid:
     """
 
     def __init__(self, mask: np.ndarray, deg: np.ndarray, sides: tuple[bool, ...], channels: int,
-                 config: BlendConfig):
+                 config: BlendConfig, boundary: np.ndarray | None = None):
         self.nu = config.smoothing_steps
         self.omega = 0.8
         self.levels = [_Level(mask, deg, channels, self.omega)]
+        known = None if boundary is None else mask | boundary  # partial Dirichlet: Neumann beyond ``known``
         while self.levels[-1].mask.sum() > config.coarsest_size:
             m = _coarsen(self.levels[-1].mask, np.all)
             if not m.any():
                 break
-            self.levels.append(_Level(m, _degree(m.shape, sides), channels, self.omega))
+            if known is None:
+                deg_c = _degree(m.shape, sides)
+            else:  # every coarse texel holding a fine unknown or boundary texel is Dirichlet unless unknown
+                known = _coarsen(known, np.any)
+                deg_c = _neighbour_count(known)
+            self.levels.append(_Level(m, deg_c, channels, self.omega))
         last = self.levels[-1]
         self.flat = np.flatnonzero(last.mask)
         self.inverse = None  # coarsening stalled (checkerboard-like mask): smooth harder instead
@@ -323,9 +365,13 @@ def _solve_sparse(a: sp.csr_matrix, b: np.ndarray, solver: str, config: BlendCon
 
 
 def _correction(target: np.ndarray, source: np.ndarray, mask: np.ndarray, sides: tuple[bool, ...],
-                config: BlendConfig) -> np.ndarray:
-    """The correction ``g = f - source`` on a cropped grid, (H, W, C) float32, zero outside ``mask``."""
-    deg = _degree(mask.shape, sides)
+                config: BlendConfig, boundary: np.ndarray | None = None) -> np.ndarray:
+    """The correction ``g = f - source`` on a cropped grid, (H, W, C) float32, zero outside ``mask``.
+
+    ``boundary``: None (every neighbour outside ``mask`` is Dirichlet) or (H, W) bool, the only Dirichlet texels;
+    edges to texels in neither are dropped (homogeneous Neumann). Every component of ``mask`` must then touch it.
+    """
+    deg = _degree(mask.shape, sides) if boundary is None else _neighbour_count(mask | boundary)
     solver = config.solver
     if solver == "auto":
         solver = "direct" if np.count_nonzero(mask) < config.direct_below else "mgcg"
@@ -340,7 +386,7 @@ def _correction(target: np.ndarray, source: np.ndarray, mask: np.ndarray, sides:
     n_inside = cv2.filter2D(m3, -1, _CROSS, borderType=cv2.BORDER_CONSTANT)
     n_cross = cv2.multiply(cv2.subtract(np.repeat(deg[:, :, None], target.shape[2], 2), n_inside), m3)
     b = cv2.multiply(n_cross, cv2.subtract(target.astype(np.float32), source.astype(np.float32)))
-    mg = _Multigrid(mask, deg, sides, target.shape[2], config)
+    mg = _Multigrid(mask, deg, sides, target.shape[2], config, boundary)
     return _pcg(mg.levels[0], b, mg.vcycle, config.tol, config.max_iter)
 
 
@@ -411,8 +457,26 @@ def poisson_blend(target: np.ndarray, source: np.ndarray, mask: np.ndarray,
     return out
 
 
+def _mirror_or_flip(mirror_index: np.ndarray | None, size: int) -> np.ndarray:
+    """A checked (U*U,) int64 texel mirror index; None = the column flip (u -> 1 - u)."""
+    if mirror_index is None:
+        return np.arange(size * size, dtype=np.int64).reshape(size, size)[:, ::-1].ravel()
+    mirror_index = np.asarray(mirror_index)
+    if mirror_index.shape != (size * size,) or mirror_index.dtype.kind not in "iu":
+        raise ValueError(f"mirror_index must be a ({size * size},) integer array (flat texel index, -1 = "
+                         f"none), found {mirror_index.shape} {mirror_index.dtype}")
+    return mirror_index.astype(np.int64, copy=False)
+
+
+def _gather(x: np.ndarray, mirror_index: np.ndarray) -> np.ndarray:
+    """``x`` read at each texel's mirror texel (texel 0 where there is none): (U, U, ...) -> (U, U, ...)."""
+    safe = np.where(mirror_index >= 0, mirror_index, 0)
+    return x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])[safe].reshape(x.shape)
+
+
 def symmetric_fill(uv_gt: np.ndarray, mask: np.ndarray, mirror_index: np.ndarray | None = None,
-                   face_mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                   face_mask: np.ndarray | None = None, exclude: np.ndarray | None = None,
+                   values: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Fill texels missing in UV_gt from their observed mirror texel (Fig. 5h).
 
     Args:
@@ -422,6 +486,9 @@ def symmetric_fill(uv_gt: np.ndarray, mask: np.ndarray, mirror_index: np.ndarray
             None: the default face model's layout, exactly symmetric under a column flip (u -> 1-u).
         face_mask: optional (U, U) bool, texels inside the face layout; observations outside it are
             ignored and coded ``SOURCE_OUTSIDE``.
+        exclude: optional (U, U) bool, texels never filled from their mirror (:func:`mirror_exclusion`).
+        values: optional (U, U, 3), the value each texel takes when mirrored (e.g. :func:`relit_mirror`);
+            None = the mirror texel's colour.
 
     Returns:
         ``filled``: (U, U, 3) same dtype as ``uv_gt``, observed and mirrored texels set, others unchanged.
@@ -431,19 +498,14 @@ def symmetric_fill(uv_gt: np.ndarray, mask: np.ndarray, mirror_index: np.ndarray
     """
     size = uv_gt.shape[0]
     observed = mask if face_mask is None else mask & face_mask
-    if mirror_index is None:
-        mirrored = ~observed & observed[:, ::-1]
-        values = uv_gt[:, ::-1]
-    else:
-        mirror_index = np.asarray(mirror_index)
-        if mirror_index.shape != (size * size,) or mirror_index.dtype.kind not in "iu":
-            raise ValueError(f"mirror_index must be a ({size * size},) integer array (flat texel index, -1 = "
-                             f"none), found {mirror_index.shape} {mirror_index.dtype}")
-        safe = np.where(mirror_index >= 0, mirror_index, 0)
-        mirrored = (~observed.ravel() & (mirror_index >= 0) & observed.ravel()[safe]).reshape(size, size)
-        values = uv_gt.reshape(-1, uv_gt.shape[2])[safe].reshape(uv_gt.shape)
+    mirror_index = _mirror_or_flip(mirror_index, size)
+    mirrored = ~observed & (mirror_index >= 0).reshape(size, size) & _gather(observed, mirror_index)
+    if values is None:
+        values = _gather(uv_gt, mirror_index)
     if face_mask is not None:
         mirrored &= face_mask
+    if exclude is not None:
+        mirrored &= ~exclude
     filled = uv_gt.copy()
     filled[mirrored] = values[mirrored]
     source_map = np.full((size, size), SOURCE_MODEL, np.uint8)
@@ -454,9 +516,93 @@ def symmetric_fill(uv_gt: np.ndarray, mask: np.ndarray, mirror_index: np.ndarray
     return filled, observed | mirrored, source_map
 
 
+def mirror_exclusion(mirror_index: np.ndarray | None, size: int, normals: np.ndarray | None = None,
+                     nose_mask: np.ndarray | None = None, config: BlendConfig = BlendConfig()) -> np.ndarray:
+    """Texels whose mirror is unreliable and which are therefore left to the model: (U, U) bool.
+
+    * nose strip: texels of ``nose_mask`` whose mirror texel is closer than ``2 * config.nose_strip * U`` columns
+      (both within ``nose_strip`` of the symmetry line): a fit that is a little off doubles the nose there;
+    * grazing sources: texels whose mirror texel's normal has ``n_z < config.mirror_min_facing`` (seen
+      obliquely, so it holds a smeared, silhouette-contaminated colour).
+
+    mirror_index: (U*U,) int64 or None (column flip); normals: (U, U, 3) camera-frame unit normals or None (no
+    grazing cut); nose_mask: (U, U) bool or None (no nose cut).
+    """
+    mirror_index = _mirror_or_flip(mirror_index, size)
+    out = np.zeros((size, size), bool)
+    if nose_mask is not None and config.nose_strip > 0:
+        cols = np.tile(np.arange(size), size)
+        near = np.abs(cols - _gather(cols.reshape(size, size), mirror_index).ravel()) < 2 * config.nose_strip * size
+        out |= nose_mask & near.reshape(size, size)
+    if normals is not None and config.mirror_min_facing is not None:
+        out |= _gather(normals[..., 2], mirror_index) < config.mirror_min_facing
+    return out
+
+
+def relit_mirror(uv_gt: np.ndarray, mask: np.ndarray, normals: np.ndarray, mirror_index: np.ndarray | None,
+                 config: ShadingConfig = ShadingConfig()) -> tuple[np.ndarray, np.ndarray]:
+    """Mirror the albedo, not the colour (beyond the paper): ``uv_gt[m(t)] * S(n_t) / S(n_m(t))``.
+
+    The lighting ``S`` is fitted on the observed texels (:func:`preprocess.shading.estimate_shading`).
+
+    uv_gt: (U, U, 3) float in [0, 1]; mask: (U, U) bool observed texels; normals: (U, U, 3) camera-frame unit
+    normals; mirror_index: (U*U,) int64 or None (column flip).
+    Returns the relit mirror value of every texel (U, U, 3) float32 in [0, 1] (meaningful where the mirror was
+    observed) and the shading (U, U, 3) float32.
+    """
+    size = uv_gt.shape[0]
+    mirror_index = _mirror_or_flip(mirror_index, size)
+    shading = estimate_shading(uv_gt, mask, normals, config)
+    ratio = shading / _gather(shading, mirror_index)
+    return np.clip(_gather(uv_gt, mirror_index) * ratio, 0.0, 1.0).astype(np.float32), shading
+
+
+def blend_mirrored(filled: np.ndarray, observed: np.ndarray, mirrored: np.ndarray,
+                   config: BlendConfig = BlendConfig()) -> np.ndarray:
+    """Eq. 9 on the mirrored texels ("this step is also based on Equation 9"): gradients from the mirror, values
+    at the boundary from the observed texels.
+
+    Unknowns are the ``mirrored`` texels, guided by ``filled``'s gradients between them; every edge to an
+    ``observed`` texel ``q`` imposes ``f_q = filled_q`` (Dirichlet); edges to other texels impose nothing
+    (Neumann), so the model part does not pull on the mirror. A mirrored component that touches no observed
+    texel keeps its values. Lighting and misregistration left at the observed | mirrored seam are so spread
+    smoothly over the mirrored half instead of pasted.
+
+    filled: (U, U, 3) float (observed and mirrored texels set); observed, mirrored: (U, U) bool, disjoint.
+    Returns (U, U, 3) float32: ``filled`` with the mirrored texels replaced, not clipped.
+    """
+    out = np.array(filled, np.float32, copy=True)
+    if not mirrored.any() or not observed.any():
+        return out
+    count = cv2.filter2D(observed.astype(np.float32), -1, _CROSS, borderType=cv2.BORDER_CONSTANT)
+    touch = mirrored & (count > 0)
+    n_comp, labels = cv2.connectedComponents(mirrored.astype(np.uint8), connectivity=4)
+    anchored = np.zeros(n_comp, bool)
+    anchored[np.unique(labels[touch])] = True
+    anchored[0] = False
+    unknown = anchored[labels] & mirrored
+    if not unknown.any():
+        return out
+    # target_p = mean of p's observed neighbours, so that n_cross * (target_p - source_p) sums f_q - source_p
+    pad = np.pad(np.where(observed[..., None], out, 0.0), ((1, 1), (1, 1), (0, 0)))
+    total = sum(pad[1 + dy:pad.shape[0] - 1 + dy, 1 + dx:pad.shape[1] - 1 + dx]
+                for dy, dx in ((-1, 0), (1, 0), (0, -1), (0, 1)))
+    target = np.where(count[..., None] > 0, total / np.maximum(count, 1.0)[..., None], out).astype(np.float32)
+    rows, cols = np.flatnonzero(unknown.any(1)), np.flatnonzero(unknown.any(0))
+    h, w = unknown.shape
+    r0, r1 = max(rows[0] - 1, 0), min(rows[-1] + 2, h)
+    c0, c1 = max(cols[0] - 1, 0), min(cols[-1] + 2, w)
+    crop = np.s_[r0:r1, c0:c1]
+    m = np.ascontiguousarray(unknown[crop])
+    g = _correction(np.ascontiguousarray(target[crop]), np.ascontiguousarray(out[crop]), m,
+                    (r0 == 0, r1 == h, c0 == 0, c1 == w), config, boundary=np.ascontiguousarray(observed[crop]))
+    out[crop][m] += g[m]
+    return out
+
+
 def blend_uv(uv_gt: np.ndarray, uv_mask: np.ndarray, uv_bfm: np.ndarray, face_mask: np.ndarray | None = None,
-             mirror_index: np.ndarray | None = None,
-             config: BlendConfig = BlendConfig()) -> tuple[np.ndarray, np.ndarray]:
+             mirror_index: np.ndarray | None = None, config: BlendConfig = BlendConfig(),
+             normals: np.ndarray | None = None, nose_mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The pseudo ground truth UV_bl: symmetric fill of UV_gt (Fig. 5h), then Poisson blend into UV_bfm (Eq. 9).
 
     Args:
@@ -466,6 +612,9 @@ def blend_uv(uv_gt: np.ndarray, uv_mask: np.ndarray, uv_bfm: np.ndarray, face_ma
         face_mask: optional (U, U) bool, texels inside the face layout; outside it UV_bl = UV_bfm.
         mirror_index: optional (U*U,) int64 texel mirror index (-1 = none); None = column flip.
         config: blending settings.
+        normals: (U, U, 3) float unit normals of the fitted shape in the camera frame
+            (:func:`preprocess.shading.uv_normals`); needed by ``fill_mode="relit"`` and ``mirror_min_facing``.
+        nose_mask: optional (U, U) bool, the layout's nose region (for ``nose_strip``).
 
     Returns:
         ``uv_bl``: (U, U, 3) float32 in [0, 1].
@@ -475,14 +624,28 @@ def blend_uv(uv_gt: np.ndarray, uv_mask: np.ndarray, uv_bfm: np.ndarray, face_ma
     _check_uv(uv_bfm, "uv_bfm", size)
     _check_mask(uv_mask, "uv_mask", size)
     _check_mask(face_mask, "face_mask", size)
+    _check_mask(nose_mask, "nose_mask", size)
     for name, x in (("uv_gt", uv_gt), ("uv_bfm", uv_bfm)):
         if not np.isfinite(x).all():
             raise ValueError(f"{name} contains NaN/inf; set unobserved texels to 0 and mark them in uv_mask")
+    needs_normals = config.symmetric_fill and (config.fill_mode == "relit" or config.mirror_min_facing is not None)
+    if needs_normals and (normals is None or normals.shape != (size, size, 3)):
+        raise ValueError(f"blend_uv: fill_mode={config.fill_mode!r} / mirror_min_facing={config.mirror_min_facing} "
+                         f"need normals ({size}, {size}, 3) (preprocess.shading.uv_normals of the fitted shape), "
+                         f"found {getattr(normals, 'shape', None)}; or use BlendConfig.paper_mirror()")
     if config.erode_px > 0:
         kernel = np.ones((2 * config.erode_px + 1,) * 2, np.uint8)
         uv_mask = cv2.erode(uv_mask.astype(np.uint8), kernel, borderType=cv2.BORDER_REPLICATE).astype(bool)
     if config.symmetric_fill:
-        filled, fill_mask, source_map = symmetric_fill(uv_gt, uv_mask, mirror_index, face_mask)
+        observed = uv_mask if face_mask is None else uv_mask & face_mask
+        values = None
+        if config.fill_mode == "relit":
+            values, _ = relit_mirror(uv_gt, observed, normals, mirror_index, config.shading)
+        exclude = mirror_exclusion(mirror_index, size, normals if config.mirror_min_facing is not None else None,
+                                   nose_mask, config)
+        filled, fill_mask, source_map = symmetric_fill(uv_gt, uv_mask, mirror_index, face_mask, exclude, values)
+        if config.mirror_blend:
+            filled = blend_mirrored(filled, observed, source_map == SOURCE_MIRRORED, config)
     else:
         filled, _, source_map = symmetric_fill(uv_gt, uv_mask, np.full(size * size, -1, np.int64), face_mask)
         fill_mask = source_map == SOURCE_OBSERVED
@@ -521,3 +684,26 @@ def blend_model_into_photo(filled: np.ndarray, known: np.ndarray, uv_bfm: np.nda
     target = np.where(known[..., None], filled, uv_bfm + np.where(unknown[..., None], mean_d, 0.0))
     out = poisson_blend(target.astype(np.float32), np.asarray(uv_bfm, np.float32), unknown, config)
     return np.where(layout[..., None], out, uv_bfm).astype(np.float32)
+
+
+def seam_gradient_ratio(uv_bl: np.ndarray, source_map: np.ndarray, a: int = SOURCE_OBSERVED,
+               b: int = SOURCE_MIRRORED) -> float:
+    """Brightness gradient across the ``a`` | ``b`` boundary over the gradient inside ``a``.
+
+    uv_bl: (U, U, 3) float in [0, 1]; source_map: (U, U) uint8 ``SOURCE_*`` codes. The gradient is the absolute
+    difference of the luminance (mean of RGB) between 4-neighbours; the ratio is the mean over neighbour pairs
+    with one texel in ``a`` and one in ``b`` over the mean over pairs with both texels in ``a``. NaN when there
+    is no such boundary. 1 = the seam is as smooth as the photo's own texture.
+    """
+    y = uv_bl.astype(np.float64).mean(-1)
+    cross, inside = [], []
+    for dy, dx in ((0, 1), (1, 0)):
+        p, q = (np.s_[: y.shape[0] - dy, : y.shape[1] - dx], np.s_[dy:, dx:])
+        g = np.abs(y[p] - y[q])
+        sp, sq = source_map[p], source_map[q]
+        cross.append(g[((sp == a) & (sq == b)) | ((sp == b) & (sq == a))])
+        inside.append(g[(sp == a) & (sq == a)])
+    cross, inside = np.concatenate(cross), np.concatenate(inside)
+    if cross.size == 0 or inside.size == 0:
+        return float("nan")
+    return float(cross.mean() / max(inside.mean(), 1e-12))

@@ -16,8 +16,11 @@ Workers receive only the store path and the frozen config; they open the store t
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import signal
+import threading
 import time
 import uuid
 from collections import Counter
@@ -37,8 +40,11 @@ from common.store import (
     acquire_build_lock,
     completed_chunks,
     create_store,
+    creation_interrupted,
     open_for_build,
     read_texture_basis,
+    repair_for_resume,
+    start_generation,
     write_chunk,
     write_texture_basis,
 )
@@ -52,7 +58,11 @@ from preprocess.texture import downsample_maps, learn_masked_pca
 FACE_REGION_SEGMENTED = "build: projected mesh & the source's segmentation"
 """Root attribute ``face_region_source`` of a store whose source knows the face pixels (synthetic)."""
 FACE_REGION_PROJECTED = "build: projected mesh only"
-"""... of a store whose source has no segmentation (photos: no face parser yet)."""
+"""... of a store whose source has no segmentation, built without occluder rejection (``--no-occlusion``)."""
+FACE_REGION_OCCLUSION = "build: projected mesh minus detected occluders"
+"""... of a store whose source has no segmentation, with occluders rejected (:mod:`preprocess.occlusion`)."""
+FACE_REGION_SEGMENTED_OCCLUSION = "build: projected mesh & the source's segmentation, minus detected occluders"
+"""... of a synthetic store built with ``--occlusion`` forced on (for measuring the detector)."""
 
 
 @dataclass(frozen=True)
@@ -87,6 +97,8 @@ class RunOptions:
     """Dask retries of a failing chunk task before it is reported as failed."""
     progress: bool = True
     """Show a progress bar and the summary table."""
+    verify: bool = False
+    """Before resuming, re-read every completed chunk and rebuild those that fail their SHA-256 record."""
 
 
 @dataclass
@@ -130,7 +142,8 @@ def config_record(cfg: BuildConfig) -> dict:
             return [clean(x) for x in v]
         return v
 
-    src = dataclasses.asdict(cfg.source)
+    recorded = {f.name for f in dataclasses.fields(cfg.source) if f.metadata.get("recorded", True)}
+    src = {k: v for k, v in dataclasses.asdict(cfg.source).items() if k in recorded}  # read limits are not
     src["kind"] = cfg.source.kind
     return clean({"source": src, "stages": dataclasses.asdict(cfg.stages), "chunk": cfg.chunk,
                   "compressor": cfg.compressor})
@@ -233,9 +246,12 @@ def _context(out: str, cfg: BuildConfig, with_basis: bool, cache: dict | None) -
     return ctx
 
 
-def process_chunk(out: str, chunk_index: int, cfg: BuildConfig, threads: int | None = None,
-                  cache: dict | None = None) -> ChunkReport:
+def process_chunk(out: str, chunk_index: int, cfg: BuildConfig, generation: str | None = None,
+                  threads: int | None = None, cache: dict | None = None) -> ChunkReport:
     """Build one chunk of the store end to end and write it (the unit of work of a Dask task).
+
+    generation: the build's token (:func:`common.store.start_generation`); the write is refused
+    (:class:`common.store.StaleWriter`) once a newer build owns the store.
 
     cache: where reusable setup is kept between calls (the eager runner passes its own; on Dask the worker's).
     """
@@ -259,7 +275,7 @@ def process_chunk(out: str, chunk_index: int, cfg: BuildConfig, threads: int | N
         arrays["uv_true"] = np.stack([s.truth["uv_true"] if s.truth is not None else np.zeros((u, u, 3), np.uint8)
                                       for s in inputs])
     t0 = time.perf_counter()
-    write_chunk(out, chunk_index, arrays)
+    write_chunk(out, chunk_index, arrays, generation=generation)
     timer.add("write", t0)
     status, reason = arrays["status"], arrays["reason"]
     failed = Counter(Reason(int(r)).short for r in reason[status == FAILED])
@@ -281,6 +297,20 @@ def prepass_batch(out: str, indices: np.ndarray, cfg: BuildConfig, fit_size: int
 
 
 # ------------------------------------------------------------------------------------------ running
+@contextlib.contextmanager
+def _workers_ignore_sigint():
+    """Start worker processes with SIGINT ignored (the disposition is inherited): a Ctrl-C in the terminal reaches
+    the whole process group, and only this process should handle it (it closes the cluster)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 class _Runner:
     """Maps a function over argument tuples, eagerly or on Dask; yields results as they complete."""
 
@@ -298,10 +328,17 @@ class _Runner:
             from dask.distributed import Client, LocalCluster
 
             if run.scheduler is not None:
-                self.client = Client(run.scheduler)
+                try:
+                    self.client = Client(run.scheduler, timeout="10s")
+                except (OSError, ValueError) as e:
+                    raise RuntimeError(f"cannot reach the Dask scheduler at --scheduler {run.scheduler} ({e}); is "
+                                       f"it running (`dask scheduler`), and is the address right?") from None
             else:
-                self.cluster = LocalCluster(n_workers=run.workers, threads_per_worker=run.threads, processes=True,
-                                            dashboard_address=None)
+                # Dask's scheduler always starts its HTTP server, on 8787 when dashboard_address is None (dask
+                # distributed #8136): a random loopback port keeps 8787 free and nothing reachable from outside
+                with _workers_ignore_sigint():
+                    self.cluster = LocalCluster(n_workers=run.workers, threads_per_worker=run.threads,
+                                                processes=True, dashboard_address="127.0.0.1:0")
                 self.client = Client(self.cluster)
 
     def map(self, fn, arg_list, key: str):
@@ -375,6 +412,18 @@ def _learn_basis(out: str, cfg: BuildConfig, model, runner: _Runner, n: int, pro
     return basis
 
 
+def _has_chunk_records(out: str) -> bool:
+    """False for an existing store created before chunk records (resumed without them); True otherwise."""
+    import zarr
+
+    from common.store import layout_of
+
+    try:
+        return layout_of(zarr.open_group(out, mode="r")).chunk_records
+    except (FileNotFoundError, KeyError, ValueError, TypeError):
+        return True
+
+
 def build_store(cfg: BuildConfig, run: RunOptions) -> BuildSummary:
     """Run (or resume) a build; returns the summary. Raises on config mismatch or a held lock."""
     from preprocess.progress import BuildProgress
@@ -393,14 +442,21 @@ def build_store(cfg: BuildConfig, run: RunOptions) -> BuildSummary:
     layout = StoreLayout(n_samples=n, image_size=cfg.stages.fit.image_size, uv_size=cfg.stages.uvgt.uv_size,
                          ctr_shape=crops.ctr_region.shape, sd_shape=crops.sd_region.shape,
                          n_tex=_n_tex(cfg.stages, model), chunk=cfg.chunk, has_truth=cfg.source.kind == "synthetic",
+                         has_occlusion=cfg.stages.occlusion is not None, chunk_records=True,
                          compressor=cfg.compressor)
     attrs = {"config": config_record(cfg), "face_model_hash": model.fingerprint(),
              "texture_basis_hash": _texture_identity(cfg.stages, model), "face_model": model.name,
              "source_kind": cfg.source.kind,
-             "face_region_source": FACE_REGION_SEGMENTED if cfg.source.kind == "synthetic" else FACE_REGION_PROJECTED}
+             "face_region_source": _face_region_source(cfg)}
     summary = BuildSummary(n_samples=n)
     with acquire_build_lock(run.out), BuildProgress(enabled=run.progress) as progress:
+        overwrite = run.overwrite
         try:
+            if creation_interrupted(run.out):  # killed while being created: it holds no data, create it again
+                overwrite = True
+                raise FileNotFoundError(run.out)
+            if not _has_chunk_records(run.out):  # created before chunk records: resume it as it is
+                layout = dataclasses.replace(layout, chunk_records=False)
             open_for_build(run.out, layout, attrs, manifest, **described)
             create = False
         except FileNotFoundError:
@@ -410,7 +466,10 @@ def build_store(cfg: BuildConfig, run: RunOptions) -> BuildSummary:
                 raise
             create = True
         if create:
-            create_store(run.out, layout, attrs, manifest, overwrite=run.overwrite, **described)
+            layout = dataclasses.replace(layout, chunk_records=True)
+            create_store(run.out, layout, attrs, manifest, overwrite=overwrite, **described)
+        else:  # redo what is not provably complete (missing arrays, damaged chunks with --verify)
+            summary.errors.extend(repair_for_resume(run.out, verify=run.verify))
         runner = _Runner(run)
         try:
             if read_texture_basis(run.out) is None:
@@ -418,9 +477,12 @@ def build_store(cfg: BuildConfig, run: RunOptions) -> BuildSummary:
                 write_texture_basis(run.out, basis.mean, basis.basis, basis.valid, basis.name, basis.fingerprint())
             done = completed_chunks(run.out)
             summary.skipped_chunks = int(done.sum())
-            todo = [(run.out, c, cfg) for c in np.flatnonzero(~done)]
+            # a new generation before any task of this run writes: tasks of an earlier, dead client are fenced off
+            # (a complete store is left untouched, not even its metadata)
+            generation = start_generation(run.out) if not done.all() else None
+            todo = [(run.out, c, cfg, generation) for c in np.flatnonzero(~done)]
             task = progress.add("building", sum(layout.chunk_bounds(c)[1] - layout.chunk_bounds(c)[0]
-                                                for _, c, _ in todo))
+                                                for _, c, _, _ in todo))
             for args, rep in runner.map(process_chunk, todo, "chunk"):
                 _record(summary, args[1], rep)
                 progress.advance(task, rep.n if isinstance(rep, ChunkReport) else
@@ -429,6 +491,13 @@ def build_store(cfg: BuildConfig, run: RunOptions) -> BuildSummary:
             runner.close()
         summary.wall_seconds = time.perf_counter() - t_start
     return summary
+
+
+def _face_region_source(cfg: BuildConfig) -> str:
+    segmented, occlusion = cfg.source.kind == "synthetic", cfg.stages.occlusion is not None
+    if segmented:
+        return FACE_REGION_SEGMENTED_OCCLUSION if occlusion else FACE_REGION_SEGMENTED
+    return FACE_REGION_OCCLUSION if occlusion else FACE_REGION_PROJECTED
 
 
 def _record(summary: BuildSummary, chunk: int, rep) -> None:

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import math
 import os
+import signal
+import threading
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -29,31 +33,55 @@ class BuildArgs:
     tddfa_weights: Path | None = None
     detector_weights: Path | None = None
     second_pass: bool = True
+    max_bytes: int | None = None
+    max_pixels: int | None = None
+    occlusion: bool | None = None
     erosion: float = 0.03
     texture_model: str = "pca"
     n_tex: int = 40
     pca_samples: int = 1024
     ridge_lambda: float = 1.0
     blend_mode: str = "fill"
+    fill_mode: str = "relit"
     frontal_yaw: float = 10.0
     profile_yaw: float = 30.0
     workers: int | None = None
     threads: int = 1
     scheduler: str | None = None
     overwrite: bool = False
+    verify: bool = False
 
 
 def _first_existing(*paths: Path) -> Path | None:
     return next((p for p in paths if p is not None and p.exists()), None)
 
 
+def validate_args(a: BuildArgs) -> None:
+    """Every option checked before anything is read or created; raises ValueError naming the flag."""
+    choices = {"fitter": (None, "given", "tddfa"), "face_model": (None, "procedural", "bfm-public"),
+               "blend_mode": ("fill", "paste"), "fill_mode": ("relit", "mirror")}
+    for name, allowed in choices.items():
+        if getattr(a, name) not in allowed:
+            raise ValueError(f"--{name.replace('_', '-')} {getattr(a, name)!r}: expected one of "
+                             f"{' | '.join(x for x in allowed if x)}")
+    if a.texture_model not in ("pca", "model") and not Path(a.texture_model).is_file():
+        raise ValueError(f"--texture-model {a.texture_model!r}: expected pca, model or an existing basis .npz file")
+    for name, lo, hi in (("erosion", 0.0, 1.0), ("ridge_lambda", 0.0, float("inf")), ("frontal_yaw", 0.0, 90.0),
+                         ("profile_yaw", 0.0, 90.0)):
+        v = float(getattr(a, name))
+        if not (math.isfinite(v) or v == hi) or not lo <= v <= hi:
+            raise ValueError(f"--{name.replace('_', '-')} {getattr(a, name)}: expected a number in [{lo}, {hi}]")
+
+
 def make_config(a: BuildArgs):
     """Returns (BuildConfig, RunOptions). Real-photo defaults come from the 3DDFA_V2 folder when given."""
+    validate_args(a)
     from common.faces.fit import FitConfig
     from common.synthetic import SyntheticConfig
     from common.uvlayout import CropConfig
     from preprocess.blend import BlendConfig
     from preprocess.build import BuildConfig, RunOptions
+    from preprocess.occlusion import OcclusionConfig
     from preprocess.sources import SyntheticSource, make_source
     from preprocess.stages import StageConfig
     from preprocess.texture import MaskedPCAConfig
@@ -67,6 +95,7 @@ def make_config(a: BuildArgs):
         if a.images is None:
             raise ValueError(f"--src {a.src} needs --images (a folder or .zip of images)")
         extra = {"params": str(a.params)} if a.params is not None else {}
+        extra.update({k: v for k, v in (("max_bytes", a.max_bytes), ("max_pixels", a.max_pixels)) if v is not None})
         source = make_source(a.src, images=str(a.images), **extra)
     fitter = a.fitter or ("given" if synthetic or a.params is not None or a.src == "aflw2000" else "tddfa")
     v2 = a.bfm_v2_dir
@@ -86,12 +115,32 @@ def make_config(a: BuildArgs):
         bfm_v1_dir=a.bfm_v1_dir, bfm_v2_dir=a.bfm_v2_dir, fit=fit,
         uvgt=UVGTConfig(uv_size=a.uv_size, erosion_frac=a.erosion), texture_model=a.texture_model,
         pca=MaskedPCAConfig(n_components=a.n_tex), pca_samples=a.pca_samples, ridge_lambda=a.ridge_lambda,
-        blend=BlendConfig(mode=a.blend_mode),
-        crops=CropConfig(frontal_yaw_max=a.frontal_yaw, profile_yaw_min=a.profile_yaw))
+        blend=BlendConfig(mode=a.blend_mode) if a.fill_mode == "relit" else BlendConfig.paper_mirror(mode=a.blend_mode),
+        crops=CropConfig(frontal_yaw_max=a.frontal_yaw, profile_yaw_min=a.profile_yaw),
+        # photos have no face parser: reject occluders by default; the synthetic world's exact mask needs none
+        occlusion=OcclusionConfig() if (not synthetic if a.occlusion is None else a.occlusion) else None)
     workers = a.workers if a.workers is not None else max(1, (os.cpu_count() or 1) // a.threads)
     run = RunOptions(out=str(a.out), workers=workers, threads=a.threads, scheduler=a.scheduler,
-                     overwrite=a.overwrite)
+                     overwrite=a.overwrite, verify=a.verify)
     return BuildConfig(source=source, stages=stages, chunk=a.chunk), run
+
+
+@contextlib.contextmanager
+def _interruptible():
+    """SIGTERM raises KeyboardInterrupt("SIGTERM") like Ctrl-C does, so the build unwinds the same way: the lock
+    is released, the local Dask cluster shut down (its workers ignore SIGINT, so a Ctrl-C in the terminal does
+    not make each of them print a traceback), and one line is printed."""
+    def on_term(signum, frame):
+        raise KeyboardInterrupt("SIGTERM")
+
+    if threading.current_thread() is not threading.main_thread():  # signals can only be handled there
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, on_term)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def run_build(a: BuildArgs, console: Console | None = None) -> int:
@@ -103,10 +152,20 @@ def run_build(a: BuildArgs, console: Console | None = None) -> int:
     console = console or Console(stderr=True)
     try:
         cfg, run = make_config(a)
-        summary = build_store(cfg, run)
+        with _interruptible():
+            summary = build_store(cfg, run)
     except (StoreMismatch, StoreLocked, ValueError, FileNotFoundError, FileExistsError, RuntimeError) as e:
-        console.print(f"[red]uvprep build: {e}")
+        console.print(f"[red]uvprep build: {e}", soft_wrap=True, highlight=False)  # one line, never wrapped
         return 2
+    except PermissionError as e:
+        console.print(f"[red]uvprep build: {a.out}: permission denied ({e.strerror}); choose a writable --out",
+                      soft_wrap=True, highlight=False)
+        return 2
+    except KeyboardInterrupt as e:
+        code = 143 if str(e) == "SIGTERM" else 130
+        console.print(f"[yellow]uvprep build: interrupted ({'SIGTERM' if code == 143 else 'SIGINT'}); completed "
+                      f"chunks are kept: rerun the same command to resume", soft_wrap=True, highlight=False)
+        return code
     console.print(summary_table(summary, cfg.stages.fit))
     if cfg.stages.fit.fitter == "tddfa" and a.second_pass and not cfg.stages.fit.second_pass:
         console.print("[yellow]one fitting pass only: the landmark second pass needs the 68-landmark bases in "

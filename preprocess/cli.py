@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import typer
@@ -46,6 +47,17 @@ def build(
     bfm_v2_dir: Path = typer.Option(None, help="3DDFA_V2 asset folder (configs/, weights/, FaceBoxes/)."),
     tddfa_weights: Path = typer.Option(None, help="3DDFA_V2 mb1/mb05_120x120.pth (default: in --bfm-v2-dir)."),
     detector_weights: Path = typer.Option(None, help="FaceBoxesProd.pth (default: in --bfm-v2-dir)."),
+    second_pass: bool = typer.Option(True, "--second-pass/--one-pass", help="tddfa: regress again on the ROI of "
+                                     "the first fit's 68 landmarks (needs --bfm-v1-dir; landmark NME 3.29 %% vs "
+                                     "3.43 %% from FaceBoxes boxes on the AFLW2000-3D samples)."),
+    occlusion: bool = typer.Option(None, "--occlusion/--no-occlusion", help="Reject occluders (hair, glasses, "
+                                   "hands, background) inside the face mask by a per-photo skin-colour model "
+                                   "(stored as `occlusion`). Default: on for photos, off for synthetic (its exact "
+                                   "mask is used; --occlusion also runs the detector there, for measurement)."),
+    max_bytes: int = typer.Option(None, min=1, help="Read limit per file / zip member in bytes (default 512 MiB): "
+                                                    "larger ones fail with too_large, unread."),
+    max_pixels: int = typer.Option(None, min=1, help="Pixel limit per image from its header (default 100 MP): "
+                                                     "larger ones fail with too_large, undecoded."),
     erosion: float = typer.Option(0.03, min=0.0, help="Face-mask erosion radius / face size."),
     texture_model: str = typer.Option("pca", help="pca | model | PATH to a saved basis .npz."),
     n_tex: int = typer.Option(40, min=1, help="PCA texture basis size K."),
@@ -53,12 +65,17 @@ def build(
     ridge_lambda: float = typer.Option(1.0, min=0.0, help="Eq. 8 ridge weight."),
     blend_mode: str = typer.Option("fill", help="Eq. 9: fill (keep photo texels, blend the model in) | paste "
                                                 "(the paper's literal form: paste the photo into the model)."),
+    fill_mode: str = typer.Option("relit", help="Symmetric fill: relit (mirror the albedo under the lighting "
+                                                "fitted on the photo, blend the mirrored half by Eq. 9, skip the nose "
+                                                "ridge and grazing sources) | mirror (the paper's plain copy)."),
     frontal_yaw: float = typer.Option(10.0, help="|yaw| <= this (deg) gives a centre crop."),
     profile_yaw: float = typer.Option(30.0, help="|yaw| >= this (deg) gives a side crop."),
     workers: int = typer.Option(None, min=0, help="Local Dask workers (0 = run in this process; default: CPUs)."),
     threads: int = typer.Option(1, min=1, help="Threads per worker."),
     scheduler: str = typer.Option(None, help="Join a running Dask scheduler at this address."),
     overwrite: bool = typer.Option(False, help="Rebuild a store that was built differently."),
+    verify: bool = typer.Option(False, "--verify", help="Before resuming, re-read every completed chunk and "
+                                                        "rebuild those that fail their SHA-256 record."),
 ) -> None:
     """Preprocess a photo collection into a resumable Zarr training store."""
     flags = dict(locals())
@@ -89,25 +106,47 @@ def texture_basis(
     typer.echo(f"wrote {out}: {basis.n_components} components at {uv_size}x{uv_size} ({basis.fingerprint()})")
 
 
-@app.command()
-def info(store: Path) -> None:
-    """Print a store's schema, counts, config and failure reasons."""
+@contextlib.contextmanager
+def _store_errors(command: str, store: Path):
+    """One red line and exit 2 for a path that is no store (missing, not a Zarr group, another schema)."""
+    import zarr
+
     from common.store import StoreMismatch
-    from preprocess.inspect import print_info
 
     try:
-        print_info(store)
+        yield
     except StoreMismatch as e:  # another schema version: the message says what to do
-        typer.secho(f"uvprep info: {e}", fg="red", err=True)
+        typer.secho(f"uvprep {command}: {e}", fg="red", err=True)
+        raise typer.Exit(code=2) from None
+    except (FileNotFoundError, NotADirectoryError, zarr.errors.GroupNotFoundError) as e:
+        typer.secho(f"uvprep {command}: {store} is not a uvprep store ({e})", fg="red", err=True)
+        raise typer.Exit(code=2) from None
+    except KeyError as e:
+        typer.secho(f"uvprep {command}: {store} is a Zarr group but not a uvprep store (missing {e})", fg="red",
+                    err=True)
         raise typer.Exit(code=2) from None
 
 
 @app.command()
-def check(store: Path) -> None:
-    """Validate a store (shapes, dtypes, completion, value ranges); non-zero exit when broken."""
+def info(store: Path) -> None:
+    """Print a store's schema, counts, config and failure reasons."""
+    from preprocess.inspect import print_info
+
+    with _store_errors("info", store):
+        print_info(store)
+
+
+@app.command()
+def check(store: Path, deep: bool = typer.Option(False, "--deep", help="Re-read every completed chunk and compare "
+                                                                       "it with its SHA-256 record (default: a "
+                                                                       "sample of 8).")) -> None:
+    """Validate a store (shapes, dtypes, completion, value ranges); exit 0 when sound and complete, 1 when broken
+    or not completely built."""
     from preprocess.inspect import check_store
 
-    raise typer.Exit(code=check_store(store))
+    with _store_errors("check", store):
+        code = check_store(store, deep=deep)
+    raise typer.Exit(code=code)
 
 
 @app.command()
@@ -131,17 +170,33 @@ def upgrade(
 
 @app.command()
 def show(store: Path, index: str = typer.Option("0,1,2,3", help="Comma-separated sample indices."),
-         out: Path = typer.Option(Path("grid.png"), help="Output PNG.")) -> None:
-    """Write image | UV_gt | UV_bl | source map | crops for the given samples side by side."""
-    from common.store import StoreMismatch
-    from preprocess.inspect import show_samples
+         out: Path = typer.Option(Path("grid.png"), help="Output PNG."),
+         overlay: str = typer.Option("all", help="Drawn over the photo in a column after it, comma-separated: "
+                                                 "mesh (the fitted mesh as a UV grid), landmarks (the 68 keypoints), "
+                                                 "occlusion (red, where the store has it), mask (face_mask_eroded "
+                                                 "outline); all or none."),
+         height: int = typer.Option(192, help="Tile height in pixels.")) -> None:
+    """Write image | overlays | UV_gt | UV_bl | source map | crops | face region for the given samples, one row each,
+    labelled with the source key and the pose."""
+    import zarr
 
-    indices = [int(i) for i in index.split(",") if i.strip()]
+    from common.store import StoreMismatch
+    from preprocess.inspect import ShowConfig, show_samples
+
     try:
-        typer.echo(f"wrote {show_samples(store, indices, out)}")
-    except StoreMismatch as e:
-        typer.secho(f"uvprep show: {e}", fg="red", err=True)
-        raise typer.Exit(code=2) from None
+        indices = [int(i) for i in index.split(",") if i.strip()]
+        cfg = ShowConfig(overlays=ShowConfig.parse_overlays(overlay), height=height)
+    except ValueError as e:
+        typer.secho(f"uvprep show: --index {index!r} / --overlay {overlay!r}: {e}", fg="red", err=True)
+        raise typer.Exit(code=1) from None
+    with _store_errors("show", store):
+        try:
+            typer.echo(f"wrote {show_samples(store, indices, out, cfg)}")
+        except (ValueError, IndexError) as e:
+            if isinstance(e, zarr.errors.GroupNotFoundError | StoreMismatch):
+                raise
+            typer.secho(f"uvprep show: {e}", fg="red", err=True)
+            raise typer.Exit(code=1) from None
 
 
 if __name__ == "__main__":

@@ -21,7 +21,10 @@ from __future__ import annotations
 
 import calendar
 import dataclasses
+import errno
+import io
 import os
+import stat
 import zipfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -37,6 +40,18 @@ from common.store import Reason, manifest_sha256
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 GREY = 128
 """Background that transparent pixels are composited over (mid-grey: neutral for detection and fitting)."""
+MAX_BYTES = 512 << 20
+"""Default read limit per file or zip member (bytes, uncompressed): larger ones fail with ``too_large``."""
+MAX_PIXELS = 100_000_000
+"""Default limit of width x height read from an image's header before decoding (100 MP)."""
+_ZIP_METHODS = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA)
+
+
+def _limit(default: int):
+    """A read limit: a source field that is not recorded in the store's config (it only decides whether an
+    over-limit file fails with ``too_large`` instead of exhausting the machine; it never changes the result
+    of a sample that is read), so stores built before it existed resume unchanged."""
+    return field(default=default, metadata={"recorded": False})
 
 
 # ---------------------------------------------------------------------------------------- manifest
@@ -183,13 +198,28 @@ def _to_rgb8(img: np.ndarray) -> np.ndarray | None:
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
 
 
-def decode_image(data: bytes, min_size: int = 64) -> tuple[np.ndarray | None, Reason | None]:
+def image_size_from_header(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from the file's header without decoding the pixels (Pillow), or None if unreadable."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            return im.size
+    except Image.DecompressionBombError:  # Pillow's own guard (> 2 x its MAX_IMAGE_PIXELS): huge for sure
+        return (1 << 20, 1 << 20)
+    except Exception:  # noqa: BLE001 - any header Pillow cannot parse: leave it to the decoder
+        return None
+
+
+def decode_image(data: bytes, min_size: int = 64,
+                 max_pixels: int = MAX_PIXELS) -> tuple[np.ndarray | None, Reason | None]:
     """Decode image file bytes into (H, W, 3) uint8 RGB; never raises for bad data.
 
     Returns ``(rgb, None)`` or ``(None, reason)``: NOT_AN_IMAGE (empty, or no known signature:
     JPEG, PNG, BMP, TIFF, WebP, GIF), TRUNCATED (JPEG without EOI after its last scan, PNG without
     IEND), DECODE_ERROR (the decoder rejects the data), UNSUPPORTED_MODE (float or other exotic
-    pixel types, more than 4 channels), TOO_SMALL (``min(H, W) < min_size``).
+    pixel types, more than 4 channels), TOO_SMALL (``min(H, W) < min_size``), TOO_LARGE (the header says
+    ``W x H > max_pixels``: rejected before any pixel is decoded).
 
     Conversions: grey -> RGB (replicated); 16-bit -> 8-bit (``round(v / 257)``); alpha (RGBA or grey +
     alpha, palette PNGs with transparency) is composited over mid-grey 128 rather than dropped, since
@@ -204,6 +234,9 @@ def decode_image(data: bytes, min_size: int = 64) -> tuple[np.ndarray | None, Re
         return None, Reason.NOT_AN_IMAGE
     if _truncated(fmt, data):
         return None, Reason.TRUNCATED
+    wh = image_size_from_header(data)
+    if wh is not None and wh[0] * wh[1] > max_pixels:
+        return None, Reason.TOO_LARGE
     flag = cv2.IMREAD_COLOR if fmt == "jpeg" else cv2.IMREAD_UNCHANGED
     try:
         img = cv2.imdecode(np.frombuffer(data, np.uint8), flag)
@@ -247,28 +280,98 @@ def _hidden(rel: str) -> bool:
     return any(part.startswith(".") or part == "__MACOSX" for part in rel.split("/"))
 
 
+def _utf8_key(rel: str) -> str:
+    """A relative path as a storable key: names that are not valid UTF-8 (``os.walk`` hands them over with
+    surrogate escapes) get U+FFFD replacement characters, and fail with ``bad_name`` when read."""
+    try:
+        rel.encode("utf-8")
+        return rel
+    except UnicodeEncodeError:
+        return rel.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
 def _scan_folder(root: Path, keep) -> Manifest:
-    """Every file under ``root`` (recursive, not following linked folders) whose key passes ``keep``."""
+    """Every file under ``root`` (recursive, not following linked folders) whose key passes ``keep``.
+
+    Links, FIFOs and devices with an image name are listed too (with their own size and time, never read
+    here) so that loading them records a failure instead of hanging or stopping the build.
+    """
     if not root.is_dir():
         raise FileNotFoundError(f"no folder at {root}; pass the folder holding the images (or a .zip)")
-    entries = []
+    entries = {}
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
         rel_dir = Path(dirpath).relative_to(root).as_posix()
         for name in filenames:
-            rel = name if rel_dir == "." else f"{rel_dir}/{name}"
+            rel = _utf8_key(name if rel_dir == "." else f"{rel_dir}/{name}")
             if keep(rel) and not _hidden(rel):
-                st = os.stat(os.path.join(dirpath, name))
-                entries.append(ManifestEntry(rel, int(st.st_size), float(st.st_mtime)))
-    return Manifest(tuple(entries))
+                st = os.lstat(os.path.join(dirpath, name))
+                entries.setdefault(rel, ManifestEntry(rel, int(st.st_size), float(st.st_mtime)))
+    return Manifest(tuple(entries.values()))
+
+
+def read_regular_file(path: Path, max_bytes: int) -> tuple[bytes | None, Reason | None]:
+    """A file's bytes, or (None, reason): BAD_NAME (a replaced non-UTF-8 name), NOT_A_FILE (FIFO, device,
+    folder, dangling or looping link: never opened, so it cannot hang), TOO_LARGE (over ``max_bytes``, also
+    when it grows while read), READ_ERROR (missing, permission, I/O)."""
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        if "\ufffd" in str(path) and e.errno == errno.ENOENT:
+            return None, Reason.BAD_NAME
+        if e.errno == errno.ELOOP or (e.errno == errno.ENOENT and os.path.islink(path)):
+            return None, Reason.NOT_A_FILE
+        return None, Reason.READ_ERROR
+    if not stat.S_ISREG(st.st_mode):
+        return None, Reason.NOT_A_FILE
+    if st.st_size > max_bytes:
+        return None, Reason.TOO_LARGE
+    try:
+        with open(path, "rb") as f:
+            data = f.read(max_bytes + 1)
+    except OSError:
+        return None, Reason.READ_ERROR
+    return (None, Reason.TOO_LARGE) if len(data) > max_bytes else (data, None)
+
+
+def read_zip_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, max_bytes: int) -> tuple[bytes | None, Reason | None]:
+    """A zip member's bytes, or (None, reason): TOO_LARGE (declared or actual size over ``max_bytes``: a zip bomb
+    is never inflated past it), UNSUPPORTED_ARCHIVE (encrypted, or a compression method such as deflate64),
+    READ_ERROR (a corrupt member)."""
+    if info.flag_bits & 0x1 or info.compress_type not in _ZIP_METHODS:
+        return None, Reason.UNSUPPORTED_ARCHIVE
+    if info.file_size > max_bytes:
+        return None, Reason.TOO_LARGE
+    try:
+        with zf.open(info) as f:
+            data = f.read(max_bytes + 1)
+    except (RuntimeError, NotImplementedError):
+        return None, Reason.UNSUPPORTED_ARCHIVE
+    except (OSError, zipfile.BadZipFile, EOFError, ValueError):
+        return None, Reason.READ_ERROR
+    return (None, Reason.TOO_LARGE) if len(data) > max_bytes else (data, None)
+
+
+DUPLICATE_MARK = "#duplicate-"
+"""Key suffix of a zip member whose name an earlier member already has: listed (and failed with
+``duplicate_name``) rather than silently dropped."""
 
 
 def _zip_members(zf: zipfile.ZipFile, keep) -> dict[str, zipfile.ZipInfo]:
-    """key -> member for the kept members; a top-level folder shared by all kept members is stripped."""
+    """key -> member for the kept members; a top-level folder shared by all kept members is stripped. A repeated
+    name gets the key ``NAME#duplicate-K`` (K = 2, 3, ...)."""
     infos = [z for z in zf.infolist() if not z.is_dir() and keep(z.filename) and not _hidden(z.filename)]
     tops = {z.filename.split("/", 1)[0] for z in infos}
     strip = len(tops) == 1 and all("/" in z.filename for z in infos)
-    return {(z.filename.split("/", 1)[1] if strip else z.filename): z for z in infos}
+    out: dict[str, zipfile.ZipInfo] = {}
+    for z in infos:
+        key = _utf8_key(z.filename.split("/", 1)[1] if strip else z.filename)
+        k, n = key, 1
+        while k in out:
+            n += 1
+            k = f"{key}{DUPLICATE_MARK}{n}"
+        out[k] = z
+    return out
 
 
 def _zip_mtime(info: zipfile.ZipInfo) -> float:
@@ -284,6 +387,10 @@ class _ImageFiles:
     """Folder or ``.zip`` holding the images."""
     min_size: int = 64
     """Images whose shorter side is below this fail with ``too_small``."""
+    max_bytes: int = _limit(MAX_BYTES)
+    """Files / zip members larger than this (bytes) fail with ``too_large`` without being read."""
+    max_pixels: int = _limit(MAX_PIXELS)
+    """Images whose header says more pixels than this fail with ``too_large`` without being decoded."""
     params: str | None = None
     """Optional known parameters for the ``given`` fitter: a ``.npz`` (``keys`` (N,) str, ``params`` (N, 62)) or a
     ``.csv`` (``key,p0,...,p61``), keys as in the manifest, parameters in each photo's own frame (see
@@ -304,8 +411,12 @@ class _ImageFiles:
         if self.is_zip:
             if not Path(self.images).is_file():
                 raise FileNotFoundError(f"no zip file at {self.images}")
-            with zipfile.ZipFile(self.images) as zf:
-                members = _zip_members(zf, self._keep)
+            try:
+                with zipfile.ZipFile(self.images) as zf:
+                    members = _zip_members(zf, self._keep)
+            except (zipfile.BadZipFile, OSError, ValueError) as e:
+                raise ValueError(f"{self.images} is not a readable zip file ({e}); pass a folder of images or a "
+                                 f"valid .zip") from None
             return Manifest(tuple(ManifestEntry(k, int(z.file_size), _zip_mtime(z)) for k, z in members.items()))
         return _scan_folder(Path(self.images), self._keep)
 
@@ -323,7 +434,8 @@ class _ImageFiles:
 
     def _load_images(self, indices: Sequence[int], manifest: Manifest) -> list[SampleInput]:
         if not self.is_zip:
-            return [self._sample(int(i), manifest[int(i)].path, self._read_file(manifest[int(i)].path))
+            return [self._sample(int(i), manifest[int(i)].path,
+                                 *read_regular_file(Path(self.images) / manifest[int(i)].path, self.max_bytes))
                     for i in indices]
         try:
             zf = zipfile.ZipFile(self.images)
@@ -334,28 +446,20 @@ class _ImageFiles:
             out = []
             for i in indices:
                 key = manifest[int(i)].path
-                data = None
-                if key in members:
-                    try:
-                        data = zf.read(members[key])
-                    except (OSError, zipfile.BadZipFile, EOFError, ValueError):
-                        data = None
-                out.append(self._sample(int(i), key, data))
+                if DUPLICATE_MARK in key:
+                    got = (None, Reason.DUPLICATE_NAME)
+                else:
+                    got = read_zip_member(zf, members[key], self.max_bytes) if key in members else (None, None)
+                out.append(self._sample(int(i), key, *got))
             return out
-
-    def _read_file(self, key: str) -> bytes | None:
-        try:
-            return (Path(self.images) / key).read_bytes()
-        except OSError:
-            return None
 
     def _failed(self, i: int, key: str, reason: Reason) -> SampleInput:
         return SampleInput(index=i, key=key, image=None, failure=reason, aligned=self.aligned)
 
-    def _sample(self, i: int, key: str, data: bytes | None) -> SampleInput:
+    def _sample(self, i: int, key: str, data: bytes | None, why: Reason | None = None) -> SampleInput:
         if data is None:
-            return self._failed(i, key, Reason.READ_ERROR)
-        img, why = decode_image(data, self.min_size)
+            return self._failed(i, key, why or Reason.READ_ERROR)
+        img, why = decode_image(data, self.min_size, self.max_pixels)
         if why is not None:
             return self._failed(i, key, why)
         return SampleInput(index=i, key=key, image=img, aligned=self.aligned)
@@ -403,6 +507,10 @@ class AFLW2000Source:
     images: str
     """Folder holding the ``.jpg`` / ``.mat`` pairs."""
     min_size: int = 64
+    max_bytes: int = _limit(MAX_BYTES)
+    """As :class:`FolderSource`."""
+    max_pixels: int = _limit(MAX_PIXELS)
+    """As :class:`FolderSource`."""
 
     kind: ClassVar[str] = "aflw2000"
     aligned: ClassVar[bool] = False
@@ -421,11 +529,10 @@ class AFLW2000Source:
     def load(self, i: int, manifest: Manifest) -> SampleInput:
         key = manifest[int(i)].path
         jpg = Path(self.images) / key
-        try:
-            data = jpg.read_bytes()
-        except OSError:
-            return SampleInput(index=int(i), key=key, image=None, failure=Reason.READ_ERROR)
-        img, why = decode_image(data, self.min_size)
+        data, why = read_regular_file(jpg, self.max_bytes)
+        if data is None:
+            return SampleInput(index=int(i), key=key, image=None, failure=why)
+        img, why = decode_image(data, self.min_size, self.max_pixels)
         if why is not None:
             return SampleInput(index=int(i), key=key, image=None, failure=why)
         meta = _read_aflw_mat(jpg.with_suffix(".mat"))

@@ -27,6 +27,8 @@ from common.uvlayout import CropConfig, CropLayout, crop_layout
 from common.uvtools import texel_mirror_index
 from preprocess.blend import BlendConfig, blend_uv
 from preprocess.crops import cut_partial_crops
+from preprocess.occlusion import OcclusionConfig, occluders_from_fit, part_labels
+from preprocess.shading import uv_normals
 from preprocess.texture import MaskedPCAConfig, match_greyscale, ridge_texture_fit
 from preprocess.unwrap import UVGTConfig, UVLayoutCache, layout_cache, uv_gt_from_images
 
@@ -57,6 +59,9 @@ class StageConfig:
     """Eq. 9 blend settings."""
     crops: CropConfig = field(default_factory=CropConfig)
     """Partial-crop thresholds."""
+    occlusion: OcclusionConfig | None = None
+    """Occluder rejection inside the face mask (:mod:`preprocess.occlusion`); None = off (``uvprep build`` turns
+    it on for photo sources: ``--occlusion/--no-occlusion``)."""
 
 
 def build_face_model(cfg: StageConfig) -> FaceModel:
@@ -86,6 +91,7 @@ class StageContext:
     crop_layout: CropLayout
     mirror_index: np.ndarray
     basis: UVTextureBasis | None = None
+    occlusion_labels: np.ndarray | None = None  # (P + 1, V) bool, preprocess.occlusion.part_labels when on
 
     @classmethod
     def build(cls, config: StageConfig, basis: UVTextureBasis | None = None,
@@ -95,7 +101,8 @@ class StageContext:
         cache = layout_cache(model, config.uvgt)
         return cls(config=config, model=model, fitter=ShapeFitter(model, config.fit), uv_cache=cache,
                    crop_layout=crop_layout(model, u, config.crops, cache.uv_frags),
-                   mirror_index=texel_mirror_index(model, u, cache.uv_frags), basis=basis)
+                   mirror_index=texel_mirror_index(model, u, cache.uv_frags), basis=basis,
+                   occlusion_labels=None if config.occlusion is None else part_labels(model, config.occlusion))
 
 
 class Timer:
@@ -123,6 +130,7 @@ class GeometryResult:
     uv_gt: np.ndarray  # (n, U, U, 3) float32 in [0, 1]
     uv_gt_mask: np.ndarray  # (n, U, U) bool
     errors: list[str] = field(default_factory=list)
+    occlusion: np.ndarray | None = None  # (n, S, S) bool: pixels of the eroded mesh mask rejected as occluders
 
 
 def run_geometry(inputs, ctx: StageContext, timer: Timer) -> GeometryResult:
@@ -162,6 +170,9 @@ def run_geometry(inputs, ctx: StageContext, timer: Timer) -> GeometryResult:
     t0 = timer.add("fit", t0)
     if good:
         seg_mask = np.stack(seg) if all(m is not None for m in seg) else None
+        if cfg.occlusion is not None:  # rejected pixels leave the face region before it is eroded, as a parser's
+            _occlusion(out, good, verts, ctx, inputs)
+            seg_mask = ~out.occlusion[good] if seg_mask is None else seg_mask & ~out.occlusion[good]
         try:
             _unwrap(out, good, np.stack(verts), seg_mask, ctx)
         except Exception:  # noqa: BLE001 - one bad sample must not fail the batch: redo it sample by sample
@@ -181,6 +192,24 @@ def _unwrap(out: GeometryResult, rows: list[int], verts: np.ndarray, seg_mask, c
     out.face_region[rows], out.face_mask_eroded[rows] = g.face_mask, g.eroded
     empty = [k for k, m in zip(rows, g.mask, strict=True) if not m.any()]
     out.reason[empty] = Reason.LOW_COVERAGE
+
+
+def _occlusion(out: GeometryResult, rows: list[int], verts: list[np.ndarray], ctx: StageContext, inputs) -> None:
+    """``out.occlusion`` (n, S, S) bool for the fitted rows (:func:`preprocess.occlusion.occluders_from_fit`); a
+    sample it fails on gets STAGE_ERROR (its UV_gt would hold the occluders)."""
+    out.occlusion = np.zeros(out.face_region.shape, bool)
+    cfg = ctx.config
+    try:
+        out.occlusion[rows] = occluders_from_fit(out.image[rows], np.stack(verts), ctx.model, cfg.uvgt, cfg.occlusion,
+                                                 ctx.occlusion_labels, ctx.uv_cache)
+    except Exception:  # noqa: BLE001 - redo it sample by sample
+        for j, k in enumerate(rows):
+            try:
+                out.occlusion[k] = occluders_from_fit(out.image[k:k + 1], verts[j][None], ctx.model, cfg.uvgt,
+                                                      cfg.occlusion, ctx.occlusion_labels, ctx.uv_cache)[0]
+            except Exception:  # noqa: BLE001
+                out.reason[k] = Reason.STAGE_ERROR
+                out.errors.append(f"{inputs[k].key}: occlusion: {traceback.format_exc(limit=3)}")
 
 
 def _segmentation(sample, size: int) -> np.ndarray | None:
@@ -216,6 +245,8 @@ def run_stages(inputs, ctx: StageContext, timer: Timer | None = None) -> tuple[d
         "ctr_valid": np.zeros(n, bool), "uv_sd": np.zeros((n, hs, ws, 3), np.uint8),
         "uv_sd_mask": np.zeros((n, hs, ws), bool), "sd_valid": np.zeros(n, bool),
     }
+    if geo.occlusion is not None:
+        arrays["occlusion"] = geo.occlusion
     idx = np.flatnonzero(ok)
     t0 = time.perf_counter()
     if idx.size:
@@ -224,12 +255,15 @@ def run_stages(inputs, ctx: StageContext, timer: Timer | None = None) -> tuple[d
         uv_bfm = match_greyscale(np.clip(ctx.basis.synthesize(coeff), 0.0, 1.0), geo.uv_gt[idx], geo.uv_gt_mask[idx])
         t0 = timer.add("texture", t0)
         geo.reason[idx[~np.isfinite(coeff).all(1)]] = Reason.NAN
+        nose = ctx.model.region_uv_mask("nose", u, ctx.uv_cache.uv_frags)  # Eq. 9 fill: no mirror on the nose ridge
         for j, k in enumerate(idx):
             if geo.reason[k]:
                 continue
             try:
+                normals = uv_normals(ctx.model, geo.params[k:k + 1], ctx.uv_cache.uv_frags)[0]  # relit symmetric fill
                 bl, src = blend_uv(geo.uv_gt[k], geo.uv_gt_mask[k], uv_bfm[j], face_mask=ctx.basis.valid,
-                                   mirror_index=ctx.mirror_index, config=ctx.config.blend)
+                                   mirror_index=ctx.mirror_index, config=ctx.config.blend, normals=normals,
+                                   nose_mask=nose)
                 arrays["uv_bl"][k], arrays["uv_source"][k] = to_uint8(bl), src
             except Exception:  # noqa: BLE001 - recorded per sample, the chunk goes on
                 geo.reason[k] = Reason.STAGE_ERROR

@@ -68,7 +68,7 @@ def layout_cache(model: FaceModel, config: UVGTConfig = UVGTConfig()) -> UVLayou
     excluded = np.zeros((config.uv_size,) * 2, bool)
     for name in config.exclude_regions:
         excluded |= model.region_uv_mask(name, config.uv_size, frags)
-    return UVLayoutCache(frags, excluded, _face_weight(model))
+    return UVLayoutCache(frags, excluded, face_weight(model))
 
 
 def face_pixels(frags: Fragments, triangles: torch.Tensor, face_weight: torch.Tensor) -> np.ndarray:
@@ -94,12 +94,13 @@ def projected_face_region(verts_px, model: FaceModel, image_size: int,
                             dtype=torch.float32)
     if verts.ndim != 3 or verts.shape[1:] != (model.n_vertices, 3):
         raise ValueError(f"verts_px: expected (B, {model.n_vertices}, 3), found {tuple(verts.shape)}")
-    weight = _face_weight(model) if cache is None else cache.face_weight
+    weight = face_weight(model) if cache is None else cache.face_weight
     tris = torch.from_numpy(np.ascontiguousarray(model.triangles, np.int64))
     return face_pixels(rasterize(verts, tris, (image_size, image_size), cull_backfaces=True), tris, weight)
 
 
-def _face_weight(model: FaceModel) -> torch.Tensor:
+def face_weight(model: FaceModel) -> torch.Tensor:
+    """(V, 1) float32: 1 on the textured face (``face | eyes`` minus ``mouth``), 0 elsewhere."""
     weight = (model.regions["face"] | model.regions["eyes"]) & ~model.regions["mouth"]
     return torch.from_numpy(weight.astype(np.float32)[:, None])
 

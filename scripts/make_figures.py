@@ -3,6 +3,7 @@
     python scripts/make_figures.py                     # docs/crop_regions.png, docs/pipeline_synthetic.png
     python scripts/make_figures.py --synthetic-sheet /tmp/synthetic_stages.png
     python scripts/make_figures.py --real-sheet /tmp/real_faces.png --assets ../shared/assets
+    python scripts/make_figures.py --no-docs --real-before-after /tmp/real_uv_bl.png   # UV_bl before / after
 
 The ``docs/`` figures come only from the licence-free procedural face model and the synthetic world.
 ``--real-sheet`` runs the public dense BFM and 3DDFA_V2 on the example photos in the asset folder; its output
@@ -116,6 +117,37 @@ def real_stages(assets: Path, uv_size: int = 256) -> tuple[list, list]:
 
 
 # ---------------------------------------------------------------------------------------- crop regions
+def real_before_after(assets: Path, workdir: Path) -> tuple[list, list]:
+    """Rows photo | UV_bl before (plain mirror, no occluder rejection) | UV_bl after (the defaults) for the example
+    photos and the AFLW2000-3D samples, each built into a store under ``workdir`` with the public BFM."""
+    import dataclasses
+    import shutil
+
+    from common.store import OK, StoreReader
+    from preprocess.build import build_store
+    from preprocess.buildcli import BuildArgs, make_config
+
+    photos = workdir / "photos"
+    photos.mkdir(parents=True, exist_ok=True)
+    for folder in ("faces", "aflw2000"):
+        for jpg in sorted((assets / folder).glob("*.jpg")):
+            shutil.copy(jpg, photos / jpg.name)
+    stores = {}
+    for name, extra in (("before", {"occlusion": False, "fill_mode": "mirror"}), ("after", {})):
+        args = BuildArgs(out=workdir / f"{name}.zarr", src="folder", images=photos, bfm_v1_dir=assets / "3ddfa_v1",
+                         bfm_v2_dir=assets / "3ddfa_v2", pca_samples=64, n_tex=6, overwrite=True, **extra)
+        cfg, run = make_config(args)
+        build_store(cfg, dataclasses.replace(run, workers=0, progress=False))
+        stores[name] = StoreReader(workdir / f"{name}.zarr")
+    rows, labels = [], []
+    for i in range(len(stores["after"])):
+        b, a = stores["before"].sample(i), stores["after"].sample(i)
+        if b["status"] == OK and a["status"] == OK:
+            rows.append([a["image"], b["uv_bl"], a["uv_bl"]])
+            labels.append([Path(a["path"]).name, "UV_bl before", "UV_bl after"])
+    return rows, labels
+
+
 def crop_regions_figure(model: FaceModel, uv_size: int = 256, scale: int = 2) -> np.ndarray:
     """The named UV regions over the mean texture, with the centre and side crop boxes: (H, W, 3) uint8."""
     mean, cover = uv_vertex_attribute_image(model, model.tex_mean, uv_size)
@@ -166,6 +198,8 @@ def main() -> None:
     ap.add_argument("--synthetic-sheet", type=Path, help="also write a sheet of synthetic faces through the stages")
     ap.add_argument("--real-sheet", type=Path, help="also write the example photos through the stages (BFM-derived: "
                                                     "keep it out of the repository)")
+    ap.add_argument("--real-before-after", type=Path, help="also write photo | UV_bl before | after for the example "
+                    "photos (BFM-derived, third-party photos: write it outside the repository)")
     ap.add_argument("--assets", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "assets")
     args = ap.parse_args()
     if not args.no_docs:
@@ -176,11 +210,19 @@ def main() -> None:
                         _sheet(synthetic_stages([1, 2, 3], uv_size=96, image_size=128, yaws=bands), height=112)))
     if args.synthetic_sheet:
         print(write_png(args.synthetic_sheet, _sheet(synthetic_stages(range(6)), height=160)))
+    repo = Path(__file__).resolve().parents[1]
+    for out in (args.real_sheet, args.real_before_after):
+        if out is not None and out.resolve().is_relative_to(repo):
+            raise SystemExit(f"{out}: real-photo sheets are BFM-derived and show third-party photos; write them "
+                             f"outside the repository")
     if args.real_sheet:
-        if args.real_sheet.resolve().is_relative_to(Path(__file__).resolve().parents[1]):
-            raise SystemExit(f"{args.real_sheet}: the real-photo sheet is BFM-derived and shows third-party photos; "
-                             f"write it outside the repository")
         print(write_png(args.real_sheet, _sheet(real_stages(args.assets), height=160)))
+    if args.real_before_after:
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as work:
+            rows, labels = real_before_after(args.assets, Path(work))
+        print(write_png(args.real_before_after, image_grid(rows, labels=labels, height=200)))
 
 
 if __name__ == "__main__":

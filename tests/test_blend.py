@@ -153,7 +153,7 @@ def test_symmetric_fill_no_mirror_entries():
 def test_blend_uv_profile_end_to_end():
     target, source = _images()
     mask = _face_mask(profile=True)
-    uv_bl, smap = blend_uv(source, mask, target, config=BlendConfig(mode="paste"))
+    uv_bl, smap = blend_uv(source, mask, target, config=BlendConfig.paper_mirror(mode="paste"))
     assert uv_bl.dtype == np.float32 and uv_bl.shape == (U, U, 3)
     assert uv_bl.min() >= 0 and uv_bl.max() <= 1
     assert (smap == SOURCE_MIRRORED).sum() > 0
@@ -165,7 +165,7 @@ def test_blend_uv_profile_end_to_end():
 def test_fill_mode_keeps_photo_texels_and_solves_the_swapped_problem():
     target, source = _images()
     mask = _face_mask(profile=True)
-    uv_bl, smap = blend_uv(source, mask, target)  # default mode: fill
+    uv_bl, smap = blend_uv(source, mask, target, config=BlendConfig.paper_mirror())  # default mode: fill
     filled, fmask, _ = symmetric_fill(source, mask)
     np.testing.assert_allclose(uv_bl[fmask], np.clip(filled[fmask], 0, 1), atol=1e-6)
     # The model part follows UV_bfm's gradients: its Laplacian equals UV_bfm's away from the known texels.

@@ -33,6 +33,7 @@ from common.faces.tddfa import TDDFARegressor
 from common.imageio import read_image, to_uint8
 from common.loaders import load_param_stats
 from preprocess.blend import SOURCE_MIRRORED, SOURCE_OBSERVED, BlendConfig, blend_uv, symmetric_fill
+from preprocess.shading import uv_normals
 from preprocess.sources import SampleInput
 from preprocess.stages import StageConfig, StageContext, Timer, run_geometry, run_stages
 from preprocess.texture import MaskedPCAConfig, learn_masked_pca, ridge_texture_fit
@@ -124,15 +125,20 @@ def test_uv_bl_is_uv_gt_plus_a_harmonic_correction(real):
     ctx, geo, a = real["ctx"], real["geo"], real["arrays"]
     coeff = ridge_texture_fit(geo.uv_gt, geo.uv_gt_mask, ctx.basis, lam=ctx.config.ridge_lambda)
     uv_bfm = np.clip(ctx.basis.synthesize(coeff), 0, 1)
+    normals = uv_normals(ctx.model, geo.params, ctx.uv_cache.uv_frags)
+    nose = ctx.model.region_uv_mask("nose", U, ctx.uv_cache.uv_frags)
     for k in range(len(NAMES)):
-        filled, omega, _ = symmetric_fill(geo.uv_gt[k], geo.uv_gt_mask[k], ctx.mirror_index, ctx.basis.valid)
-        kept, src = blend_uv(geo.uv_gt[k], geo.uv_gt_mask[k], uv_bfm[k], face_mask=ctx.basis.valid,
-                             mirror_index=ctx.mirror_index, config=BlendConfig(solver="direct", mode="fill"))
-        assert np.abs(to_uint8(kept).astype(int) - a["uv_bl"][k]).max() <= 2  # the build's (default) multigrid solve
+        build, src = blend_uv(geo.uv_gt[k], geo.uv_gt_mask[k], uv_bfm[k], face_mask=ctx.basis.valid,
+                              mirror_index=ctx.mirror_index, config=BlendConfig(solver="direct"), normals=normals[k],
+                              nose_mask=nose)
+        assert np.abs(to_uint8(build).astype(int) - a["uv_bl"][k]).max() <= 2  # the build's (default) multigrid solve
         np.testing.assert_array_equal(src, a["uv_source"][k])
+        filled, omega, _ = symmetric_fill(geo.uv_gt[k], geo.uv_gt_mask[k], ctx.mirror_index, ctx.basis.valid)
+        kept, _ = blend_uv(geo.uv_gt[k], geo.uv_gt_mask[k], uv_bfm[k], face_mask=ctx.basis.valid,
+                           mirror_index=ctx.mirror_index, config=BlendConfig.paper_mirror(solver="direct"))
         np.testing.assert_allclose(kept[omega], np.clip(filled[omega], 0, 1), atol=1e-6)  # fill keeps the photo
         bl, _ = blend_uv(geo.uv_gt[k], geo.uv_gt_mask[k], uv_bfm[k], face_mask=ctx.basis.valid,
-                         mirror_index=ctx.mirror_index, config=BlendConfig(solver="direct", mode="paste"))
+                         mirror_index=ctx.mirror_index, config=BlendConfig.paper_mirror(solver="direct", mode="paste"))
         assert np.isfinite(bl).all() and bl.min() >= 0 and bl.max() <= 1
         g = (bl - filled) * omega[..., None]
         lap = 4 * g - cv2.filter2D(g, -1, np.array([[0, 1, 0], [1, 0, 1], [0, 1, 0]], np.float32),

@@ -1,0 +1,232 @@
+"""Lighting of a photo, estimated from its observed texels and the fitted shape's normals (beyond the paper).
+
+UV_gt holds albedo x shading as the camera saw it. The symmetric fill of Eq. 9 (Fig. 5h) copies a texel's colour
+to its mirror texel, which faces the light differently: copied verbatim, the lit side lands on the side facing
+away from the light (on the synthetic world +37.6/255 too bright, README "Eq. 9"). The relit fill instead
+divides the observed colour by the shading at its own normal and multiplies by the shading at the mirror
+texel's normal. Only the *ratio* of shadings enters, so the albedo's overall level is never needed and is
+absorbed into the fitted lighting: ``colour ~ shading(n)`` is fitted over all observed texels, robustly (skin
+dominates; brows, eyes, lips and shadows are down-weighted).
+
+Two lighting models, both low-order and fitted by robust least squares:
+
+* ``directional`` (default): ``shading(n) = ambient + diffuse * max(0, n . l)`` per channel, one grey direction
+  ``l`` (initialised from the first-order SH fit, refined by Huber-robust variable projection). The clamp is
+  what lets it extrapolate to normals the photo never saw (the far cheek, facing away from the camera).
+* ``sh9`` / ``sh4``: second- / first-order real spherical harmonics per channel (9 / 4 coefficients), IRLS with
+  Huber weights and a ridge on the second-order band. They fit the observed half well but extrapolate poorly
+  (a quadratic in ``n`` has no clamp); measured in ``benchmarks/blend_quality.py``.
+
+Normals are in the camera frame of :mod:`common.geometry` (x right, y up, z towards the camera), so ``n_z`` is
+the cosine of the view angle of the (orthographic) camera.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from common.facemodel import FaceModel
+from common.geometry import split_params
+from common.render import Fragments
+
+LIGHT_MODELS = ("directional", "sh9", "sh4")
+
+
+@dataclass(frozen=True)
+class ShadingConfig:
+    """How the lighting is estimated from UV_gt and the normals."""
+
+    model: str = "directional"
+    """One of ``LIGHT_MODELS``: ``directional`` (ambient + one clamped Lambertian light), ``sh9``, ``sh4``."""
+    huber: float = 2.0
+    """Huber threshold in robust standard deviations (1.4826 x median absolute residual)."""
+    irls_iters: int = 6
+    """Reweighting rounds of the SH fits."""
+    sh_ridge: float = 0.003
+    """Ridge weight on the second-order SH coefficients (relative to the number of texels)."""
+    max_fit_texels: int = 2000
+    """The fit uses at most this many observed texels (an even stride over them): enough for <= 9 unknowns."""
+    min_shading: float = 0.1
+    """Shading is floored at this fraction of its median over the observed texels (keeps ratios finite)."""
+    min_gain: float = 0.2
+    """The fitted lighting is used only when it lowers the robust (median absolute) residual of a constant shading
+    by this fraction; otherwise the shading is constant (the plain mirror): a light fitted to albedo variation
+    that happens to correlate with the normals would otherwise darken or brighten the unseen half."""
+    min_texels: int = 50
+    """Fewer observed texels than this: no lighting is estimated (constant shading, i.e. the plain mirror)."""
+
+    def __post_init__(self) -> None:
+        if self.model not in LIGHT_MODELS:
+            raise ValueError(f"ShadingConfig.model must be one of {LIGHT_MODELS}, got {self.model!r}")
+        if not 0 < self.min_shading < 1:
+            raise ValueError(f"ShadingConfig.min_shading must be in (0, 1), got {self.min_shading}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Normals in UV space
+# ----------------------------------------------------------------------------------------------
+
+
+def uv_normals(model: FaceModel, params: np.ndarray, uv_frags: Fragments) -> np.ndarray:
+    """Unit normals of the fitted shapes in the camera frame, rasterised into the UV layout.
+
+    Args:
+        model: the face model the parameters belong to.
+        params: (B, 62) fitted parameters (:mod:`common.geometry`); only the rotation and the shape matter.
+        uv_frags: :func:`common.uvtools.model_uv_fragments` of the model at the UV size U.
+
+    Returns:
+        (B, U, U, 3) float32 unit normals (x right, y up, z towards the camera), interpolated from the
+        area-weighted vertex normals; 0 outside the layout.
+    """
+    params = np.asarray(params, np.float64)
+    if params.ndim != 2 or params.shape[1] != 62 or not np.isfinite(params).all():
+        raise ValueError(f"params: expected finite (B, 62) fitted parameters, found {params.shape}")
+    pose, a_id, a_exp = split_params(params)
+    if np.linalg.det(pose[:, :, :3]).min() < 0:
+        raise ValueError("params: the pose matrix is a reflection (det < 0); normals would point inwards")
+    shape = model.shape(a_id[:, :model.n_id].astype(np.float32), a_exp[:, :model.n_exp].astype(np.float32))
+    frame = np.einsum("bij,bvj->bvi", pose[:, :, :3].astype(np.float32), shape)  # sR V: the y-up camera frame
+    tris = np.asarray(model.triangles, np.int64)
+    v0, v1, v2 = (frame[:, tris[:, k]] for k in range(3))
+    face_n = np.cross(v1 - v0, v2 - v0)  # (B, F, 3), area-weighted, outward (common.geometry.vertex_normals)
+    nv = model.n_vertices
+    vn = np.zeros((len(frame), nv, 3), np.float32)
+    for b in range(len(frame)):  # bincount scatter-add: ~20x faster than index_add_ / np.add.at here
+        for c in range(3):
+            vn[b, :, c] = sum(np.bincount(tris[:, k], face_n[b, :, c], minlength=nv) for k in range(3))
+    vn /= np.maximum(np.linalg.norm(vn, axis=-1, keepdims=True), 1e-12)
+    tri = uv_frags.tri_id[0].numpy()  # (U, U): one layout for every sample
+    vid = tris[np.maximum(tri, 0)]  # (U, U, 3)
+    bary = uv_frags.bary[0].numpy().astype(np.float32)
+    img = np.einsum("uvk,buvkc->buvc", bary, vn[:, vid])
+    img[:, tri < 0] = 0.0
+    norm = np.linalg.norm(img, axis=-1, keepdims=True)
+    return np.divide(img, norm, out=np.zeros_like(img), where=norm > 1e-6)
+
+
+# ----------------------------------------------------------------------------------------------
+# Lighting models
+# ----------------------------------------------------------------------------------------------
+
+
+def sh_basis(normals: np.ndarray, order: int) -> np.ndarray:
+    """Real spherical harmonics up to ``order`` (1: 4 functions, 2: 9), unnormalised: (..., 3) -> (..., K).
+
+    ``[1, x, y, z]`` then ``[xy, xz, yz, x^2 - y^2, 3z^2 - 1]`` (the constants of the normalised basis are
+    absorbed into the fitted coefficients).
+    """
+    x, y, z = (normals[..., k].astype(np.float64) for k in range(3))
+    funcs = [np.ones_like(x), x, y, z]
+    if order >= 2:
+        funcs += [x * y, x * z, y * z, x * x - y * y, 3 * z * z - 1]
+    return np.stack(funcs, -1)
+
+
+def _huber_weights(residual: np.ndarray, k: float) -> np.ndarray:
+    """IRLS weights ``min(1, k s / |r|)`` of (N,) residuals, ``s`` the robust (MAD) scale."""
+    s = 1.4826 * np.median(np.abs(residual)) + 1e-6
+    return np.minimum(1.0, k * s / np.maximum(np.abs(residual), 1e-12))
+
+
+def fit_sh_lighting(colour: np.ndarray, normals: np.ndarray, order: int = 2,
+                    config: ShadingConfig = ShadingConfig()) -> np.ndarray:
+    """Robust SH lighting ``colour ~ sh_basis(n) @ L`` per channel (IRLS, Huber weights on the grey residual).
+
+    colour: (N, C) float in [0, 1]; normals: (N, 3) unit. Returns L: (K, C) float64, K = 4 (order 1) or 9.
+    """
+    a = sh_basis(normals, order)
+    c = colour.astype(np.float64)
+    reg = np.zeros(a.shape[1])
+    reg[4:] = config.sh_ridge * len(c)
+    w = np.ones(len(c))
+    coeff = np.zeros((a.shape[1], c.shape[1]))
+    for _ in range(config.irls_iters):
+        aw = a * w[:, None]
+        coeff = np.linalg.solve(aw.T @ a + np.diag(reg) + 1e-9 * np.eye(a.shape[1]), aw.T @ c)
+        w = _huber_weights((a @ coeff - c).mean(1), config.huber)
+    return coeff
+
+
+def _directional_fit(lam: np.ndarray, c: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, float]:
+    """Weighted per-channel least squares ``c ~ ambient + diffuse * lam``: (2, C) coefficients, weighted cost."""
+    a = np.stack([np.ones_like(lam), lam], 1)
+    aw = a * w[:, None]
+    coef = np.linalg.solve(aw.T @ a + 1e-9 * np.eye(2), aw.T @ c)
+    return coef, float((w[:, None] * (a @ coef - c) ** 2).sum())
+
+
+def fit_directional_lighting(colour: np.ndarray, normals: np.ndarray,
+                             config: ShadingConfig = ShadingConfig()) -> tuple[np.ndarray, np.ndarray]:
+    """Robust ambient + clamped-Lambertian light: ``colour ~ ambient + diffuse * max(0, n . l)`` per channel.
+
+    The direction ``l`` (grey, shared by the channels) starts from the first-order SH fit and is refined by
+    Huber-robust variable projection (``ambient``, ``diffuse`` solved in closed form for each ``l``).
+
+    colour: (N, C) float in [0, 1]; normals: (N, 3) unit.
+    Returns ``coef``: (2, C) float64 (row 0 ambient, row 1 diffuse) and ``direction``: (3,) unit float64.
+    """
+    from scipy.optimize import least_squares
+
+    c = colour.astype(np.float64)
+    n = normals.astype(np.float64)
+    first = fit_sh_lighting(c, n, 1, config).mean(1)[1:4]
+    starts = [first / max(np.linalg.norm(first), 1e-9), np.array([0.0, 0.0, 1.0])]
+    sw = np.sqrt(_huber_weights(c.mean(1) - np.median(c.mean(1)), 4 * config.huber))
+
+    def residual(p: np.ndarray) -> np.ndarray:
+        lam = np.maximum(n @ (p / max(np.linalg.norm(p), 1e-12)), 0.0)
+        coef, _ = _directional_fit(lam, c, sw ** 2)
+        return (sw[:, None] * (np.stack([np.ones_like(lam), lam], 1) @ coef - c)).ravel()
+
+    scale = 1.4826 * np.median(np.abs(c - np.median(c, 0))) + 1e-3
+    best = None
+    for p0 in starts:
+        r = least_squares(residual, p0, loss="huber", f_scale=config.huber * scale / 2, max_nfev=60)
+        if best is None or r.cost < best.cost:
+            best = r
+    direction = best.x / max(np.linalg.norm(best.x), 1e-12)
+    coef, _ = _directional_fit(np.maximum(n @ direction, 0.0), c, sw ** 2)
+    return coef, direction
+
+
+def estimate_shading(uv_gt: np.ndarray, mask: np.ndarray, normals: np.ndarray,
+                     config: ShadingConfig = ShadingConfig()) -> np.ndarray:
+    """Shading of the photo's lighting at every texel's normal, fitted on the observed texels.
+
+    Args:
+        uv_gt: (U, U, C) float in [0, 1], the unwrapped photo texture.
+        mask: (U, U) bool, texels observed in ``uv_gt`` (the fit uses these).
+        normals: (U, U, 3) float unit camera-frame normals (:func:`uv_normals`), 0 outside the layout.
+        config: lighting model and fit settings.
+
+    Returns:
+        (U, U, C) float32, positive everywhere (floored at ``min_shading`` x its median over the observed
+        texels), in the units of ``uv_gt`` (the albedo's level is absorbed: only ratios are meaningful).
+        Constant 1 when fewer than ``min_texels`` texels are observed.
+    """
+    if normals.shape != uv_gt.shape[:2] + (3,):
+        raise ValueError(f"normals must be {uv_gt.shape[:2] + (3,)} (one camera-frame normal per texel), "
+                         f"found {normals.shape}")
+    sel = np.flatnonzero(mask.ravel() & (np.abs(normals).sum(-1).ravel() > 0))
+    ch = uv_gt.shape[2]
+    if sel.size < config.min_texels:
+        return np.ones(uv_gt.shape, np.float32)
+    sel = sel[:: max(1, -(-sel.size // config.max_fit_texels))]
+    colour, nrm = uv_gt.reshape(-1, ch)[sel], normals.reshape(-1, 3)[sel]
+    if config.model == "directional":
+        coef, direction = fit_directional_lighting(colour, nrm, config)
+        lam = np.maximum(normals.astype(np.float64) @ direction, 0.0)
+        shading = coef[0] + lam[..., None] * coef[1]
+    else:
+        order = 2 if config.model == "sh9" else 1
+        shading = sh_basis(normals, order) @ fit_sh_lighting(colour, nrm, order, config)
+    fitted = shading.reshape(-1, ch)[sel]
+    flat = np.median(np.abs(colour - np.median(colour, 0)))  # residual of a constant shading
+    lit = np.median(np.abs(colour - fitted * np.median(colour / np.maximum(fitted, 1e-6), 0)))
+    if lit > (1 - config.min_gain) * flat:
+        return np.ones(uv_gt.shape, np.float32)
+    floor = config.min_shading * np.maximum(np.median(shading.reshape(-1, ch)[sel], 0), 1e-3)
+    return np.maximum(shading, floor).astype(np.float32)
