@@ -413,3 +413,45 @@ def test_a_write_from_an_older_generation_is_refused(clean_store, tmp_path):
     with pytest.raises(StaleWriter, match="newer build"):
         write_chunk(out, 0, arrays, generation=old)
     np.testing.assert_array_equal(zarr.open_group(str(out), mode="r")["uv_bl"][0:4], before)  # nothing written
+
+
+# ----------------------------------------------------------------------- under a memory limit (item 5)
+_LIMITED = """
+import resource, sys
+resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))  # 2 GiB of address space for this process
+from preprocess.sources import FolderSource
+s = FolderSource(images=sys.argv[1])
+m = s.manifest()
+print(",".join(x.failure.short if x.failure else "ok" for x in s.load_many(range(len(m)), m)))
+"""
+
+
+def _load_under_limit(images: Path) -> list[str]:
+    res = subprocess.run([sys.executable, "-c", _LIMITED, str(images)], capture_output=True, text=True, timeout=300,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert res.returncode == 0, res.stderr[-2000:]
+    return res.stdout.strip().split(",")
+
+
+def test_a_huge_png_is_rejected_within_two_gib(tmp_path):
+    """30000 x 30000 RGB decodes to 2.5 GiB: over the limit if it were decoded, rejected from its header."""
+    d = tmp_path / "p"
+    d.mkdir()
+    (d / "huge.png").write_bytes(_png_header_only(30000, 30000))
+    (d / "ok.jpg").write_bytes(_jpeg())
+    assert _load_under_limit(d) == ["too_large", "ok"]
+
+
+@pytest.mark.slow  # writing the 4 GiB member takes ~10-40 s
+@pytest.mark.timeout(600)
+def test_a_zip_bomb_is_rejected_within_two_gib(tmp_path):
+    """A 19 MB zip holding one 4 GiB member: the probe was OOM-killed (exit 137); now it fails with too_large."""
+    bomb = tmp_path / "bomb.zip"
+    with zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as zf:
+        with zf.open("huge.jpg", "w", force_zip64=True) as f:
+            block = b"\0" * (16 << 20)
+            for _ in range(256):
+                f.write(block)
+        zf.writestr("ok.jpg", _jpeg())
+    assert bomb.stat().st_size < 40 << 20
+    assert _load_under_limit(bomb) == ["too_large", "ok"]
