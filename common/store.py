@@ -501,6 +501,7 @@ def create_store(path, layout: StoreLayout, attrs: Mapping, manifest, overwrite:
         if "schema_version" not in group.attrs and CREATING not in group.attrs:
             raise FileExistsError(f"{path} is a Zarr group that uvprep did not create (it has no schema "
                                   f"attributes); refusing to delete its arrays: choose another --out")
+        _mark_creating(group)  # first: it drops the old `generation`, so the old build's tasks are fenced off now
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", zarr.errors.ZarrUserWarning)
             members = list(group.keys())
@@ -511,8 +512,7 @@ def create_store(path, layout: StoreLayout, attrs: Mapping, manifest, overwrite:
             raise FileExistsError(f"{path} exists and is not a Zarr store; refusing to write into it "
                                   f"(choose another --out or remove it yourself)")
         group = zarr.open_group(_store_arg(path), mode="a")
-    group.attrs.put({CREATING: {"started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                                "pid": os.getpid()}})
+        _mark_creating(group)
     comp = _compressors(layout)
     for name, spec in array_specs(layout).items():
         a = group.create_array(name, shape=spec.shape, dtype=spec.dtype, chunks=spec.chunks,
@@ -534,6 +534,11 @@ def create_store(path, layout: StoreLayout, attrs: Mapping, manifest, overwrite:
             "package_version": _package_version()}
     group.attrs.put(root)
     return group
+
+
+def _mark_creating(group: zarr.Group) -> None:
+    group.attrs.put({CREATING: {"started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                                "pid": os.getpid()}})
 
 
 def _non_lock_entries(folder: Path) -> list[str]:
@@ -826,7 +831,9 @@ def write_chunk(path_or_group, chunk_index: int, arrays: Mapping[str, np.ndarray
 
     generation: the writing build's token (:func:`start_generation`). The write is refused with
     :class:`StaleWriter` when the store's current generation differs (a newer build took the store over:
-    this task belongs to a dead client), checked before the data and again before the completion record.
+    this task belongs to a dead client), checked before the data and again before the completion record. A write
+    refused at the second check has already put its data into the newer build's chunk: it marks the chunks holding
+    its rows pending again (``chunk_done = 0``), so the store never claims a chunk that it may have overwritten.
     With ``layout.chunk_records`` the record holds the SHA-256 of everything written and the generation.
 
     path_or_group: the store path or URL (workers should pass the path: the store is opened here, so
@@ -872,9 +879,14 @@ def write_chunk(path_or_group, chunk_index: int, arrays: Mapping[str, np.ndarray
             written[name] = np.asarray(value, spec.dtype)
     group["reason"][start:stop] = reason
     group["status"][start:stop] = status
-    if layout.chunk_records:
-        if generation is not None:  # the window in which a newer build could have started is this write
+    if generation is not None:  # the window in which a newer build could have started is this write
+        try:
             _check_generation(path_or_group, group, generation, chunk_index)
+        except StaleWriter as e:
+            _unmark_rows(path_or_group, start, stop)
+            raise StaleWriter(f"{e}; its data was written before the takeover was seen, so the chunk is marked "
+                              f"pending again") from None
+    if layout.chunk_records:
         token = bytes.fromhex(generation)[:16].ljust(16, b"\0") if generation else bytes(16)
         group["chunk_record"][chunk_index] = np.frombuffer(_digest(written) + token, np.uint8)
     group["chunk_done"][chunk_index] = 1
@@ -907,6 +919,25 @@ def _check_generation(path_or_group, group: zarr.Group, generation: str, chunk_i
                           f"task to {generation[:8]}: a newer build took it over; this write is refused")
 
 
+def _unmark_rows(path_or_group, start: int, stop: int) -> None:
+    """``chunk_done = 0`` for the chunks of the store's *current* layout that hold samples [start, stop)."""
+    try:
+        group = _open(path_or_group, "r+")
+        layout = layout_of(group)
+        first, last = start // layout.chunk, min((stop - 1) // layout.chunk, layout.n_chunks - 1)
+        if first <= last:
+            group["chunk_done"][first:last + 1] = 0
+    except Exception:  # noqa: BLE001 - a store being recreated: its new owner writes every chunk anyway
+        pass
+
+
+def mark_pending(path_or_group, chunks: Iterable[int]) -> None:
+    """``chunk_done = 0`` for these chunks: the next write of each (this build's or a resume's) redoes it."""
+    group = _open(path_or_group, "r+")
+    for c in chunks:
+        group["chunk_done"][int(c)] = 0
+
+
 def _digest(arrays: Mapping[str, np.ndarray]) -> bytes:
     """SHA-256 of a chunk's arrays in a canonical form (sorted names, C order, the schema dtypes)."""
     h = hashlib.sha256()
@@ -929,8 +960,10 @@ def verify_chunks(path_or_group, chunks: Iterable[int] | None = None) -> dict[in
     if not layout.chunk_records:
         return {}
     specs = array_specs(layout)
-    done = group["chunk_done"][:] == 1
-    todo = np.flatnonzero(done) if chunks is None else [c for c in chunks if done[int(c)]]
+    if chunks is None:
+        todo = np.flatnonzero(group["chunk_done"][:] == 1)
+    else:  # one (1,)-chunk per flag: read only those asked about (a task verifying one chunk of thousands)
+        todo = [int(c) for c in chunks if group["chunk_done"][int(c)] == 1]
     bad = {}
     for c in todo:
         start, stop = layout.chunk_bounds(int(c))

@@ -41,10 +41,12 @@ from common.store import (
     completed_chunks,
     create_store,
     creation_interrupted,
+    mark_pending,
     open_for_build,
     read_texture_basis,
     repair_for_resume,
     start_generation,
+    verify_chunks,
     write_chunk,
     write_texture_basis,
 )
@@ -183,12 +185,40 @@ class _ManifestView:
         return ManifestEntry(str(self.paths[k]), int(self.sizes[k]), float(self.mtimes[k]))
 
 
-def _load_inputs(out: str, cfg: BuildConfig, indices: np.ndarray):
+class LazyInputs:
+    """The samples of one task, read and decoded one at a time while they are iterated.
+
+    A chunk used to decode all of its photos before fitting any of them: 64 photos of 20 MP held ~4 GB at once.
+    Iterating this yields each :class:`preprocess.sources.SampleInput` in turn (``source.iter_many``: a zip is opened
+    once) and drops it before decoding the next, so with :func:`preprocess.stages.run_geometry` (which keeps only the
+    working crop) a task's peak is its output plus one full-size photo. ``records`` holds, after an iteration, every
+    sample without its photo (key, failure, truth, parameters) for what runs after the fit.
+    """
+
+    def __init__(self, source, indices, manifest):
+        self.source = source
+        self.indices = [int(i) for i in indices]
+        self.manifest = manifest
+        self.records: list = []
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __iter__(self):
+        self.records = []
+        with contextlib.closing(self.source.iter_many(self.indices, self.manifest)) as samples:
+            for sample in samples:
+                self.records.append(sample.without_image())
+                yield sample
+                del sample  # before the next photo is decoded
+
+
+def _load_inputs(out: str, cfg: BuildConfig, indices: np.ndarray) -> LazyInputs:
     import zarr
 
     group = zarr.open_group(out, mode="r")
     view = _ManifestView(group, int(indices.min()), int(indices.max()) + 1)
-    return cfg.source.load_many([int(i) for i in indices], view)
+    return LazyInputs(cfg.source, indices, view)
 
 
 def _basis_from_store(out: str) -> UVTextureBasis:
@@ -266,14 +296,13 @@ def process_chunk(out: str, chunk_index: int, cfg: BuildConfig, generation: str 
     start, stop = layout.chunk_bounds(chunk_index)
     timer = Timer()
     inputs = _load_inputs(out, cfg, np.arange(start, stop))
-    t0 = timer.add("decode", t0)
     ctx = _context(out, cfg, True, cache if cache is not None else _worker_cache())
     timer.add("setup", t0)
-    arrays, errors = run_stages(inputs, ctx, timer)
+    arrays, errors = run_stages(inputs, ctx, timer)  # decodes the samples one at a time
     if layout.has_truth:
         u = layout.uv_size
         arrays["uv_true"] = np.stack([s.truth["uv_true"] if s.truth is not None else np.zeros((u, u, 3), np.uint8)
-                                      for s in inputs])
+                                      for s in inputs.records])
     t0 = time.perf_counter()
     write_chunk(out, chunk_index, arrays, generation=generation)
     timer.add("write", t0)
@@ -487,10 +516,58 @@ def build_store(cfg: BuildConfig, run: RunOptions) -> BuildSummary:
                 _record(summary, args[1], rep)
                 progress.advance(task, rep.n if isinstance(rep, ChunkReport) else
                                  np.subtract(*layout.chunk_bounds(args[1])[::-1]))
+            written = [c for _, c, _, _ in todo if int(c) not in summary.failed_chunks]
+            _recheck_written(run.out, cfg, layout, generation, written, runner, summary, progress)
         finally:
             runner.close()
         summary.wall_seconds = time.perf_counter() - t_start
     return summary
+
+
+def check_chunk(out: str, chunk_index: int, threads: int | None = None, cache: dict | None = None) -> str | None:
+    """Re-read one chunk written by this build: what is wrong with it, or None (a Dask task)."""
+    import zarr
+
+    if zarr.open_group(out, mode="r")["chunk_done"][chunk_index] != 1:
+        return "marked pending again by a writer of an earlier build"
+    return verify_chunks(out, [chunk_index]).get(chunk_index)
+
+
+RECHECK_ROUNDS = 3
+
+
+def _recheck_written(out: str, cfg: BuildConfig, layout: StoreLayout, generation: str | None, written: list,
+                     runner: _Runner, summary: BuildSummary, progress) -> None:
+    """Re-read the chunks this run wrote and rewrite those that changed since (about 0.5 % of a build's time).
+
+    Fencing refuses the writes of an earlier build's tasks (a killed client's, still running on a shared cluster)
+    from the moment a newer build owns the store, but a task that passed its generation check just before can
+    still put its data out after ours: the check and the write are not one atomic step. Such a chunk no longer
+    matches its record (or was marked pending by that writer); it is rewritten, up to ``RECHECK_ROUNDS`` times,
+    then reported as failed. A write that lands after this check is left to ``uvprep check --deep`` / ``--verify``.
+    """
+    for round_ in range(RECHECK_ROUNDS + 1):
+        if not written:
+            return
+        size = {c: np.subtract(*layout.chunk_bounds(c)[::-1]) for c in written}
+        task = progress.add("checking what was written", sum(size.values()))
+        bad = {}
+        for args, why in runner.map(check_chunk, [(out, c) for c in written], "check"):
+            if why is not None:
+                bad[int(args[1])] = why if isinstance(why, str) else f"unreadable ({type(why).__name__}: {why})"
+            progress.advance(task, size[args[1]])
+        if not bad or round_ == RECHECK_ROUNDS:
+            summary.failed_chunks.update({c: f"changed after it was written: {why}" for c, why in bad.items()})
+            return
+        mark_pending(out, bad)
+        summary.errors.extend(f"chunk {c}: {why} after this build wrote it (a late write of an earlier, killed "
+                              f"build?): rewritten" for c, why in sorted(bad.items()))
+        written = []
+        for args, rep in runner.map(process_chunk, [(out, c, cfg, generation) for c in sorted(bad)], "chunk"):
+            if isinstance(rep, Exception):
+                summary.failed_chunks[int(args[1])] = f"{type(rep).__name__}: {rep}"
+            else:
+                written.append(int(args[1]))
 
 
 def _face_region_source(cfg: BuildConfig) -> str:

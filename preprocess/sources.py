@@ -2,7 +2,9 @@
 
 Every source is a frozen dataclass with a ``kind``, ``manifest()`` (the sorted list of its samples,
 each with size and modification time, so a resumed build can tell whether the collection changed)
-and ``load(i, manifest) -> SampleInput``. ``load`` never raises for bad data: an unreadable,
+and ``load(i, manifest) -> SampleInput``, ``iter_many(indices, manifest)`` (the samples one at a time, decoded as
+they are asked for: a build holds one full-size photo at a time) and ``load_many`` (the same, as a list). ``load``
+never raises for bad data: an unreadable,
 truncated, corrupt or tiny file gives a :class:`SampleInput` with ``image=None`` and a
 :class:`common.store.Reason` in ``failure``, which the build records in the store.
 
@@ -142,6 +144,11 @@ class SampleInput:
     @property
     def ok(self) -> bool:
         return self.failure is None
+
+    def without_image(self) -> SampleInput:
+        """This sample without its decoded photo (key, failure, parameters, truth, landmarks kept): what the stages
+        after the fit need, at a few bytes instead of up to hundreds of MB."""
+        return dataclasses.replace(self, image=None)
 
 
 # ---------------------------------------------------------------------------------------- decoding
@@ -426,32 +433,38 @@ class _ImageFiles:
 
     def load_many(self, indices: Sequence[int], manifest: Manifest) -> list[SampleInput]:
         """:meth:`load` for several samples, opening a zip only once (and the parameter file, if any)."""
-        samples = self._load_images(indices, manifest)
-        if self.params is None:
-            return samples
-        known = read_given_params(self.params)
-        return [dataclasses.replace(x, given_params=known.get(x.key)) if x.ok else x for x in samples]
+        return list(self.iter_many(indices, manifest))
 
-    def _load_images(self, indices: Sequence[int], manifest: Manifest) -> list[SampleInput]:
+    def iter_many(self, indices: Sequence[int], manifest: Manifest) -> Iterator[SampleInput]:
+        """The samples of :meth:`load_many`, each read and decoded when it is asked for; the zip and the parameter
+        file are opened once, and no reference to a sample is kept once the next one is asked for."""
+        known = read_given_params(self.params) if self.params is not None else None
+        for x in self._iter_images(indices, manifest):
+            yield dataclasses.replace(x, given_params=known.get(x.key)) if known is not None and x.ok else x
+            del x  # before the next photo is decoded
+
+    def _iter_images(self, indices: Sequence[int], manifest: Manifest) -> Iterator[SampleInput]:
         if not self.is_zip:
-            return [self._sample(int(i), manifest[int(i)].path,
-                                 *read_regular_file(Path(self.images) / manifest[int(i)].path, self.max_bytes))
-                    for i in indices]
+            for i in indices:
+                path = manifest[int(i)].path
+                yield self._sample(int(i), path, *read_regular_file(Path(self.images) / path, self.max_bytes))
+            return
         try:
             zf = zipfile.ZipFile(self.images)
         except (OSError, zipfile.BadZipFile):
-            return [self._failed(int(i), manifest[int(i)].path, Reason.READ_ERROR) for i in indices]
+            yield from (self._failed(int(i), manifest[int(i)].path, Reason.READ_ERROR) for i in indices)
+            return
         with zf:
             members = _zip_members(zf, self._keep)
-            out = []
             for i in indices:
                 key = manifest[int(i)].path
-                if DUPLICATE_MARK in key:
-                    got = (None, Reason.DUPLICATE_NAME)
-                else:
-                    got = read_zip_member(zf, members[key], self.max_bytes) if key in members else (None, None)
-                out.append(self._sample(int(i), key, *got))
-            return out
+                yield self._sample(int(i), key, *self._read_member(zf, members, key))
+
+    def _read_member(self, zf: zipfile.ZipFile, members: dict[str, zipfile.ZipInfo],
+                     key: str) -> tuple[bytes | None, Reason | None]:
+        if DUPLICATE_MARK in key:
+            return None, Reason.DUPLICATE_NAME
+        return read_zip_member(zf, members[key], self.max_bytes) if key in members else (None, None)
 
     def _failed(self, i: int, key: str, reason: Reason) -> SampleInput:
         return SampleInput(index=i, key=key, image=None, failure=reason, aligned=self.aligned)
@@ -545,7 +558,12 @@ class AFLW2000Source:
         return SampleInput(index=int(i), key=key, image=img, landmarks=lm, meta=meta, given_params=params)
 
     def load_many(self, indices: Sequence[int], manifest: Manifest) -> list[SampleInput]:
-        return [self.load(int(i), manifest) for i in indices]
+        return list(self.iter_many(indices, manifest))
+
+    def iter_many(self, indices: Sequence[int], manifest: Manifest) -> Iterator[SampleInput]:
+        """The samples one at a time, each read and decoded when it is asked for."""
+        for i in indices:
+            yield self.load(int(i), manifest)
 
 
 def _read_aflw_mat(path: Path) -> dict[str, np.ndarray] | None:
@@ -622,11 +640,15 @@ class SyntheticSource:
                 raise ValueError(f"manifest entry {i} is {key!r}, not a sample of this synthetic source ({prefix}...)")
             ids.append(int(key[len(prefix):]))
         model = build_procedural_model(self.model_config)
-        faces = generate_batch(ids, cfg, model)
+        faces = generate_batch(ids, cfg, model)  # rendered together, at the working size
         return [SampleInput(index=int(i), key=manifest[int(i)].path, image=f.image, given_params=f.params,
                             truth={"uv_true": to_uint8(f.uv_true), "uv_visible": f.uv_visible,
                                    "face_mask": f.face_mask, "tex_coeff": f.tex_coeff})
                 for i, f in zip(indices, faces, strict=True)]
+
+    def iter_many(self, indices: Sequence[int], manifest: Manifest) -> Iterator[SampleInput]:
+        """The samples of :meth:`load_many` (rendered as one batch: they are already at the working size)."""
+        yield from self.load_many(indices, manifest)
 
 
 # ----------------------------------------------------------------------------------------- factory

@@ -6,6 +6,9 @@ blend, Eq. 9 (:mod:`preprocess.blend`) -> partial crops (:mod:`preprocess.crops`
 
 :func:`run_stages` turns a list of :class:`preprocess.sources.SampleInput` into the arrays of one store
 chunk. A sample that fails at any stage gets ``status = FAILED`` and a reason code; the others go on.
+The samples may also come as a sized iterable that decodes each when it is asked for
+(:class:`preprocess.build.LazyInputs`): the fit keeps only the working crop of each photo and no stage keeps a
+reference to a decoded photo, so a chunk's peak memory is its output plus one full-size photo.
 """
 
 from __future__ import annotations
@@ -131,10 +134,16 @@ class GeometryResult:
     uv_gt_mask: np.ndarray  # (n, U, U) bool
     errors: list[str] = field(default_factory=list)
     occlusion: np.ndarray | None = None  # (n, S, S) bool: pixels of the eroded mesh mask rejected as occluders
+    keys: list[str] = field(default_factory=list)  # (n,) the samples' keys, for error messages of later stages
 
 
 def run_geometry(inputs, ctx: StageContext, timer: Timer) -> GeometryResult:
-    """Fit every decoded sample, then unwrap UV_gt for the fitted ones in one batch."""
+    """Fit every decoded sample, then unwrap UV_gt for the fitted ones in one batch.
+
+    inputs: a list of :class:`preprocess.sources.SampleInput`, or any sized iterable of them (iterated once; a lazy
+    one decodes each photo when it is asked for, and this keeps none of them: only its working crop, so the peak
+    is one full-size photo). The time spent waiting for the next sample is the ``decode`` stage.
+    """
     cfg = ctx.config
     n, s, u = len(inputs), cfg.fit.image_size, cfg.uvgt.uv_size
     out = GeometryResult(reason=np.zeros(n, np.uint8), image=np.zeros((n, s, s, 3), np.uint8),
@@ -143,35 +152,25 @@ def run_geometry(inputs, ctx: StageContext, timer: Timer) -> GeometryResult:
                          pose=np.full((n, 3), np.nan, np.float32), uv_gt=np.zeros((n, u, u, 3), np.float32),
                          uv_gt_mask=np.zeros((n, u, u), bool))
     verts, good, seg = [], [], []
+    samples = iter(inputs)
+    for k in range(n):
+        t0 = time.perf_counter()
+        sample = next(samples, None)
+        if sample is None:
+            raise ValueError(f"run_geometry: inputs gave {k} samples, expected len(inputs) = {n}")
+        t0 = timer.add("decode", t0)
+        fitted = _fit_one(sample, k, out, ctx)
+        del sample  # the decoded photo goes before the next one is decoded (only its crop is kept, in out.image)
+        if fitted is not None:
+            verts.append(fitted[0])
+            seg.append(fitted[1])
+            good.append(k)
+        timer.add("fit", t0)
     t0 = time.perf_counter()
-    for k, sample in enumerate(inputs):
-        if not sample.ok:
-            out.reason[k] = int(sample.failure)
-            continue
-        try:
-            if cfg.fit.fitter == "given":
-                if sample.given_params is None:
-                    out.reason[k] = Reason.BAD_ANNOTATION
-                    continue
-                res = ctx.fitter.fit_given(sample.image, sample.given_params)
-            else:
-                res = ctx.fitter.fit_photo(sample.image, aligned=sample.aligned)
-        except Exception:  # noqa: BLE001 - a bad sample must not stop the chunk
-            out.reason[k] = Reason.STAGE_ERROR
-            out.errors.append(f"{sample.key}: fit: {traceback.format_exc(limit=3)}")
-            continue
-        if not res.ok:
-            out.reason[k] = Reason.from_short(res.reason)
-            continue
-        out.image[k], out.params[k], out.pose[k] = res.image, res.params, res.pose
-        verts.append(res.verts_px)
-        good.append(k)
-        seg.append(_segmentation(sample, s))
-    t0 = timer.add("fit", t0)
     if good:
         seg_mask = np.stack(seg) if all(m is not None for m in seg) else None
         if cfg.occlusion is not None:  # rejected pixels leave the face region before it is eroded, as a parser's
-            _occlusion(out, good, verts, ctx, inputs)
+            _occlusion(out, good, verts, ctx)
             seg_mask = ~out.occlusion[good] if seg_mask is None else seg_mask & ~out.occlusion[good]
         try:
             _unwrap(out, good, np.stack(verts), seg_mask, ctx)
@@ -181,9 +180,37 @@ def run_geometry(inputs, ctx: StageContext, timer: Timer) -> GeometryResult:
                     _unwrap(out, [k], verts[j][None], None if seg_mask is None else seg_mask[j:j + 1], ctx)
                 except Exception:  # noqa: BLE001
                     out.reason[k] = Reason.STAGE_ERROR
-                    out.errors.append(f"{inputs[k].key}: uv_gt: {traceback.format_exc(limit=3)}")
+                    out.errors.append(f"{out.keys[k]}: uv_gt: {traceback.format_exc(limit=3)}")
     timer.add("uv_gt", t0)
     return out
+
+
+def _fit_one(sample, k: int, out: GeometryResult, ctx: StageContext) -> tuple[np.ndarray, np.ndarray | None] | None:
+    """Fit sample ``k`` and write its row of ``out`` (crop, parameters, pose; or its failure reason); returns its
+    mesh in working pixels (V, 3) and segmentation (S, S) or None, or None when it failed. Keeps no reference to
+    the decoded photo."""
+    out.keys.append(sample.key)
+    if not sample.ok:
+        out.reason[k] = int(sample.failure)
+        return None
+    fit = ctx.config.fit
+    try:
+        if fit.fitter == "given":
+            if sample.given_params is None:
+                out.reason[k] = Reason.BAD_ANNOTATION
+                return None
+            res = ctx.fitter.fit_given(sample.image, sample.given_params)
+        else:
+            res = ctx.fitter.fit_photo(sample.image, aligned=sample.aligned)
+    except Exception:  # noqa: BLE001 - a bad sample must not stop the chunk
+        out.reason[k] = Reason.STAGE_ERROR
+        out.errors.append(f"{sample.key}: fit: {traceback.format_exc(limit=3)}")
+        return None
+    if not res.ok:
+        out.reason[k] = Reason.from_short(res.reason)
+        return None
+    out.image[k], out.params[k], out.pose[k] = res.image, res.params, res.pose
+    return res.verts_px, _segmentation(sample, fit.image_size)
 
 
 def _unwrap(out: GeometryResult, rows: list[int], verts: np.ndarray, seg_mask, ctx: StageContext) -> None:
@@ -194,7 +221,7 @@ def _unwrap(out: GeometryResult, rows: list[int], verts: np.ndarray, seg_mask, c
     out.reason[empty] = Reason.LOW_COVERAGE
 
 
-def _occlusion(out: GeometryResult, rows: list[int], verts: list[np.ndarray], ctx: StageContext, inputs) -> None:
+def _occlusion(out: GeometryResult, rows: list[int], verts: list[np.ndarray], ctx: StageContext) -> None:
     """``out.occlusion`` (n, S, S) bool for the fitted rows (:func:`preprocess.occlusion.occluders_from_fit`); a
     sample it fails on gets STAGE_ERROR (its UV_gt would hold the occluders)."""
     out.occlusion = np.zeros(out.face_region.shape, bool)
@@ -209,7 +236,7 @@ def _occlusion(out: GeometryResult, rows: list[int], verts: list[np.ndarray], ct
                                                       cfg.occlusion, ctx.occlusion_labels, ctx.uv_cache)[0]
             except Exception:  # noqa: BLE001
                 out.reason[k] = Reason.STAGE_ERROR
-                out.errors.append(f"{inputs[k].key}: occlusion: {traceback.format_exc(limit=3)}")
+                out.errors.append(f"{out.keys[k]}: occlusion: {traceback.format_exc(limit=3)}")
 
 
 def _segmentation(sample, size: int) -> np.ndarray | None:
@@ -222,7 +249,8 @@ def _segmentation(sample, size: int) -> np.ndarray | None:
 
 
 def run_stages(inputs, ctx: StageContext, timer: Timer | None = None) -> tuple[dict[str, np.ndarray], list[str]]:
-    """The whole chain for one chunk: inputs (list of SampleInput) -> (store arrays, error messages).
+    """The whole chain for one chunk: inputs (list of SampleInput, or a sized iterable of them: see
+    :func:`run_geometry`) -> (store arrays, error messages).
 
     Arrays follow :func:`common.store.array_specs` (uint8 images/UVs, bool masks, float32 params); failed
     samples have ``status = FAILED`` and a ``reason``; the rest of their rows keep fill values.
@@ -231,7 +259,7 @@ def run_stages(inputs, ctx: StageContext, timer: Timer | None = None) -> tuple[d
         raise ValueError("run_stages needs the texture basis (StageContext.basis)")
     timer = Timer() if timer is None else timer
     geo = run_geometry(inputs, ctx, timer)
-    n, u = len(inputs), ctx.config.uvgt.uv_size
+    n, u = len(geo.reason), ctx.config.uvgt.uv_size
     ok = geo.reason == 0
     hc, wc = ctx.crop_layout.ctr_region.shape
     hs, ws = ctx.crop_layout.sd_region.shape
@@ -267,7 +295,7 @@ def run_stages(inputs, ctx: StageContext, timer: Timer | None = None) -> tuple[d
                 arrays["uv_bl"][k], arrays["uv_source"][k] = to_uint8(bl), src
             except Exception:  # noqa: BLE001 - recorded per sample, the chunk goes on
                 geo.reason[k] = Reason.STAGE_ERROR
-                geo.errors.append(f"{inputs[k].key}: blend: {traceback.format_exc(limit=3)}")
+                geo.errors.append(f"{geo.keys[k]}: blend: {traceback.format_exc(limit=3)}")
         t0 = timer.add("blend", t0)
         for k in idx[geo.reason[idx] == 0]:
             c = cut_partial_crops(arrays["uv_gt"][k], geo.uv_gt_mask[k], float(geo.pose[k, 0]), ctx.crop_layout,

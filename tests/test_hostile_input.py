@@ -455,3 +455,54 @@ def test_a_zip_bomb_is_rejected_within_two_gib(tmp_path):
         zf.writestr("ok.jpg", _jpeg())
     assert bomb.stat().st_size < 40 << 20
     assert _load_under_limit(bomb) == ["too_large", "ok"]
+
+
+def test_a_write_fenced_after_its_data_went_out_marks_its_chunk_pending(clean_store, tmp_path, monkeypatch):
+    """A newer build takes the store over between a write's first and second generation check: its data is in
+    the chunk already, so the chunk must not stay marked done (a plain rerun redoes it)."""
+    import shutil
+
+    import common.store as store
+
+    out = tmp_path / "s.zarr"
+    shutil.copytree(clean_store, out)
+    old = store.start_generation(out)
+    check = store._check_generation
+
+    def takeover_after_first_check(*args):
+        check(*args)
+        monkeypatch.setattr(store, "_check_generation", check)
+        store.start_generation(out)  # the newer build starts while this write is under way
+
+    monkeypatch.setattr(store, "_check_generation", takeover_after_first_check)
+    g = zarr.open_group(str(out), mode="r")
+    arrays = {k: g[k][0:4] for k in ("status", "reason", "params", "pose", "tex_coeff")}
+    with pytest.raises(store.StaleWriter, match="marked pending"):
+        store.write_chunk(out, 0, arrays, generation=old)
+    assert zarr.open_group(str(out), mode="r")["chunk_done"][...].tolist() == [0, 1]
+    summary = _rebuild(out)
+    assert summary.done_chunks == 1 and summary.complete
+    _same_data(out, clean_store)
+
+
+def test_a_build_rewrites_a_chunk_changed_after_it_wrote_it(clean_store, tmp_path, monkeypatch):
+    """The build re-reads what it wrote at the end: a late write of an earlier build's task is found and redone."""
+    import shutil
+
+    import preprocess.build as build
+    from common.store import verify_chunks
+
+    out = tmp_path / "s.zarr"
+    shutil.copytree(clean_store, out)
+    zarr.open_group(str(out), mode="r+")["chunk_done"][1] = 0  # this run writes chunk 1
+    recheck = build._recheck_written
+
+    def late_write(*args, **kwargs):  # ... and a task of an earlier build writes into it afterwards
+        zarr.open_group(str(out), mode="r+")["uv_bl"][4:8] = 0
+        return recheck(*args, **kwargs)
+
+    monkeypatch.setattr(build, "_recheck_written", late_write)
+    summary = _rebuild(out)
+    assert summary.complete and any(e.startswith("chunk 1:") and "rewritten" in e for e in summary.errors)
+    assert verify_chunks(out) == {}
+    _same_data(out, clean_store)
