@@ -91,6 +91,10 @@ class BlendConfig:
     fit errors double the nose. 0 = no cut."""
     shading: ShadingConfig = field(default_factory=ShadingConfig)
     """Lighting estimate of the relit fill."""
+    pad_px: int = 4
+    """Texels past the layout's edge filled by extending the texture outwards (texture padding): bilinear reads at
+    the mesh's rim then never mix in black, and the stair-stepped layout edge disappears from the UV image.
+    0 = black outside, as before."""
 
     @classmethod
     def paper_mirror(cls, **kw) -> BlendConfig:
@@ -110,6 +114,8 @@ class BlendConfig:
             raise ValueError(f"BlendConfig.tol must be > 0, got {self.tol}")
         if self.erode_px < 0:
             raise ValueError(f"BlendConfig.erode_px must be >= 0, got {self.erode_px}")
+        if self.pad_px < 0:
+            raise ValueError(f"BlendConfig.pad_px must be >= 0, got {self.pad_px}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -653,7 +659,19 @@ def blend_uv(uv_gt: np.ndarray, uv_mask: np.ndarray, uv_bfm: np.ndarray, face_ma
         uv_bl = poisson_blend(uv_bfm, filled, fill_mask, config)
     else:
         uv_bl = blend_model_into_photo(filled, fill_mask, uv_bfm, face_mask, config)
+    if config.pad_px > 0 and face_mask is not None:
+        uv_bl = pad_texture(uv_bl, face_mask, config.pad_px)
     return np.clip(uv_bl, 0.0, 1.0, out=uv_bl), source_map
+
+
+def pad_texture(uv: np.ndarray, layout: np.ndarray, width: int) -> np.ndarray:
+    """Extend a UV texture ``width`` texels past its layout, ring by ring, each new texel the mean of its filled
+    3 x 3 neighbours; texels further out are 0. uv: (U, U, C) float; layout: (U, U) bool. The layout's texels are
+    unchanged."""
+    from preprocess.texture import extend_smoothly
+
+    band = cv2.dilate(layout.astype(np.uint8), np.ones((2 * width + 1,) * 2, np.uint8)).astype(bool)
+    return extend_smoothly(np.where(layout[..., None], uv, 0.0), layout, band, max_rings=width)
 
 
 def blend_model_into_photo(filled: np.ndarray, known: np.ndarray, uv_bfm: np.ndarray, face_mask: np.ndarray | None,

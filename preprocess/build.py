@@ -53,6 +53,7 @@ from common.store import (
 from common.texbasis import UVTextureBasis
 from common.uvlayout import crop_layout
 from common.uvtools import model_uv_fragments, texel_mirror_index
+from pipelines.dask_slurm import SlurmConfig
 from preprocess.sources import ManifestEntry
 from preprocess.stages import StageConfig, StageContext, Timer, build_face_model, run_geometry, run_stages
 from preprocess.texture import downsample_maps, learn_masked_pca
@@ -93,6 +94,8 @@ class RunOptions:
     """Threads per worker (torch intra-op threads are set to this)."""
     scheduler: str | None = None
     """Address of a running Dask scheduler to join instead of starting a local cluster."""
+    slurm: SlurmConfig | None = None
+    """Run the workers as SLURM jobs (dask-jobqueue) instead of a local cluster; exclusive with ``scheduler``."""
     overwrite: bool = False
     """Delete and rebuild an existing store built differently."""
     retries: int = 2
@@ -349,14 +352,19 @@ class _Runner:
         self.client = None
         self.cluster = None
         self._previous_threads = None
-        if run.scheduler is None and run.workers == 0:
+        if run.scheduler is None and run.slurm is None and run.workers == 0:
             # eager: this process is the worker, so it gets the worker's thread count too (restored by close);
             # torch's default (all cores) oversubscribes a busy machine, where its spinning threads run ~8x slower
             self._previous_threads = set_compute_threads(run.threads)
-        if run.scheduler is not None or run.workers > 0:
+        if run.scheduler is not None or run.slurm is not None or run.workers > 0:
             from dask.distributed import Client, LocalCluster
 
-            if run.scheduler is not None:
+            if run.slurm is not None:  # SLURM jobs of workers; the scheduler runs here (pipelines/dask_slurm.py)
+                from pipelines.dask_slurm import make_slurm_cluster
+
+                self.cluster = make_slurm_cluster(run.slurm, run.threads)
+                self.client = Client(self.cluster)
+            elif run.scheduler is not None:
                 try:
                     self.client = Client(run.scheduler, timeout="10s")
                 except (OSError, ValueError) as e:

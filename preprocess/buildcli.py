@@ -48,6 +48,18 @@ class BuildArgs:
     workers: int | None = None
     threads: int = 1
     scheduler: str | None = None
+    cluster: str | None = None
+    slurm_cores: int | None = None
+    slurm_memory: str | None = None
+    slurm_walltime: str | None = None
+    slurm_partition: str | None = None
+    slurm_account: str | None = None
+    slurm_job_extra: tuple[str, ...] | list[str] | None = None
+    slurm_prologue: tuple[str, ...] | list[str] | None = None
+    slurm_min_jobs: int | None = None
+    slurm_max_jobs: int | None = None
+    slurm_local_directory: str | None = None
+    slurm_log_directory: str | None = None
     overwrite: bool = False
     verify: bool = False
 
@@ -73,9 +85,38 @@ def validate_args(a: BuildArgs) -> None:
             raise ValueError(f"--{name.replace('_', '-')} {getattr(a, name)}: expected a number in [{lo}, {hi}]")
 
 
+_SLURM_FIELDS = {"slurm_cores": "cores", "slurm_memory": "memory", "slurm_walltime": "walltime",
+                 "slurm_partition": "partition", "slurm_account": "account", "slurm_job_extra": "job_extra_directives",
+                 "slurm_prologue": "job_script_prologue", "slurm_min_jobs": "min_jobs", "slurm_max_jobs": "max_jobs",
+                 "slurm_local_directory": "local_directory", "slurm_log_directory": "log_directory"}
+
+
+def slurm_config(a: BuildArgs):
+    """The :class:`pipelines.dask_slurm.SlurmConfig` of ``--cluster slurm`` (None without it), checked against the
+    other flags and the submit host; raises ValueError / RuntimeError naming the flag."""
+    from pipelines.dask_slurm import SlurmConfig, check_submit_host
+
+    given = {k: (tuple(v) if isinstance(v, list) else v) for k in _SLURM_FIELDS
+             if (v := getattr(a, k)) is not None and v != [] and v != ()}
+    if a.cluster not in (None, "local", "slurm"):
+        raise ValueError(f"--cluster {a.cluster!r}: expected local | slurm")
+    if a.cluster != "slurm":
+        if given:
+            raise ValueError(f"--{next(iter(given)).replace('_', '-')} needs --cluster slurm")
+        return None
+    for flag, value in (("--scheduler", a.scheduler), ("--workers", a.workers)):
+        if value is not None:
+            raise ValueError(f"--cluster slurm and {flag} are exclusive: SLURM jobs are the workers (size them "
+                             f"with --slurm-cores / --threads / --slurm-max-jobs)")
+    cfg = SlurmConfig(**{_SLURM_FIELDS[k]: v for k, v in given.items()})
+    check_submit_host(cfg, a.threads)
+    return cfg
+
+
 def make_config(a: BuildArgs):
     """Returns (BuildConfig, RunOptions). Real-photo defaults come from the 3DDFA_V2 folder when given."""
     validate_args(a)
+    slurm = slurm_config(a)
     from common.faces.fit import FitConfig
     from common.synthetic import SyntheticConfig
     from common.uvlayout import CropConfig
@@ -119,8 +160,8 @@ def make_config(a: BuildArgs):
         crops=CropConfig(frontal_yaw_max=a.frontal_yaw, profile_yaw_min=a.profile_yaw),
         # photos have no face parser: reject occluders by default; the synthetic world's exact mask needs none
         occlusion=OcclusionConfig() if (not synthetic if a.occlusion is None else a.occlusion) else None)
-    workers = a.workers if a.workers is not None else max(1, (os.cpu_count() or 1) // a.threads)
-    run = RunOptions(out=str(a.out), workers=workers, threads=a.threads, scheduler=a.scheduler,
+    workers = 0 if slurm else a.workers if a.workers is not None else max(1, (os.cpu_count() or 1) // a.threads)
+    run = RunOptions(out=str(a.out), workers=workers, threads=a.threads, scheduler=a.scheduler, slurm=slurm,
                      overwrite=a.overwrite, verify=a.verify)
     return BuildConfig(source=source, stages=stages, chunk=a.chunk), run
 

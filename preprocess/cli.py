@@ -73,6 +73,22 @@ def build(
     workers: int = typer.Option(None, min=0, help="Local Dask workers (0 = run in this process; default: CPUs)."),
     threads: int = typer.Option(1, min=1, help="Threads per worker."),
     scheduler: str = typer.Option(None, help="Join a running Dask scheduler at this address."),
+    cluster: str = typer.Option(None, help="local (default) | slurm: workers as SLURM jobs via dask-jobqueue, the "
+                                           "scheduler in this process (not with --scheduler/--workers)."),
+    slurm_cores: int = typer.Option(None, help="--cluster slurm: cores per job (default 8; cores // --threads "
+                                               "worker processes)."),
+    slurm_memory: str = typer.Option(None, help="--cluster slurm: memory per job (default 32GB)."),
+    slurm_walltime: str = typer.Option(None, help="--cluster slurm: time limit per job (default 04:00:00)."),
+    slurm_partition: str = typer.Option(None, help="--cluster slurm: partition (#SBATCH -p)."),
+    slurm_account: str = typer.Option(None, help="--cluster slurm: account (#SBATCH -A)."),
+    slurm_job_extra: list[str] = typer.Option(None, help="--cluster slurm: one more #SBATCH option, e.g. "
+                                                         "--slurm-job-extra=--qos=short (repeatable)."),
+    slurm_prologue: list[str] = typer.Option(None, help="--cluster slurm: a shell line run before each worker, "
+                                                        "e.g. 'source .venv/bin/activate' (repeatable)."),
+    slurm_min_jobs: int = typer.Option(None, help="--cluster slurm: fewest jobs while building (default 1)."),
+    slurm_max_jobs: int = typer.Option(None, help="--cluster slurm: most jobs at once (default 4)."),
+    slurm_local_directory: str = typer.Option(None, help="--cluster slurm: worker scratch folder on the node."),
+    slurm_log_directory: str = typer.Option(None, help="--cluster slurm: folder for the jobs' logs."),
     overwrite: bool = typer.Option(False, help="Rebuild a store that was built differently."),
     verify: bool = typer.Option(False, "--verify", help="Before resuming, re-read every completed chunk and "
                                                         "rebuild those that fail their SHA-256 record."),

@@ -213,3 +213,21 @@ def test_blend_uv_rejects_bad_inputs(args, error, match):
 def test_config_validation():
     with pytest.raises(ValueError, match="solver must be one of"):
         BlendConfig(solver="fft")
+
+
+def test_texture_padding_extends_past_the_layout_and_keeps_it():
+    from preprocess.blend import pad_texture
+
+    rng = np.random.default_rng(0)
+    uv = rng.uniform(0.2, 0.8, (32, 32, 3)).astype(np.float32)
+    layout = np.zeros((32, 32), bool)
+    layout[8:24, 10:20] = True
+    out = pad_texture(uv, layout, 3)
+    np.testing.assert_array_equal(out[layout], uv[layout])
+    ring1 = layout.copy()
+    ring1[7:25, 9:21] = True
+    ring1 &= ~layout
+    assert (out[ring1] > 0.1).all()  # the first ring holds texture, not black
+    np.testing.assert_array_equal(out[:4], 0)  # beyond the padding width: black
+    left = out[12, 9]  # next to the layout's left edge: the mean of its filled neighbours, all on the edge column
+    np.testing.assert_allclose(left, uv[11:14, 10].mean(0), rtol=1e-5)

@@ -59,7 +59,11 @@ def fit(
     progress: bool = typer.Option(True, help="Show the progress line."),
     tensorboard: bool = typer.Option(True, help="Write TensorBoard event files."),
 ) -> None:
-    """Pre-train the UV sampler, then train the UV generator with its three discriminators."""
+    """Pre-train the UV sampler, then train the UV generator with its three discriminators.
+
+    Rerunning the same command resumes. SIGUSR1 or SIGTERM stops after the current step with a checkpoint and exit
+    code 124 (requeue; see pipelines/slurm/train.sbatch).
+    """
     from train.config import OptimConfig, RunOptions, TrainConfig
     from train.losses import LossWeights
     from train.models import DiscriminatorConfig, GeneratorConfig, SamplerConfig

@@ -13,7 +13,9 @@ Run directory ``R``: ``config.json`` (the :class:`TrainConfig`; a rerun with ano
 accumulators), ``sampler.pt`` (the sampler at the end of its phase), ``metrics.jsonl``, ``previews/*.png`` and
 ``tb/`` (TensorBoard). Rerunning the same command resumes from ``checkpoint.pt``, and a run stopped at step k and
 resumed gives the same weights and logged losses as one that never stopped (the data stream and every random draw
-are functions of the step; tested).
+are functions of the step; tested). SIGUSR1 or SIGTERM (SLURM's warning before the time limit) stops the run after
+the current step with a checkpoint, every rank at the same step (:class:`StopSignals`); ``fit`` then returns with
+``preempted`` set and a rerun resumes.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ import contextlib
 import json
 import os
 import shutil
+import signal
+import threading
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -60,6 +64,7 @@ from train.uvops import centre_crop, resize_masked, side_crops
 
 CHECKPOINT, SAMPLER_CHECKPOINT, CONFIG, METRICS = "checkpoint.pt", "sampler.pt", "config.json", "metrics.jsonl"
 DISCRIMINATORS = ("ctr", "sd", "face")
+PREEMPT_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 
 
 class RunError(RuntimeError):
@@ -202,6 +207,46 @@ class Dist:
         if not dist.is_initialized():
             dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
         return cls(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+class StopSignals:
+    """SIGUSR1 / SIGTERM as a request to stop after the current step (SLURM's ``--signal=B:USR1@120`` warning).
+
+    A context manager: on entry it installs its handler for ``signals``, in the main thread only (elsewhere
+    nothing is installed and it never fires); on exit it restores the previous handlers. ``received`` is the name
+    of the first signal this process got; ``stopped`` becomes True when :meth:`should_stop` agreed to stop.
+    """
+
+    def __init__(self, signals: tuple[signal.Signals, ...] = PREEMPT_SIGNALS) -> None:
+        self.signals = signals
+        self.received: str | None = None
+        self.stopped = False
+        self._previous: dict[signal.Signals, Any] = {}
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for s in self.signals:
+                self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, signal.SIG_DFL if handler is None else handler)
+        self._previous.clear()
+
+    def _handle(self, signum: int, frame) -> None:
+        self.received = self.received or signal.Signals(signum).name
+
+    def should_stop(self, world: Dist, device: torch.device) -> bool:
+        """True on every rank once any rank got a signal: under torchrun an all-reduce (max) of the flag, so call it
+        at the same step on every rank."""
+        flag = self.received is not None
+        if world.world_size > 1:
+            t = torch.tensor([float(flag)], device=device)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            flag = bool(t.item())
+        self.stopped = self.stopped or flag
+        return flag
 
 
 # ------------------------------------------------------------------------------------------ trainer
@@ -535,9 +580,18 @@ def _phase_end(cfg: TrainConfig, phase: str) -> int:
 def fit(cfg: TrainConfig, run: RunOptions, on_log=None, on_step=None) -> dict[str, Any]:
     """Train (or resume) the run in ``run.run_dir`` up to the end of ``run.phase``; returns a summary dict.
 
+    SIGUSR1 / SIGTERM (handled while ``fit`` runs, from the main thread) end the run early: the current step
+    finishes, the checkpoint is written, and the summary's ``preempted`` names the signal (None when the run
+    reached its end).
+
     on_log(row, stop): optional callback receiving each metrics row (the CLI's progress line, tests);
     on_step(step, phase): optional callback after every step (the progress bar).
     """
+    with StopSignals() as signals:  # from the start: a signal while the store opens stops after the first step
+        return _fit(cfg, run, on_log, on_step, signals)
+
+
+def _fit(cfg: TrainConfig, run: RunOptions, on_log, on_step, signals: StopSignals) -> dict[str, Any]:
     world = Dist.from_env(run.device)
     prepare_run_dir(cfg, run, write=world.main)
     if world.world_size > 1:
@@ -560,16 +614,20 @@ def fit(cfg: TrainConfig, run: RunOptions, on_log=None, on_step=None) -> dict[st
         for stage in schedule(cfg, tr.uv_size):
             if tr.step >= min(stage.stop, end):
                 continue
-            rows += _run_stage(tr, stage, min(stage.stop, end), tb, on_log, on_step)
-            if stage.name == "finetune" or (stage.name == "sampler" and cfg.finetune_steps == 0):
+            rows += _run_stage(tr, stage, min(stage.stop, end), tb, on_log, on_step, signals)
+            done = tr.step == stage.stop
+            if done and (stage.name == "finetune" or (stage.name == "sampler" and cfg.finetune_steps == 0)):
                 tr.save(stage, tr.rd / SAMPLER_CHECKPOINT)
+            if signals.stopped:
+                break
     finally:
         if tb is not None:
             tb.close()
-    return {"step": tr.step, "resumed": resumed, "rows": rows, "notes": tr.notes}
+    preempted = (signals.received or "a signal to another rank") if signals.stopped else None
+    return {"step": tr.step, "resumed": resumed, "rows": rows, "notes": tr.notes, "preempted": preempted}
 
 
-def _run_stage(tr: Trainer, stage: Stage, stop: int, tb, on_log, on_step) -> list[dict]:
+def _run_stage(tr: Trainer, stage: Stage, stop: int, tb, on_log, on_step, signals: StopSignals) -> list[dict]:
     run = tr.run_opts
     tr.sampler.train(not stage.with_targets).requires_grad_(not stage.with_targets)  # frozen in the generator phase
     loader = _stage_loader(tr, stage)
@@ -602,8 +660,15 @@ def _run_stage(tr: Trainer, stage: Stage, stop: int, tb, on_log, on_step) -> lis
                 t_log, wait, steps_in_window = time.perf_counter(), 0.0, 0
             if tr.step % every_preview == 0 or tr.step == stop:
                 tr.preview(stage, tb)
-            if tr.step % run.checkpoint_every == 0 or tr.step == stop:
+            saved = tr.step % run.checkpoint_every == 0 or tr.step == stop
+            if saved:
                 tr.save(stage)
+            if signals.should_stop(tr.world, tr.device):
+                if not saved:
+                    tr.save(stage)
+                if tr.world.world_size > 1:
+                    dist.barrier()  # no rank exits (torchrun then stops the rest) before the checkpoint is written
+                break
     except NonFiniteLoss as e:
         raise RunError(f"{e}; stopped without saving, the last good checkpoint ({tr.rd / CHECKPOINT}) is intact; "
                        f"lower the learning rates or try --amp none") from None

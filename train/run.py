@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections import Counter
+from pathlib import Path
 
 import zarr
 from rich.console import Console
@@ -16,9 +17,11 @@ from train.config import RunOptions, TrainConfig
 from train.data import NoUsableSamples
 from train.evaluate import YAW_BANDS, EvalConfig, evaluate
 from train.infer import InferConfig, InferSummary, infer
-from train.loop import RunError, fit
+from train.loop import CHECKPOINT, RunError, fit
 
 USER_ERRORS = (RunError, StoreMismatch, NoUsableSamples)
+EXIT_PREEMPTED = 124
+"""Exit code of a run stopped by SIGUSR1 / SIGTERM after writing its checkpoint: requeue it (`pipelines/slurm`)."""
 
 
 def _summary(result: dict, cfg: TrainConfig, run: RunOptions) -> Table:
@@ -36,8 +39,10 @@ def _summary(result: dict, cfg: TrainConfig, run: RunOptions) -> Table:
 
 
 def run_fit(cfg: TrainConfig, run: RunOptions, console: Console | None = None) -> int:
-    """Run :func:`fit` with a progress line; returns the exit code (0 ok, 2 a user error, printed as one line)."""
-    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 shows progress and the summary
+    """Run :func:`fit` with a progress line; returns the exit code: 0 ok, 2 a user error (printed as one line),
+    :data:`EXIT_PREEMPTED` stopped by a signal with its checkpoint written (one line)."""
+    main = int(os.environ.get("RANK", "0")) == 0
+    if not main:  # under torchrun only rank 0 shows progress, the summary and the preemption line
         run = dataclasses.replace(run, progress=False)
     console = console or Console(stderr=True)
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -63,6 +68,12 @@ def run_fit(cfg: TrainConfig, run: RunOptions, console: Console | None = None) -
         return 2
     for note in result["notes"]:
         console.print(f"note: {note}", highlight=False)
+    if result["preempted"]:
+        if main:
+            console.print(f"preempted by {result['preempted']} at step {result['step']} of {cfg.total_steps}: "
+                          f"checkpoint written to {Path(run.run_dir) / CHECKPOINT}; rerun the same command to resume "
+                          f"(exit code {EXIT_PREEMPTED}: requeue)", highlight=False, soft_wrap=True)
+        return EXIT_PREEMPTED
     if run.progress:
         console.print(_summary(result, cfg, run))
     return 0
