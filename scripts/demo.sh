@@ -4,7 +4,7 @@
 # short CPU training run (small networks, a few dozen steps per phase: a smoke run, not a trained model).
 #   out/demo/preview.png        image | true UV | visible UV, per synthetic face
 #   out/demo/store.zarr         the store `uvtrain` reads (uvprep info out/demo/store.zarr)
-#   out/demo/store_preview.png  image | UV_gt | UV_bl | source map | centre crop | side crop | face region | true UV
+#   out/demo/store_preview.png  image | overlays (mesh, landmarks, mask) | UV_gt | UV_bl | source map | centre crop | side crop | face region | true UV
 #   out/demo/run/               uvtrain fit's run directory: config.json, checkpoint.pt, metrics.jsonl, tb/,
 #                               previews/*.png (input | UV_spl | UV_gt/UV_pred | UV_bl | I0 | I1 | I^m | crops)
 #   out/demo/metrics.json       uvtrain eval of that run and the baselines on the store (Table 1 + completion)
