@@ -108,7 +108,11 @@ def image_grid(rows: Sequence[Sequence], pad: int = 4, labels=None, height: int 
                 if text:
                     scale = max(0.3, h / 400)
                     org = (3, int(14 * scale / 0.5))
-                    cv2.putText(t, str(text), org, cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), 3, cv2.LINE_AA)
+                    # a black outline drawn as the same 1-px text shifted around (a thicker stroke also widens
+                    # OpenCV's glyph advance, which left a black "ghost" tail after each label)
+                    for dx, dy in ((-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1)):
+                        cv2.putText(t, str(text), (org[0] + dx, org[1] + dy), cv2.FONT_HERSHEY_SIMPLEX, scale,
+                                    (0, 0, 0), 1, cv2.LINE_AA)
                     cv2.putText(t, str(text), org, cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), 1,
                                 cv2.LINE_AA)
     widths = [sum(t.shape[1] for t in r) + pad * (len(r) - 1) for r in tiles]
