@@ -24,7 +24,7 @@ from common.faces.fit import frame_face
 from common.faces.tddfa import TDDFARegressor
 from common.imageio import read_image
 from train.bundle import read_bundle
-from train.loop import load_trained, sampled_inside
+from train.loop import load_run_config, load_trained, sampled_inside
 
 
 def main() -> None:
@@ -39,8 +39,8 @@ def main() -> None:
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     photos = [read_image(p) for folder in ("faces", "aflw2000", "faces_pairs")
               for p in sorted((a / folder).glob("*.jpg"))]
-    cfg, sampler, generator, _ = load_trained(args.run, str(dev))
-    bundle = read_bundle(args.run, cfg.store)
+    bundle = read_bundle(args.run, load_run_config(args.run).store)
+    cfg, sampler, generator, _ = load_trained(args.run, str(dev), bundle)
     s, u = bundle.image_size, bundle.uv_size
     det = FaceBoxesDetector.from_path(a / "3ddfa_v2" / "FaceBoxes" / "weights" / "FaceBoxesProd.pth", device=str(dev))
     reg = TDDFARegressor.from_paths(a / "3ddfa_v2" / "weights" / "mb05_120x120.pth",

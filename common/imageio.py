@@ -76,6 +76,15 @@ def read_image(path) -> np.ndarray:
     return _as_rgb(img)
 
 
+def resize_image(img: np.ndarray, size: int) -> np.ndarray:
+    """An (H, W, C) image stretched to (size, size): area averaging when shrinking, bilinear when enlarging; the
+    image itself when it already has that size."""
+    if img.shape[:2] == (size, size):
+        return img
+    interp = cv2.INTER_AREA if img.shape[0] > size else cv2.INTER_LINEAR
+    return cv2.resize(img, (size, size), interpolation=interp)
+
+
 def _resize_to_height(img: np.ndarray, h: int) -> np.ndarray:
     if img.shape[0] == h:
         return img

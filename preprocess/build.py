@@ -20,7 +20,6 @@ import contextlib
 import dataclasses
 import json
 import signal
-import threading
 import time
 import uuid
 from collections import Counter
@@ -30,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from common.signals import signal_handlers
 from common.store import (
     FAILED,
     OK,
@@ -333,14 +333,8 @@ def prepass_batch(out: str, indices: np.ndarray, cfg: BuildConfig, fit_size: int
 def _workers_ignore_sigint():
     """Start worker processes with SIGINT ignored (the disposition is inherited): a Ctrl-C in the terminal reaches
     the whole process group, and only this process should handle it (it closes the cluster)."""
-    if threading.current_thread() is not threading.main_thread():
+    with signal_handlers({signal.SIGINT: signal.SIG_IGN}):
         yield
-        return
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
 
 
 class _Runner:

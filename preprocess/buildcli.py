@@ -6,11 +6,12 @@ import contextlib
 import math
 import os
 import signal
-import threading
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from rich.console import Console
+
+from common.signals import signal_handlers
 
 
 @dataclass(frozen=True)
@@ -174,14 +175,8 @@ def _interruptible():
     def on_term(signum, frame):
         raise KeyboardInterrupt("SIGTERM")
 
-    if threading.current_thread() is not threading.main_thread():  # signals can only be handled there
+    with signal_handlers({signal.SIGTERM: on_term}):
         yield
-        return
-    previous = signal.signal(signal.SIGTERM, on_term)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def run_build(a: BuildArgs, console: Console | None = None) -> int:

@@ -24,7 +24,7 @@ from common.facemodel import FaceModel
 from common.loaders import load_face_model, save_face_model
 from common.store import StoreReader
 
-__all__ = ["BUNDLE_DIR", "InferenceBundle", "read_bundle", "write_bundle"]
+__all__ = ["BUNDLE_DIR", "InferenceBundle", "layout_valid", "read_bundle", "write_bundle"]
 
 BUNDLE_DIR = "inference"
 
@@ -42,18 +42,21 @@ class InferenceBundle:
     store: str
 
 
-def _from_reader(reader: StoreReader, store: str) -> InferenceBundle:
+def layout_valid(reader: StoreReader) -> np.ndarray:
+    """(U, U) bool, the face texels of a store: its texture basis's ``valid`` mask, else (no basis written yet)
+    the face model's UV coverage. The mask of the UV losses, the completion metrics and ``uv_valid.npy``."""
     basis = reader.texture_basis()
-    model = reader.face_model()
     if basis is not None:
-        valid = np.asarray(basis.valid, bool)
-    else:
-        from common.uvtools import model_uv_fragments
+        return np.asarray(basis.valid, bool)
+    from common.uvtools import model_uv_fragments
 
-        valid = model_uv_fragments(model, reader.layout.uv_size).tri_id[0].numpy() >= 0
+    return model_uv_fragments(reader.face_model(), reader.layout.uv_size).tri_id[0].numpy() >= 0
+
+
+def _from_reader(reader: StoreReader, store: str) -> InferenceBundle:
     stages = dict(reader.attrs.get("config", {})).get("stages", {})
-    return InferenceBundle(model, reader.layout.uv_size, reader.layout.image_size, dict(stages.get("fit", {})),
-                           valid, store)
+    return InferenceBundle(reader.face_model(), reader.layout.uv_size, reader.layout.image_size,
+                           dict(stages.get("fit", {})), layout_valid(reader), store)
 
 
 def write_bundle(run_dir: Path, reader: StoreReader, store: str) -> None:

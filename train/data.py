@@ -40,7 +40,8 @@ from common.facemodel import FaceModel
 from common.store import OK, StoreReader
 from train.render import PosedMesh, render_lookup, rotated_params
 
-__all__ = ["DataConfig", "IndexStream", "StoreStream", "NoUsableSamples", "add_renders", "make_loader"]
+__all__ = ["DataConfig", "IndexStream", "StoreStream", "NoUsableSamples", "add_renders", "images_to_tensor",
+           "make_loader", "resize_images"]
 
 _SAMPLE_ARRAYS = ("image", "face_region", "uv_gt", "uv_gt_mask", "params")
 _TARGET_ARRAYS = ("uv_bl",)
@@ -150,7 +151,7 @@ class ChunkCache:
         return {k: np.stack(v) for k, v in rows.items()}
 
 
-def _u8(a: np.ndarray) -> torch.Tensor:
+def images_to_tensor(a: np.ndarray) -> torch.Tensor:
     """(B, H, W, 3) uint8 -> (B, 3, H, W) float32 in [0, 1]."""
     return torch.from_numpy(np.ascontiguousarray(a)).permute(0, 3, 1, 2).to(torch.float32).div_(255.0)
 
@@ -160,7 +161,9 @@ def _mask(a: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(a)).unsqueeze(1).to(torch.float32)
 
 
-def _resize(x: torch.Tensor, size: int, binary: bool = False) -> torch.Tensor:
+def resize_images(x: torch.Tensor, size: int, binary: bool = False) -> torch.Tensor:
+    """(B, C, H, W) -> (B, C, size, size): antialiased bilinear, clamped to [0, 1] (masks re-binarised). The one
+    resize of the network input, shared by training, ``uvtrain infer`` and ``uvtrain eval``."""
     if x.shape[-1] == size:
         return x
     y = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
@@ -268,7 +271,7 @@ class StoreStream(IterableDataset):
                     cidx = streams[key].take(local * b, b)
                     crops = caches[key].gather(cidx)
                     batch[f"{key}_index"] = torch.from_numpy(cidx)
-                    batch[f"{key}_real"] = _u8(crops[f"uv_{key}"])
+                    batch[f"{key}_real"] = images_to_tensor(crops[f"uv_{key}"])
                     batch[f"{key}_real_mask"] = _mask(crops[f"uv_{key}_mask"])
             yield batch
             i += step
@@ -276,16 +279,16 @@ class StoreStream(IterableDataset):
     def _samples(self, a: dict[str, np.ndarray], idx: np.ndarray, model: FaceModel, mesh: PosedMesh | None,
                  shard: int, local: int) -> dict:
         cfg, s, h = self.config, self.config.image_size, self.layout.image_size
-        image = _resize(_u8(a["image"]), s)
-        face = _resize(_mask(a["face_region"]), s, binary=True)
+        image = resize_images(images_to_tensor(a["image"]), s)
+        face = resize_images(_mask(a["face_region"]), s, binary=True)
         out = {"index": torch.from_numpy(idx), "image": image, "target": image * face, "face": face,
-               "uv_gt": _u8(a["uv_gt"]), "uv_gt_mask": _mask(a["uv_gt_mask"]), "frame": h,
+               "uv_gt": images_to_tensor(a["uv_gt"]), "uv_gt_mask": _mask(a["uv_gt_mask"]), "frame": h,
                "params0": torch.from_numpy(np.ascontiguousarray(a["params"], np.float32))}
         if cfg.with_targets:
             rng = np.random.default_rng([cfg.seed, 7, shard, local])
             yaw = rng.uniform(-cfg.max_yaw, cfg.max_yaw, len(idx))
             rotate = rng.random(len(idx)) < cfg.rotate_share
-            out.update(uv_bl=_u8(a["uv_bl"]), rotated=torch.from_numpy(rotate),
+            out.update(uv_bl=images_to_tensor(a["uv_bl"]), rotated=torch.from_numpy(rotate),
                        params1=torch.from_numpy(rotated_params(a["params"], yaw, h, model)))
         if mesh is not None:
             add_renders(out, mesh, s)

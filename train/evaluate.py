@@ -38,8 +38,9 @@ import torch.nn.functional as F
 from common.files import sha256_file
 from common.identity import load_identity
 from common.store import OK, Reason, StoreReader
-from train.bundle import read_bundle
-from train.loop import CHECKPOINT, RunError, load_trained, resolve_device, sampled_inside
+from train.bundle import layout_valid, read_bundle
+from train.data import images_to_tensor, resize_images
+from train.loop import CHECKPOINT, RunError, load_run_config, load_trained, resolve_device, sampled_inside
 from train.render import PosedMesh, render_lookup, rotated_params
 
 __all__ = ["METHODS", "EvalConfig", "evaluate", "reconstruction_metrics", "YAW_BANDS"]
@@ -134,8 +135,8 @@ class _Methods:
         if cfg.checkpoint is not None:
             ck = Path(cfg.checkpoint)
             run_dir = ck.parent if ck.is_file() else ck
-            self.train_cfg, self.sampler, self.generator, self.step = load_trained(run_dir, str(device))
-            bundle = read_bundle(run_dir, self.train_cfg.store)
+            bundle = read_bundle(run_dir, load_run_config(run_dir).store)
+            self.train_cfg, self.sampler, self.generator, self.step = load_trained(run_dir, str(device), bundle)
             if bundle.face_model.fingerprint() != reader.attrs.get("face_model_hash"):
                 raise RunError(f"{cfg.store} was built with face model {reader.attrs.get('face_model_hash')}, the "
                                f"checkpoint was trained with {bundle.face_model.fingerprint()}: their UV layouts "
@@ -154,10 +155,7 @@ class _Methods:
             return b["uv_bl"]
         if name == "bfm":
             return self.uv_bfm(b["tex_coeff"])
-        size = self.train_cfg.image_size
-        x = b["image"]
-        if x.shape[-1] != size:
-            x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+        x = resize_images(b["image"], self.train_cfg.image_size)
         uv_spl, grid = self.sampler(x, out_size=self.reader.layout.uv_size)
         inside = sampled_inside(grid)
         if name == "sampler":
@@ -186,12 +184,7 @@ def evaluate(cfg: EvalConfig, on_batch=None) -> dict:
     model = reader.face_model()
     mesh = PosedMesh(model, dev)
     s = reader.layout.image_size
-    basis_valid = methods.basis.valid if methods.basis is not None else None
-    from common.uvtools import model_uv_fragments
-
-    valid = np.asarray(basis_valid if basis_valid is not None
-                       else model_uv_fragments(model, reader.layout.uv_size).tri_id[0].numpy() >= 0, bool)
-    valid_t = torch.from_numpy(valid)[None, None].to(dev)
+    valid_t = torch.from_numpy(layout_valid(reader))[None, None].to(dev)
     ident = load_identity(cfg.identity, dev) if cfg.identity != "none" else None
     idx, failed = _usable(reader, cfg.limit)
     if len(idx) == 0:
@@ -247,7 +240,7 @@ def _batch(reader: StoreReader, idx: np.ndarray, names: list[str], dev: torch.de
     a = reader.batch(idx, names)
 
     def img(x):
-        return torch.from_numpy(np.ascontiguousarray(x)).permute(0, 3, 1, 2).float().div(255.0).to(dev)
+        return images_to_tensor(x).to(dev)
 
     out = {"image": img(a["image"]), "uv_bl": img(a["uv_bl"]),
            "face": torch.from_numpy(a["face_region"]).unsqueeze(1).float().to(dev),

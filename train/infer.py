@@ -27,14 +27,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from common.faces.fit import FitConfig, FitResult, ShapeFitter, frame_face, read_given_params
 from common.geometry import split_params
-from common.imageio import image_grid, read_image, to_uint8, write_png
+from common.imageio import image_grid, read_image, resize_image, to_uint8, write_png
 from common.meshio import write_textured_obj
 from train.bundle import InferenceBundle, read_bundle
-from train.loop import CHECKPOINT, RunError, load_trained, resolve_device, sampled_inside
+from train.data import images_to_tensor, resize_images
+from train.loop import CHECKPOINT, RunError, load_run_config, load_trained, resolve_device, sampled_inside
 from train.render import PosedMesh, render_lookup, rotated_params
 
 __all__ = ["IMAGE_SUFFIXES", "InferConfig", "InferSummary", "Inferencer", "infer", "list_images"]
@@ -143,8 +143,9 @@ class Inferencer:
         if ck.is_file() and ck.name != CHECKPOINT:
             raise RunError(f"--checkpoint {ck}: expected a run directory or its {CHECKPOINT}")
         self.device = resolve_device(cfg.device)
-        self.train_cfg, self.sampler, self.generator, self.step = load_trained(run_dir, str(self.device))
-        self.bundle: InferenceBundle = read_bundle(run_dir, self.train_cfg.store)
+        self.bundle: InferenceBundle = read_bundle(run_dir, load_run_config(run_dir).store)
+        self.train_cfg, self.sampler, self.generator, self.step = load_trained(run_dir, str(self.device),
+                                                                              self.bundle)
         self.model = self.bundle.face_model
         self.posed = PosedMesh(self.model, self.device)
         self.summary = InferSummary(framing=cfg.framing)
@@ -243,7 +244,7 @@ class Inferencer:
             return self._item(name, res)
         t = time.perf_counter()
         if self.cfg.framing == "none":
-            framed = FitResult(_resize_u8(photo, s), box=np.array([0, 0, s, s], np.float32))
+            framed = FitResult(resize_image(photo, s), box=np.array([0, 0, s, s], np.float32))
         else:
             framed = frame_face(photo, self.detector if self.cfg.framing == "detect" else None, s,
                                 self.fit_cfg.context, self.fit_cfg.min_face_px)
@@ -268,11 +269,8 @@ class Inferencer:
     @torch.no_grad()
     def run_batch(self, items: list[_Item]) -> None:
         """UV_pred for a batch of framed photos; write each one's UV map, and mesh + views when it has a fit."""
-        size = self.train_cfg.image_size
-        x = torch.from_numpy(np.stack([it.image for it in items])).to(self.device)
-        x = x.permute(0, 3, 1, 2).float().div(255.0)
-        if x.shape[-1] != size:
-            x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+        x = resize_images(images_to_tensor(np.stack([it.image for it in items])).to(self.device),
+                          self.train_cfg.image_size)
         uv_size = self.bundle.uv_size
         t = time.perf_counter()
         uv_spl, grid = self.sampler(x, out_size=uv_size)
@@ -307,7 +305,7 @@ class Inferencer:
         grid, cover = self.posed.lookup(verts, vs)
         img = render_lookup(uv[None].expand(n, -1, -1, -1), grid, cover)
         img = img + (1.0 - cover) * 0.85  # light grey background
-        tiles = [_resize_u8(it.image, vs)] + [to_uint8(v.permute(1, 2, 0).cpu().numpy()) for v in img]
+        tiles = [resize_image(it.image, vs)] + [to_uint8(v.permute(1, 2, 0).cpu().numpy()) for v in img]
         labels = ["input"] + [f"{y:+.0f} deg" for y in self.cfg.views]
         return image_grid([tiles], labels=[labels])
 
@@ -315,15 +313,6 @@ class Inferencer:
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def _resize_u8(img: np.ndarray, size: int) -> np.ndarray:
-    import cv2
-
-    if img.shape[:2] == (size, size):
-        return img
-    interp = cv2.INTER_AREA if img.shape[0] > size else cv2.INTER_LINEAR
-    return cv2.resize(img, (size, size), interpolation=interp)
 
 
 def infer(cfg: InferConfig, on_photo=None) -> InferSummary:

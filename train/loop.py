@@ -25,7 +25,6 @@ import json
 import os
 import shutil
 import signal
-import threading
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -39,9 +38,9 @@ from torch.nn.parallel import DistributedDataParallel
 
 from common.identity import load_identity as common_load_identity
 from common.imageio import image_grid, write_png
+from common.signals import signal_handlers
 from common.store import StoreReader, flatten_mapping
-from common.uvtools import model_uv_fragments
-from train.bundle import read_bundle, write_bundle
+from train.bundle import InferenceBundle, layout_valid, read_bundle, write_bundle
 from train.config import RunOptions, TrainConfig
 from train.data import DataConfig, StoreStream, add_renders, make_loader
 from train.losses import (
@@ -221,18 +220,14 @@ class StopSignals:
         self.signals = signals
         self.received: str | None = None
         self.stopped = False
-        self._previous: dict[signal.Signals, Any] = {}
+        self._installed = contextlib.ExitStack()
 
     def __enter__(self) -> StopSignals:
-        if threading.current_thread() is threading.main_thread():
-            for s in self.signals:
-                self._previous[s] = signal.signal(s, self._handle)
+        self._installed.enter_context(signal_handlers({s: self._handle for s in self.signals}))
         return self
 
     def __exit__(self, *exc) -> None:
-        for s, handler in self._previous.items():
-            signal.signal(s, signal.SIG_DFL if handler is None else handler)
-        self._previous.clear()
+        self._installed.close()
 
     def _handle(self, signum: int, frame) -> None:
         self.received = self.received or signal.Signals(signum).name
@@ -268,9 +263,7 @@ class Trainer:
         self.face_model = reader.face_model()
         self.layout = reader.crop_layout()
         self.mirror = torch.from_numpy(reader.mirror_index()).to(dev)
-        basis = reader.texture_basis()
-        valid = basis.valid if basis is not None else self.layout_cover()
-        self.uv_valid = torch.from_numpy(np.asarray(valid, np.float32))[None, None].to(dev)
+        self.uv_valid = torch.from_numpy(layout_valid(reader).astype(np.float32))[None, None].to(dev)
         self.ctr_region = torch.from_numpy(self.layout.ctr_region.astype(np.float32)).to(dev)
         self.sd_region = torch.from_numpy(self.layout.sd_region.astype(np.float32)).to(dev)
         if cfg.weights.r1_gamma > 0 and self.world.world_size > 1:
@@ -287,9 +280,6 @@ class Trainer:
         self.accum: dict[str, float] = defaultdict(float)
         self.accum_n = 0
         self.notes: list[str] = []
-
-    def layout_cover(self) -> np.ndarray:
-        return model_uv_fragments(self.face_model, self.uv_size).tri_id[0].numpy() >= 0
 
     def _amp_dtype(self) -> torch.dtype | None:
         amp = self.run_opts.amp
@@ -694,14 +684,18 @@ __all__ = ["RunError", "Stage", "Trainer", "atomic_save", "config_differences", 
            "load_identity", "load_trained", "predict_uv", "prepare_run_dir", "schedule"]
 
 
-def load_trained(run_dir: Path, device: str = "cpu") -> tuple[TrainConfig, UVSampler, UVGenerator, int]:
-    """(config, sampler, generator, step) of a run directory's last checkpoint, in eval mode on ``device``."""
+def load_trained(run_dir: Path, device: str = "cpu", bundle: InferenceBundle | None = None
+                 ) -> tuple[TrainConfig, UVSampler, UVGenerator, int]:
+    """(config, sampler, generator, step) of a run directory's last checkpoint, in eval mode on ``device``.
+
+    bundle: the run's :class:`train.bundle.InferenceBundle` when the caller has read it already (it sizes the
+    generator); read here otherwise."""
     cfg = load_run_config(run_dir)
     path = Path(run_dir) / CHECKPOINT
     if not path.is_file():
         raise RunError(f"{run_dir}: no {CHECKPOINT} (train with `uvtrain fit --run-dir {run_dir}` first)")
     ck = torch.load(path, map_location="cpu", weights_only=True)
-    uv_size = read_bundle(Path(run_dir), cfg.store).uv_size
+    uv_size = (bundle or read_bundle(Path(run_dir), cfg.store)).uv_size
     sampler, generator = UVSampler(cfg.sampler), UVGenerator(uv_size, cfg.generator)
     sampler.load_state_dict(ck["models"]["sampler"])
     generator.load_state_dict(ck["models"]["generator"])

@@ -24,6 +24,7 @@ import numpy as np
 
 from common.facemodel import FaceModel
 from common.geometry import N_PARAMS, params_to_euler, project_to_image, split_params
+from common.imageio import resize_image
 
 Fitter = Literal["given", "tddfa"]
 
@@ -188,8 +189,7 @@ def frame_face(image: np.ndarray, detector, size: int, context: float = 1.25,
     from common.faces.tddfa import roi_from_bbox
 
     if detector is None:
-        work = cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA if image.shape[0] > size
-                          else cv2.INTER_LINEAR)
+        work = resize_image(image, size)
         return FitResult(work, box=AlignedCrop().detect(work).boxes[0, :4].astype(np.float32))
     det = detector.detect(image, select="largest")
     if not det.found:
