@@ -169,7 +169,10 @@ def learn_masked_pca(uv_maps: np.ndarray, masks: np.ndarray, valid: np.ndarray,
     full_mean[keep], full_comps[:, keep] = mean, comps
     stacked = np.concatenate([full_mean.reshape(fs, fs, 3), full_comps.reshape(k, fs, fs, 3).transpose(1, 2, 0, 3)
                               .reshape(fs, fs, 3 * k)], 2)
-    stacked = extend_smoothly(stacked, known, vd)
+    # Extend past the layout over the whole grid, not just over ``vd``: the bilinear upsampling below reads the
+    # neighbours of every output texel, and at the layout's rim those lie outside ``vd``. Left at zero they
+    # darkened every rim texel whose low-resolution cell fell outside ``vd``: a dashed dark band along the edge.
+    stacked = extend_smoothly(stacked, known, np.ones_like(vd))
     if out_valid is not None:
         u, valid = out_valid.shape[0], out_valid
     mean_img = _upsample(stacked[None, :, :, :3], u)[0]

@@ -79,6 +79,25 @@ def test_masked_pca_recovers_a_low_rank_texture_space(tmp_path):
     np.testing.assert_allclose(back.basis, learned.basis, atol=1e-3)
 
 
+def test_masked_pca_basis_keeps_its_colour_up_to_the_layout_rim():
+    """Learned at a lower resolution and upsampled, the basis must not blend the zeros outside the coarse
+    layout into the rim texels of the fine one (it did: a dashed dark band along the UV layout's edge)."""
+    u, fs = 64, 16
+    yy, xx = np.mgrid[:u, :u]
+    valid = (yy - 31.5) ** 2 / 28 ** 2 + (xx - 31.5) ** 2 / 22 ** 2 <= 1  # an ellipse: a staircase rim at 16x16
+    rng = np.random.default_rng(0)
+    colour = np.array([0.8, 0.6, 0.5], np.float32)
+    maps = np.broadcast_to(colour, (12, u, u, 3)) + rng.normal(0, 0.01, (12, u, u, 3)).astype(np.float32)
+    masks = np.broadcast_to(valid, (12, u, u)).copy()
+    import cv2
+
+    x = np.stack([cv2.resize(m, (fs, fs), interpolation=cv2.INTER_AREA) for m in maps])
+    m = np.stack([cv2.resize(k.astype(np.float32), (fs, fs), interpolation=cv2.INTER_AREA) >= 0.5 for k in masks])
+    v = cv2.resize(valid.astype(np.float32), (fs, fs), interpolation=cv2.INTER_AREA) > 0.5
+    basis = learn_masked_pca(x, m, v, MaskedPCAConfig(n_components=2, fit_size=None), out_valid=valid)
+    np.testing.assert_allclose(basis.mean[valid], np.broadcast_to(colour, basis.mean[valid].shape), atol=0.02)
+
+
 def test_bfm2009_texture_basis_file_in_the_bfm_uv_layout(assets, tmp_path):
     """`uvprep texture-basis --bfm2009` on a fake 01_MorphableModel.mat laid out on the real 3DDFA files: the basis
     lands in the UV layout of the bfm-public model and recovers a texture drawn from it by Eq. 8."""
