@@ -10,51 +10,20 @@ generation check passed, each until the rebuild has completed the same chunk.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import signal
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 import zarr
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.daskcluster import ROOT, dask_cluster, spawn, stop, store_group, until
+
 COUNT, CHUNK = 20, 2
 FLAGS = ["--src", "synthetic", "--count", str(COUNT), "--chunk", str(CHUNK), "--image-size", "64", "--uv-size", "32",
          "--pca-samples", "8", "--n-tex", "2"]
-
-
-def _spawn(args: list[str], log: Path, **env) -> subprocess.Popen:
-    """A subprocess in its own process group (so it and its children can be killed together), output to ``log``."""
-    with open(log, "w") as f:
-        return subprocess.Popen(args, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True,
-                                env={**os.environ, "PYTHONPATH": str(ROOT), **env})
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
-
-
-def _until(what: str, cond, timeout: float, procs=()) -> None:
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        if cond():
-            return
-        dead = [p for p in procs if p.poll() is not None]
-        if dead:
-            pytest.fail(f"waiting for {what}: {dead[0].args[:4]} exited with {dead[0].returncode}")
-        time.sleep(0.1)
-    pytest.fail(f"{what} did not happen within {timeout} s")
 
 
 @pytest.fixture
@@ -63,25 +32,9 @@ def cluster(tmp_path):
     workers hold back one old task each (``UVTEX_STALL`` = before / inside). Yields (address, stall folder)."""
     stall = tmp_path / "stall"
     stall.mkdir()
-    sched_file = tmp_path / "scheduler.json"
-    procs = [_spawn([sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1", "--port", "0",
-                     "--scheduler-file", str(sched_file), "--no-dashboard"], tmp_path / "scheduler.log")]
-    try:
-        _until("the scheduler file", sched_file.exists, 60, procs)
-        for mode in ("before", "inside"):
-            procs.append(_spawn([sys.executable, "-m", "distributed.cli.dask_worker", "--scheduler-file",
-                                 str(sched_file), "--nthreads", "2", "--nworkers", "1", "--no-dashboard",
-                                 "--host", "127.0.0.1", "--preload", str(ROOT / "tests" / "stall_worker.py")],
-                                tmp_path / f"worker-{mode}.log", UVTEX_STALL=mode, UVTEX_STALL_DIR=str(stall)))
-        address = json.loads(sched_file.read_text())["address"]
-        from distributed import Client
-
-        with Client(address, timeout="30s") as client:
-            client.wait_for_workers(2, timeout=120)
-        yield address, stall
-    finally:
-        for p in reversed(procs):
-            _stop(p)
+    env = [{"UVTEX_STALL": mode, "UVTEX_STALL_DIR": str(stall)} for mode in ("before", "inside")]
+    with dask_cluster(tmp_path, env, preload=ROOT / "tests" / "stall_worker.py") as cl:
+        yield cl.address, stall
 
 
 @pytest.fixture(scope="module")
@@ -97,14 +50,6 @@ def reference(tmp_path_factory):
     return out
 
 
-def _group(out: Path):
-    try:
-        g = zarr.open_group(str(out), mode="r")
-        return g if "schema_version" in g.attrs else None
-    except (FileNotFoundError, KeyError, ValueError):
-        return None
-
-
 @pytest.mark.slow  # a Dask cluster, a build killed half-way and a rebuild: ~1-2 min each on 2 cores
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("kill", ["SIGKILL", "SIGINT"])
@@ -114,26 +59,26 @@ def test_tasks_of_a_killed_client_cannot_write_into_a_rebuilt_store(cluster, ref
     address, stall = cluster
     out = tmp_path / "s.zarr"
     build = [sys.executable, "-m", "preprocess.cli", "build", "--out", str(out), *FLAGS, "--scheduler", address]
-    old = _spawn([*build, "--erosion", "0.03"], tmp_path / "old.log")
+    old = spawn([*build, "--erosion", "0.03"], tmp_path / "old.log")
     try:
-        _until("two chunks of the old build", lambda: (g := _group(out)) is not None and "generation" in g.attrs
-               and g["chunk_done"][...].sum() >= 2, 300, [old])
-        (stall / _group(out).attrs["generation"]).touch()  # from now on each worker holds back one old task
-        _until("a held task on each worker", lambda: len(list(stall.glob("*-stalled-*"))) == 2, 120, [old])
+        until("two chunks of the old build", lambda: (g := store_group(out)) is not None and "generation" in g.attrs
+              and g["chunk_done"][...].sum() >= 2, 300, [old])
+        (stall / store_group(out).attrs["generation"]).touch()  # from now on each worker holds back one old task
+        until("a held task on each worker", lambda: len(list(stall.glob("*-stalled-*"))) == 2, 120, [old])
         os.kill(old.pid, getattr(signal, kill))  # the client only: its running tasks stay on the workers
         assert old.wait(60) == (130 if kill == "SIGINT" else -9), (tmp_path / "old.log").read_text()[-2000:]
     finally:
-        _stop(old)
+        stop(old)
     held = {p.name.split("-stalled-")[0]: int(p.name.split("-")[-1]) for p in stall.glob("*-stalled-*")}
 
-    new = _spawn([*build, "--erosion", "0.05", "--overwrite"], tmp_path / "new.log")
+    new = spawn([*build, "--erosion", "0.05", "--overwrite"], tmp_path / "new.log")
     try:
         assert new.wait(600) == 0, (tmp_path / "new.log").read_text()[-3000:]
     finally:
-        _stop(new)
+        stop(new)
     # the held write inside write_chunk landed after the rebuild wrote that chunk: its final check rewrote it
     assert f"chunk {held['inside']}:" in (tmp_path / "new.log").read_text(), (tmp_path / "new.log").read_text()
-    _until("the held tasks to end", lambda: all(stall.glob(f"{m}-[wr]*-{c}") for m, c in held.items()), 120)
+    until("the held tasks to end", lambda: all(stall.glob(f"{m}-[wr]*-{c}") for m, c in held.items()), 120)
     ended = {m: sorted(p.name for p in stall.glob(f"{m}-*-{c}") if "stalled" not in p.name) for m, c in held.items()}
     # the race happened: each held task was released only after the rebuild had completed its chunk
     assert ended == {"before": [f"before-refused-first-{held['before']}"],

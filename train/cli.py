@@ -58,6 +58,9 @@ def fit(
     compile: bool = typer.Option(False, "--compile", help="torch.compile the networks."),
     progress: bool = typer.Option(True, help="Show the progress line."),
     tensorboard: bool = typer.Option(True, help="Write TensorBoard event files."),
+    dist_timeout: float = typer.Option(600.0, min=1.0, help="Under torchrun: seconds a collective waits for the "
+                                                            "other ranks before the job fails (a frozen rank or a "
+                                                            "lost node)."),
 ) -> None:
     """Pre-train the UV sampler, then train the UV generator with its three discriminators.
 
@@ -81,7 +84,8 @@ def fit(
             generator=GeneratorConfig(channels=channels), discriminator=DiscriminatorConfig(channels=channels))
         run = RunOptions(run_dir=run_dir, phase=phase, device=device, overwrite=overwrite, log_every=log_every,
                          checkpoint_every=checkpoint_every, preview_every=preview_every, amp=amp, render_on=render_on,
-                         compile=compile, progress=progress, tensorboard=tensorboard)
+                         compile=compile, progress=progress, tensorboard=tensorboard,
+                         dist_timeout=dist_timeout)
     except ValueError as e:
         _fail(str(e))
     from train.run import run_fit

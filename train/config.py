@@ -137,6 +137,10 @@ class RunOptions:
     """Show a progress line."""
     tensorboard: bool = True
     """Write TensorBoard event files to ``RUN/tb`` (needs the tensorboard package)."""
+    dist_timeout: float = 600.0
+    """Under torchrun: seconds a collective waits for the other ranks before this rank fails. It bounds a rank lost
+    without a closed connection (a frozen process, a node gone from the network), where torch's default waits 30 min
+    (gloo); a rank that dies on a reachable host fails the others at once anyway."""
 
     def __post_init__(self) -> None:
         if self.phase not in PHASES:
@@ -147,3 +151,5 @@ class RunOptions:
             raise ValueError(f"amp: expected auto, bf16, fp16 or none, found {self.amp!r}")
         if self.log_every < 1 or self.checkpoint_every < 1:
             raise ValueError("log_every and checkpoint_every must be >= 1")
+        if not self.dist_timeout > 0:
+            raise ValueError(f"dist_timeout: expected seconds > 0, found {self.dist_timeout}")

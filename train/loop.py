@@ -21,6 +21,7 @@ the current step with a checkpoint, every rank at the same step (:class:`StopSig
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
 import os
 import shutil
@@ -199,12 +200,15 @@ class Dist:
         return self.rank == 0
 
     @classmethod
-    def from_env(cls, device: str) -> Dist:
+    def from_env(cls, device: str, timeout: float = 600.0) -> Dist:
+        """Join the torchrun job described by the environment (``WORLD_SIZE``, ``RANK``, ...). timeout: seconds a
+        collective waits for the other ranks before it raises (``RunOptions.dist_timeout``)."""
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if world <= 1:
             return cls()
         if not dist.is_initialized():
-            dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+            dist.init_process_group("nccl" if device.startswith("cuda") else "gloo",
+                                    timeout=datetime.timedelta(seconds=timeout))
         return cls(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
 
 
@@ -582,7 +586,7 @@ def fit(cfg: TrainConfig, run: RunOptions, on_log=None, on_step=None) -> dict[st
 
 
 def _fit(cfg: TrainConfig, run: RunOptions, on_log, on_step, signals: StopSignals) -> dict[str, Any]:
-    world = Dist.from_env(run.device)
+    world = Dist.from_env(run.device, run.dist_timeout)
     prepare_run_dir(cfg, run, write=world.main)
     if world.world_size > 1:
         dist.barrier()
