@@ -6,6 +6,7 @@ through a stand-in ``srun``)."""
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -167,3 +168,36 @@ def test_sbatch_template_builds_a_store(fake_slurm, tmp_path):
     check = subprocess.run([sys.executable, "-m", "preprocess.cli", "check", str(tmp_path / "s.zarr")],
                            capture_output=True, text=True, cwd=ROOT)
     assert check.returncode == 0, check.stdout + check.stderr
+
+
+STUB_UVPREP = """#!/usr/bin/env bash
+# stand-in: record the flags the template passes (the scheduler's address among them)
+echo "$@" >"$FAKE_SLURM/uvprep-args"
+"""
+
+
+def test_sbatch_template_scheduler_starts_when_the_default_port_is_taken(fake_slurm, tmp_path):
+    """Another program holds dask's default port 8786 (another build job's scheduler on a shared node): the
+    template's scheduler starts on a free port all the same. It used the default port, and then waited its whole
+    STARTUP_S for a scheduler file that never came."""
+    for name, text in (("srun", "#!/usr/bin/env bash\nexit 0\n"), ("uvprep", STUB_UVPREP)):  # no workers, no build
+        (fake_slurm / "fakebin" / name).write_text(text)
+        (fake_slurm / "fakebin" / name).chmod(0o755)
+    holder = socket.socket()
+    try:
+        holder.bind(("", 8786))
+        holder.listen()
+    except OSError:  # held by another program already: the same situation
+        pass
+    try:
+        env = {**os.environ, "ENV_SETUP": ":", "SLURM_CPUS_PER_TASK": "1", "SHARED_DIR": str(tmp_path / "dask"),
+               "STARTUP_S": "60"}
+        res = subprocess.run(["bash", str(TEMPLATE), "--out", str(tmp_path / "s.zarr")], cwd=tmp_path, env=env,
+                             capture_output=True, text=True, timeout=120)
+    finally:
+        holder.close()
+    assert res.returncode == 0, res.stderr[-3000:]
+    args = (tmp_path / "uvprep-args").read_text().split()
+    address = args[args.index("--scheduler") + 1]
+    assert address.startswith("tcp://") and not address.endswith(":8786"), address
+    assert not (tmp_path / "dask").exists()

@@ -101,12 +101,12 @@ def test_sbatch_template_directives_and_launch_line():
     directives = [ln.split(None, 1)[1] for ln in text.splitlines() if ln.startswith("#SBATCH ")]
     assert {"--signal=B:USR1@120", "--requeue", "--ntasks-per-node=1", "--open-mode=append"} <= set(directives)
     assert {d.split("=")[0] for d in directives} >= {"--nodes", "--gpus-per-node", "--time", "--output"}
-    for var in ("STORE", "RUN_DIR", "GPUS_PER_NODE", "EXTRA", "ENV_SETUP"):
+    for var in ("STORE", "RUN_DIR", "GPUS_PER_NODE", "DEVICE", "EXTRA", "ENV_SETUP"):
         assert f"\n{var}=${{{var}:" in text, var
     launch = " ".join(text.split("srun ", 1)[1].split("STEP_PID=$!")[0].replace("\\\n", " ").split())
     for part in ('torchrun --nnodes "$SLURM_NNODES" --nproc-per-node "$GPUS_PER_NODE"', "--rdzv-backend c10d",
                  '--rdzv-endpoint "$HEAD:$PORT"', '--rdzv-id "$SLURM_JOB_ID"', "SIGUSR1",
-                 '-m train.cli fit --store "$STORE" --run-dir "$RUN_DIR"', '$EXTRA "$@" &'):
+                 '-m train.cli fit --store "$STORE" --run-dir "$RUN_DIR" --device "$DEVICE"', '$EXTRA "$@" &'):
         assert part in launch, part
     assert f"PREEMPTED_EXIT={EXIT_PREEMPTED}" in text and 'scontrol requeue "$SLURM_JOB_ID"' in text
     assert "trap 'forward USR1' USR1" in text and "/home/" not in text and "/scratch" not in text
