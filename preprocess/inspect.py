@@ -13,10 +13,19 @@ from rich.table import Table
 
 from common.faces.fit import describe_fit, mesh_in_image
 from common.imageio import image_grid, write_png
-from common.store import FAILED, OK, Reason, StoreReader, creation_interrupted, validate_store, verify_chunks
+from common.store import (
+    FAILED,
+    OK,
+    Reason,
+    StoreReader,
+    creation_interrupted,
+    open_store,
+    validate_store,
+    verify_chunks,
+)
 
 
-def print_info(store: Path, console: Console | None = None) -> None:
+def print_info(store: str | Path, console: Console | None = None) -> None:
     """Schema, layout, counts, failures by reason, storage and the creation config."""
     console = console or Console()
     if creation_interrupted(store):
@@ -49,29 +58,27 @@ def print_info(store: Path, console: Console | None = None) -> None:
     console.print_json(json.dumps(attrs.get("config", {})))
 
 
-def check_store(store: Path, console: Console | None = None, deep: bool = False) -> int:
+def check_store(store: str | Path, console: Console | None = None, deep: bool = False) -> int:
     """Validate; print the problems. Returns 0 when sound and complete, 1 otherwise.
 
     The completed chunks' data is compared with their SHA-256 records: all of them with ``deep``, else a sample
     of at most 8 spread over the store (stores written before chunk records cannot be checked this way).
     """
     console = console or Console()
-    import zarr
-
     if creation_interrupted(store):
         console.print(f"[yellow]{store}: its creation was interrupted (no data yet); rerun the same `uvprep build` "
                       f"command to create it", soft_wrap=True)
         return 1
-    if "schema_version" not in zarr.open_group(str(store), mode="r").attrs:
+    if "schema_version" not in open_store(store).attrs:
         raise KeyError("the 'schema_version' attribute")  # a Zarr group, but not one uvprep wrote
     problems = validate_store(store)  # not StoreReader: it refuses other schema versions, check reports them
     if not problems:
-        done = np.flatnonzero(np.asarray(zarr.open_group(str(store), mode="r")["chunk_done"][...]) == 1)
+        done = np.flatnonzero(np.asarray(open_store(store)["chunk_done"][...]) == 1)
         sample = done if deep else done[np.unique(np.linspace(0, len(done) - 1, min(8, len(done))).astype(int))]
         problems = [f"chunk {c}: {why}; `uvprep build --verify` (the same command) rebuilds it"
                     for c, why in verify_chunks(store, sample).items()]
     if not problems:
-        done = np.asarray(zarr.open_group(str(store), mode="r")["chunk_done"][...]).astype(bool)
+        done = np.asarray(open_store(store)["chunk_done"][...]).astype(bool)
         if not done.all():
             console.print(f"[yellow]{store}: sound but INCOMPLETE: {int(done.sum())} of {done.size} chunks built "
                           f"(a build is running or was interrupted; rerun the same `uvprep build` to finish)",
@@ -310,7 +317,7 @@ def preview_rows(reader: StoreReader, indices: list[int], config: ShowConfig = S
     return rows, labels
 
 
-def show_samples(store: Path, indices: list[int], out: Path, config: ShowConfig = ShowConfig()) -> Path:
+def show_samples(store: str | Path, indices: list[int], out: Path, config: ShowConfig = ShowConfig()) -> Path:
     """Write the preview grid of the given samples (:func:`preview_rows`) as a PNG."""
     r = StoreReader(store)
     bad = [i for i in indices if not -len(r) <= i < len(r)]

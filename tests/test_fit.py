@@ -155,3 +155,67 @@ def test_folder_photos_with_a_parameter_file_build_with_the_given_fitter(procedu
     inside = ((verts[:, :2] >= 0) & (verts[:, :2] < 96)).all(1)
     assert inside.mean() > 0.99
     assert s0["uv_gt_mask"].mean() > 0.1
+
+
+def _toy_landmark_model(seed: int = 0):
+    """A random 68-landmark model (mean in [-1, 1]^3, bases of 0.05 per unit coefficient) and unit statistics."""
+    from common.faces.tddfa import SparseLandmarkModel
+
+    rng = np.random.default_rng(seed)
+    model = SparseLandmarkModel(mean=rng.uniform(-1, 1, (68, 3)).astype(np.float32),
+                                id_basis=rng.normal(0, 0.05, (68, 3, 40)).astype(np.float32),
+                                exp_basis=rng.normal(0, 0.05, (68, 3, 10)).astype(np.float32))
+    return model, np.zeros(62, np.float32), np.ones(62, np.float32), rng
+
+
+def _toy_landmarks(model, params, frame):
+    pose, a_id, a_exp = split_params(np.asarray(params, np.float32).reshape(-1, 62))
+    return project_to_image(model.shape(a_id, a_exp), pose, float(frame))[..., :2]
+
+
+def _toy_params(yaw_deg, scale, t, coeffs):
+    p = np.zeros((1, 62), np.float32)
+    p[0, :12] = make_pose(scale, np.radians(yaw_deg), 0.1, -0.05, np.array([t[0], t[1], 0.0])).reshape(12)
+    p[0, 12:] = coeffs
+    return p
+
+
+def test_refinement_recovers_exact_landmarks_from_a_perturbed_fit():
+    from common.faces.refine import RefineConfig, refine_to_landmarks
+
+    model, mean, std, rng = _toy_landmark_model()
+    truth = _toy_params(12.0, 40.0, (64, 60), rng.normal(0, 0.5, 50))
+    start = _toy_params(18.0, 43.0, (66, 57), 0.0)
+    targets = _toy_landmarks(model, truth, 128)
+    weak_prior = RefineConfig(prior="stats", prior_weight=1e-6, contour_weight=1.0, robust=0.0, iterations=50)
+    r = refine_to_landmarks(start, targets, model, 128, mean, std, weak_prior)
+    assert r.applied.tolist() == [True] and r.rms_before[0] > 3.0 and r.rms_after[0] < 0.05, r
+    np.testing.assert_allclose(_toy_landmarks(model, r.params, 128), targets, atol=0.2)
+    pose_only = refine_to_landmarks(start, targets, model, 128, mean, std, RefineConfig(prior="none"))
+    assert r.rms_after[0] < pose_only.rms_after[0] < pose_only.rms_before[0]
+    np.testing.assert_array_equal(pose_only.params[0, 12:], start[0, 12:])  # no prior: coefficients kept
+
+
+def test_refinement_ignores_an_outlying_landmark_and_skips_profiles_and_failed_detections():
+    from common.faces.refine import RefineConfig, refine_to_landmarks
+
+    model, mean, std, rng = _toy_landmark_model(1)
+    truth = _toy_params(5.0, 40.0, (64, 64), 0.0)
+    start = _toy_params(8.0, 41.0, (65, 63), 0.0)
+    targets = _toy_landmarks(model, truth, 128)
+    bad = targets.copy()
+    bad[0, 30] += 25.0  # the nose tip off by 25 px (a detector failure on one point)
+    kept = np.setdiff1d(np.arange(17, 68), [30])
+    errs = {}
+    for robust in (0.0, 2.0):
+        r = refine_to_landmarks(start, bad, model, 128, mean, std, RefineConfig(prior="none", robust=robust))
+        errs[robust] = np.abs(_toy_landmarks(model, r.params, 128)[0, kept] - targets[0, kept]).max()
+    assert errs[2.0] < 0.5 < errs[0.0], errs
+    profile = _toy_params(60.0, 40.0, (64, 64), 0.0)
+    r = refine_to_landmarks(profile, _toy_landmarks(model, profile, 128) + 2.0, model, 128, mean, std)
+    np.testing.assert_array_equal(r.params, profile)
+    assert not r.applied[0]
+    far = targets + 40.0  # the detector found another face
+    assert not refine_to_landmarks(start, far, model, 128, mean, std).applied[0]
+    with pytest.raises(ValueError, match="68, 2"):
+        refine_to_landmarks(start, targets[:, :51], model, 128, mean, std)

@@ -128,13 +128,16 @@ class ChunkCache:
     def __init__(self, group: zarr.Group, names: tuple[str, ...], chunk: int, n: int, capacity: int) -> None:
         self.group, self.names, self.chunk, self.n, self.capacity = group, names, chunk, n, capacity
         self._chunks: OrderedDict[int, dict[str, np.ndarray]] = OrderedDict()
+        # array handles opened once: `group[name]` reads the array's metadata every time, one request per array and
+        # chunk on object storage (halved the epoch rate on S3: benchmarks/bench_store_io.py)
+        self._arrays = {k: group[k] for k in names}
 
     def _get(self, c: int) -> dict[str, np.ndarray]:
         if c in self._chunks:
             self._chunks.move_to_end(c)
             return self._chunks[c]
         lo, hi = c * self.chunk, min((c + 1) * self.chunk, self.n)
-        data = {k: self.group[k][lo:hi] for k in self.names}
+        data = {k: self._arrays[k][lo:hi] for k in self.names}
         self._chunks[c] = data
         while len(self._chunks) > self.capacity:
             self._chunks.popitem(last=False)

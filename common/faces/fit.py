@@ -23,6 +23,7 @@ import cv2
 import numpy as np
 
 from common.facemodel import FaceModel
+from common.faces.refine import RefineConfig
 from common.geometry import N_PARAMS, params_to_euler, project_to_image, split_params
 from common.imageio import resize_image
 
@@ -42,9 +43,14 @@ class FitConfig:
     detector_weights: Path | None = None
     """FaceBoxesProd.pth; needed for ``tddfa`` on in-the-wild photos."""
     landmarks_dir: Path | None = None
-    """3DDFA's ``c++/weights`` (sparse 68-landmark basis); needed for ``second_pass``."""
+    """3DDFA's ``c++/weights`` (sparse 68-landmark basis); needed for ``second_pass`` and ``refine``."""
     second_pass: bool = False
     """Re-crop from the first fit's landmarks and regress again (3DDFA_V2's landmark crop policy)."""
+    refine: RefineConfig | None = None
+    """Refine the regressed fit against 2D landmarks from dlib's 68-point predictor (:mod:`common.faces.refine`;
+    needs ``landmarks_dir`` and ``refine_landmarks``); None: off."""
+    refine_landmarks: Path | None = None
+    """dlib's shape_predictor_68_face_landmarks.dat (iBUG 300-W: non-commercial); needed for ``refine``."""
     context: float = 1.25
     """In-the-wild crops: side of the working crop relative to 3DDFA's ROI box around the detection."""
     min_face_px: float = 24.0
@@ -170,8 +176,13 @@ def describe_fit(fit: FitConfig | dict) -> str:
         return "given (parameters supplied by the source)"
     name = lambda p: Path(str(p)).name if p else "-"  # noqa: E731
     passes = "2 passes (box ROI, then landmark ROI)" if d.get("second_pass") else "1 pass (box ROI)"
+    r = d.get("refine")
+    if isinstance(r, RefineConfig):
+        r = dataclasses.asdict(r)
+    refine = (f", refined on {name(d.get('refine_landmarks'))} landmarks ({r.get('prior')} prior, contour weight "
+              f"{r.get('contour_weight')})" if r else "")
     return (f"tddfa: 3DDFA_V2 {name(d.get('tddfa_weights'))}, detector {name(d.get('detector_weights'))}, "
-            f"{passes}")
+            f"{passes}{refine}")
 
 
 def frame_face(image: np.ndarray, detector, size: int, context: float = 1.25,
@@ -213,11 +224,15 @@ class ShapeFitter:
         self.config = config
         self._detector = None
         self._regressor = None
+        self._landmarker = None
         if config.fitter == "tddfa":
             missing = [n for n in ("tddfa_weights", "param_stats") if getattr(config, n) is None]
             if missing:
                 raise ValueError(f"fitter 'tddfa' needs {missing}: the 3DDFA_V2 regressor weights and parameter "
                                  f"statistics (see README, 'Real photos')")
+            if config.refine is not None and (config.landmarks_dir is None or config.refine_landmarks is None):
+                raise ValueError("refine needs the 68-landmark bases (landmarks_dir: 3DDFA's c++/weights) and "
+                                 "refine_landmarks (dlib's shape_predictor_68_face_landmarks.dat)")
             if model.n_id < 40 or model.n_exp < 10:
                 raise ValueError(f"fitter 'tddfa' predicts 40 identity + 10 expression BFM coefficients; face model "
                                  f"{model.name!r} has {model.n_id} + {model.n_exp}: use a 3DDFA BFM model")
@@ -279,7 +294,24 @@ class ShapeFitter:
         _, regressor = self._nets(need_detector=False)
         fit = regressor.predict(work, np.asarray(box, np.float32)[None])
         params = crop_params_to_image(fit.params, fit.roi_boxes, float(self.config.image_size))
+        if self.config.refine is not None and np.isfinite(params).all():
+            params = self._refine(work, params, regressor)
         return self._finish(work, params, np.asarray(box, np.float32))
+
+    def _refine(self, work: np.ndarray, params: np.ndarray, regressor) -> np.ndarray:
+        """(1, 62) working-frame parameters -> refined against dlib's 68 landmarks on the working crop."""
+        from common.faces.dlib68 import Dlib68Predictor, dlib_box_from_landmarks
+        from common.faces.refine import refine_to_landmarks
+
+        if self._landmarker is None:
+            self._landmarker = Dlib68Predictor.from_path(self.config.refine_landmarks)
+        s = float(self.config.image_size)
+        lm = regressor.landmark_model
+        pose, a_id, a_exp = split_params(params)
+        start = project_to_image(lm.shape(a_id, a_exp), pose, s)
+        targets = self._landmarker.predict(work, dlib_box_from_landmarks(start))
+        return refine_to_landmarks(params, targets, lm, s, regressor.param_mean, regressor.param_std,
+                                   self.config.refine).params
 
     def _finish(self, image: np.ndarray, params: np.ndarray, box: np.ndarray) -> FitResult:
         s = self.config.image_size
