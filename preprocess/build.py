@@ -295,8 +295,31 @@ def _worker_cache() -> dict | None:
     except (ImportError, ValueError):
         return None
     if not hasattr(worker, "uvtex_contexts"):
+        _heap_allocations_for_arrays()
         worker.uvtex_contexts = {}
     return worker.uvtex_contexts
+
+
+def _heap_allocations_for_arrays(mmap_threshold: int = 32 << 20, trim_threshold: int = 64 << 20) -> None:
+    """Let glibc serve arrays below ``mmap_threshold`` bytes from the heap in this (worker) process.
+
+    Dask's nanny starts workers with ``MALLOC_TRIM_THRESHOLD_=65536``. Setting any malloc threshold switches off
+    glibc's dynamic mmap threshold, which then stays at its 128 KiB floor: every image, UV map and mask above that is
+    mmap'd and unmapped again, page faults and zeroing included. That cost 20-25 % of a chunk task's CPU against the
+    same task in-process (``benchmarks/bench_scaling.py``). Memory above ``trim_threshold`` at the heap's top still
+    goes back to the system. No-op where ``mallopt`` is not glibc's.
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
+    mallopt(m_mmap_threshold, mmap_threshold)
+    mallopt(m_trim_threshold, trim_threshold)
 
 
 def _context(out: str | None, cfg: BuildConfig, with_basis: bool, cache: dict | None) -> StageContext:

@@ -479,3 +479,37 @@ def test_a_stage_that_raises_fails_only_its_sample(monkeypatch):
     assert arrays["reason"][1] == Reason.STAGE_ERROR and "solver exploded" in errors[0]
     assert np.isnan(arrays["params"][1]).all() and not arrays["uv_gt_mask"][1].any()
     assert arrays["uv_gt_mask"][0].any() and arrays["uv_gt_mask"][2].any()
+
+
+# ------------------------------------------------------------------------------------------ worker memory
+_FAULTS = """
+import resource, numpy as np
+from preprocess.build import _heap_allocations_for_arrays
+
+def faults():
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(200):
+        np.ones(1 << 18, np.float32).sum()  # 1 MiB: a UV map's size
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+faults()
+a = faults()
+_heap_allocations_for_arrays()
+faults()
+print(a, faults())
+"""
+
+
+def test_worker_arrays_come_from_the_heap_under_dask_nanny_malloc_settings():
+    """Dask's nanny starts workers with MALLOC_TRIM_THRESHOLD_=65536, which pins glibc's mmap threshold at 128 KiB:
+    every MiB-sized array was mapped and faulted in afresh (20-25 % of a chunk task's CPU). After the worker's first
+    task sets the thresholds, the same allocations reuse heap pages."""
+    if sys.platform != "linux":
+        pytest.skip("glibc malloc thresholds: Linux only")
+    env = {**os.environ, "MALLOC_TRIM_THRESHOLD_": "65536"}
+    out = subprocess.run([sys.executable, "-c", _FAULTS], env=env, capture_output=True, text=True, timeout=120,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.returncode == 0, out.stderr
+    before, after = map(int, out.stdout.split())
+    assert before > 200 * 200, f"expected a page fault per page of every array before; found {before}"
+    assert after < before / 20, (before, after)
