@@ -82,7 +82,9 @@ def raster_share(store: str, image_size: int) -> float:
     return 2 * min(times) / 6
 
 
-def step_rates(store: str, device: str, image_size: int, steps: int, small: bool) -> dict[str, dict[str, float]]:
+def phase_steps(store: str, device: str, image_size: int, small: bool = False):
+    """A Trainer on ``store`` and, per training phase, ``(stage, step)``: ``step(i)`` runs one optimiser step of
+    that phase at batch 6 on one of two pre-loaded batches (alternating) and returns nothing."""
     cfg = TrainConfig(store=store, sampler_steps=10, sampler_finetune_steps=5, generator_steps=10,
                       image_size=image_size, sampler_image_size=min(128, image_size), workers=0)
     if small:
@@ -94,22 +96,31 @@ def step_rates(store: str, device: str, image_size: int, steps: int, small: bool
     with tempfile.TemporaryDirectory() as tmp:
         tr = Trainer(cfg, RunOptions(run_dir=Path(tmp), device=device, progress=False, tensorboard=False))
     tr.init_sampler_template()
-    out = {}
+    phases = []
     for stage in schedule(cfg, tr.uv_size):
         ds = StoreStream(store, DataConfig(batch_size=6, image_size=stage.image_size, with_targets=stage.with_targets,
                                            rotate_share=0.25))
         it = iter(ds)
         batches = [{k: v.to(tr.device) if isinstance(v, torch.Tensor) else v for k, v in next(it).items()}
                    for _ in range(2)]
+
+        def step(i, b=batches, st=stage):
+            tr.generator_step(b[i % 2]) if st.with_targets else tr.sampler_step(b[i % 2], st)
+            if tr.device.type == "cuda":
+                torch.cuda.synchronize()
+
+        phases.append((stage, step))
+    return tr, phases
+
+
+def step_rates(store: str, device: str, image_size: int, steps: int, small: bool) -> dict[str, dict[str, float]]:
+    _, phases = phase_steps(store, device, image_size, small)
+    out = {}
+    for stage, step in phases:
         times = []
         for s in range(steps + 1):
-            b = batches[s % 2]
-            if tr.device.type == "cuda":
-                torch.cuda.synchronize()
             t0 = time.perf_counter()
-            tr.generator_step(b) if stage.with_targets else tr.sampler_step(b, stage)
-            if tr.device.type == "cuda":
-                torch.cuda.synchronize()
+            step(s)
             times.append(time.perf_counter() - t0)
         t = statistics.median(times[1:])
         out[stage.name] = {"s_per_step": t, "steps_per_s": 1 / t, "samples_per_s": 6 / t, "min": min(times[1:])}
