@@ -13,7 +13,6 @@ to the 3DDFA_V2 landmarks' bounding box, 28 photos, yaw -17 to +32 degrees).
 
 from __future__ import annotations
 
-import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,18 +26,10 @@ _BOX_FROM_LANDMARKS = np.array([-0.01, -0.12, 1.02, 0.93])
 
 
 def dlib68_model_path() -> Path:
-    """``shape_predictor_68_face_landmarks.dat`` from the ``face-recognition-models`` package (located without
-    importing it: its ``__init__`` needs ``pkg_resources``)."""
-    spec = importlib.util.find_spec("face_recognition_models")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"{DLIB68_FILE} not found: the 'face-recognition-models' package is not installed; "
-                                f"run `pip install -e .[identity]`, or pass the path of the .dat file "
-                                f"({DLIB68_LICENCE})")
-    path = Path(next(iter(spec.submodule_search_locations))) / "models" / DLIB68_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing from the installed face-recognition-models package; reinstall "
-                                f"it (`pip install --force-reinstall face-recognition-models`)")
-    return path
+    """``shape_predictor_68_face_landmarks.dat`` from the ``face-recognition-models`` package."""
+    from common.identity.dlibnet import face_recognition_models_file
+
+    return face_recognition_models_file(DLIB68_FILE, f"--refine dlib68:PATH to the .dat file ({DLIB68_LICENCE})")
 
 
 def dlib_box_from_landmarks(points: np.ndarray) -> np.ndarray:

