@@ -182,7 +182,7 @@ SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
-AuthInfo=socket=$MUNGE_SOCKET
+AuthInfo=socket=$MUNGE_SOCKET,cred_expire=10
 StateSaveLocation=$W/state
 SlurmdSpoolDir=$SOCK/spool
 SlurmctldPidFile=$W/run/slurmctld.pid
@@ -348,12 +348,12 @@ if [[ $PREEMPT -eq 1 ]]; then
         [[ $(job_field "$JID" JobState) == @(COMPLETED|FAILED|CANCELLED|TIMEOUT) ]] && break
         sleep 0.5
     done
-    # SLURM keeps a requeued job pending for about 2 minutes (Reason=BeginTime); let it start now
+    # SLURM keeps a requeued job pending until the first run's credential has expired (Reason=BeginTime;
+    # AuthInfo cred_expire, 120 s by default, 10 s here). Forcing it to start earlier (scontrol update
+    # StartTime=now) fails it at once: "Killing non-startable batch JobId: Job credential revoked".
     for _ in $(seq 120); do [[ $(job_field "$JID" JobState) == PENDING ]] && break; sleep 0.5; done
     if [[ $(job_field "$JID" JobState) == PENDING ]]; then
-        log "job $JID requeued, eligible at $(job_field "$JID" EligibleTime) (reason $(job_field "$JID" Reason));" \
-            "starting it now"
-        scontrol update JobId="$JID" StartTime=now
+        log "job $JID requeued, eligible at $(job_field "$JID" EligibleTime) (reason $(job_field "$JID" Reason))"
     fi
     step_ck=$("$VENV/bin/python" -c "import sys, torch; print(torch.load(sys.argv[1], weights_only=True)['step'])" \
         "$RUN/checkpoint.pt" 2>/dev/null || echo none)
