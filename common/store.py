@@ -475,7 +475,8 @@ def _url_fs(url: str):
     return fsspec.core.url_to_fs(url)
 
 
-def _exists(path) -> bool:
+def store_exists(path) -> bool:
+    """Whether a Zarr group is at ``path`` (a local path, ``file://`` or an fsspec URL); creates nothing."""
     local = _local(path)
     if local is not None:
         return (local / "zarr.json").is_file()
@@ -510,7 +511,7 @@ store that still carries it was interrupted while being created and holds no dat
 
 def creation_interrupted(path) -> bool:
     """True for a store whose creation was interrupted (it carries :data:`CREATING` but no ``schema_version``)."""
-    if not _exists(path):
+    if not store_exists(path):
         return False
     try:
         a = dict(open_store(path, mode="r").attrs)
@@ -539,7 +540,7 @@ def create_store(path, layout: StoreLayout, attrs: Mapping, manifest, overwrite:
     if len(paths) != layout.n_samples:
         raise ValueError(f"manifest has {len(paths)} entries, the layout {layout.n_samples} samples")
     _check_model_inputs(layout, face_model, crop_layout, mirror_index, crop_config, user["face_model_hash"])
-    if _exists(path):
+    if store_exists(path):
         if not overwrite:
             raise FileExistsError(f"{path} already holds a store; resume it with open_for_build or pass "
                                   f"--overwrite to rebuild")
@@ -641,7 +642,7 @@ def open_for_build(path, layout: StoreLayout, attrs: Mapping, manifest, *, face_
     """
     user = _check_attrs(attrs)
     paths, sizes, mtimes = _manifest_arrays(manifest)
-    if not _exists(path):
+    if not store_exists(path):
         raise FileNotFoundError(f"no store at {path}; create it with create_store")
     group = open_store(path, mode="r+")
     stored = dict(group.attrs)

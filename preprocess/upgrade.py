@@ -40,7 +40,10 @@ from common.store import (
     add_sample_array,
     completed_chunks,
     finish_upgrade,
+    open_store,
     rename_array,
+    store_exists,
+    store_location,
     validate_store,
     write_face_model,
 )
@@ -59,7 +62,7 @@ class UpgradeOptions:
     """What to upgrade and how to run it (nothing here is recorded in the store)."""
 
     store: str
-    """The store path."""
+    """The store: a local path or an fsspec URL (:func:`common.store.store_location`)."""
     bfm_v1_dir: Path | None = None
     """3DDFA (v1) asset folder, replacing the recorded one (``bfm-public`` stores whose assets moved)."""
     bfm_v2_dir: Path | None = None
@@ -123,7 +126,7 @@ def face_region_chunk(out: str, chunk_index: int, stages: StageConfig, threads: 
 
     if threads is not None:
         set_compute_threads(threads)
-    group = zarr.open_group(out, mode="r+")
+    group = open_store(out, mode="r+")
     layout = StoreLayout.from_json(group.attrs["layout"])  # not layout_of: the store is still version 1
     start, stop = layout.chunk_bounds(chunk_index)
     params = group["params"][start:stop]
@@ -154,11 +157,11 @@ def upgrade_store(options: UpgradeOptions) -> UpgradeReport:
     matches the recorded hash).
     """
     t0 = time.perf_counter()
-    out = str(options.store)
-    if not (Path(out) / "zarr.json").is_file():
+    out = store_location(options.store)
+    if not store_exists(out):
         raise FileNotFoundError(f"no store at {out} (expected a Zarr store written by uvprep build)")
     with acquire_build_lock(out, owner="uvprep upgrade"):
-        group = zarr.open_group(out, mode="r+")
+        group = open_store(out, mode="r+")
         version = group.attrs.get("schema_version")
         report = UpgradeReport(store=out, from_version=version, to_version=SCHEMA_VERSION)
         if version == SCHEMA_VERSION:

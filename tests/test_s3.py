@@ -191,6 +191,25 @@ def test_check_and_info_read_the_s3_store(s3_store):
         assert SECRET not in text
 
 
+def test_upgrade_takes_the_s3_store(s3_store):
+    """``uvprep upgrade URL`` (it checked for a local ``zarr.json`` and refused every URL as 'no store')."""
+    import fsspec
+
+    from common.store import SCHEMA_VERSION
+    from preprocess.cli import app
+
+    url, _ = s3_store
+    runner = CliRunner()
+    res = runner.invoke(app, ["upgrade", url])
+    assert res.exit_code == 0, res.output
+    assert f"schema version {SCHEMA_VERSION}" in res.output and "already at schema version" in res.output
+    fs, root = fsspec.core.url_to_fs(url)
+    assert not fs.exists(f"{root}/{LOCK_NAME}")  # the upgrade's lock is released
+    missing = runner.invoke(app, ["upgrade", f"s3://{BUCKET}/nothing.zarr"])
+    assert missing.exit_code == 2 and "no store at" in missing.output, missing.output
+    assert SECRET not in res.output + missing.output
+
+
 # ------------------------------------------------------------------------------------------------ lock
 def test_s3_lock_is_exclusive_and_stale_locks_are_taken_over(s3):
     import s3fs
