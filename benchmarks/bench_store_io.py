@@ -95,7 +95,7 @@ def copy_variant(src: zarr.Group, dst: str, chunk: int, sharded: bool, consolida
 
 def time_open(loc: str) -> float:
     t = time.perf_counter()
-    g = zarr.open_group(loc, mode="r", zarr_format=3)
+    g = open_store(loc)
     for name in NAMES:
         g[name].shape  # noqa: B018 - the metadata is what is timed
     return time.perf_counter() - t
@@ -110,7 +110,7 @@ class RefetchCache(ChunkCache):
 
 
 def time_epoch(loc: str, chunk: int, n: int, rng: np.random.Generator, cache_cls=ChunkCache) -> float:
-    g = zarr.open_group(loc, mode="r", zarr_format=3)
+    g = open_store(loc)
     cache = cache_cls(g, NAMES, chunk, n, capacity=2)
     order = rng.permutation(-(-n // chunk))
     t = time.perf_counter()
@@ -121,7 +121,7 @@ def time_epoch(loc: str, chunk: int, n: int, rng: np.random.Generator, cache_cls
 
 
 def time_random(loc: str, idx: np.ndarray) -> float:
-    g = zarr.open_group(loc, mode="r", zarr_format=3)
+    g = open_store(loc)
     arrays = {k: g[k] for k in NAMES}
     t = time.perf_counter()
     for i in idx:

@@ -178,9 +178,9 @@ def refine_to_landmarks(params: np.ndarray, targets: np.ndarray, landmark_model,
 
     params: (N, 62) image-frame parameters (:func:`common.faces.fit.crop_params_to_image`, ``frame_size`` = the
     image height); targets: (N, 68, 2) detected landmarks in the same image's pixels (x right, y down, pixel j
-    covers [j, j + 1)), iBUG order; landmark_model: anything with ``mean`` (68, 3), ``id_basis`` (68, 3, 40),
-    ``exp_basis`` (68, 3, 10) (:class:`common.faces.tddfa.SparseLandmarkModel`); param_mean, param_std: (62,)
-    3DDFA_V2's parameter statistics. Returns a :class:`RefineResult`.
+    covers [j, j + 1)), iBUG order; landmark_model: a :class:`common.faces.tddfa.SparseLandmarkModel` (``mean``
+    (68, 3), ``id_basis`` (68, 3, 40), ``exp_basis`` (68, 3, 10), ``shape(alpha_id, alpha_exp)``); param_mean,
+    param_std: (62,) 3DDFA_V2's parameter statistics. Returns a :class:`RefineResult`.
     """
     params = np.asarray(params, np.float64).reshape(-1, N_PARAMS)
     targets = np.asarray(targets, np.float64)
@@ -201,8 +201,7 @@ def refine_to_landmarks(params: np.ndarray, targets: np.ndarray, landmark_model,
 
     def project(p):  # (N, 62) -> (N, 68, 2) image pixels
         pose, a_id, a_exp = split_params(p)
-        verts = model[0] + np.einsum("vck,nk->nvc", model[1], a_id) + np.einsum("vck,nk->nvc", model[2], a_exp)
-        return project_to_image(verts, pose, float(frame_size))[..., :2]
+        return project_to_image(landmark_model.shape(a_id, a_exp), pose, float(frame_size))[..., :2]
 
     dist = np.linalg.norm(project(params)[:, inner] - targets[:, inner], axis=2)  # (N, 51)
     wh = targets[:, inner].max(1) - targets[:, inner].min(1)
