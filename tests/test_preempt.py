@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from tests.test_train import _cli, _free_port, opts, tiny
+from train.console import EXIT_PREEMPTED
 from train.loop import CHECKPOINT, METRICS, fit
-from train.run import EXIT_PREEMPTED
 
 ROOT = Path(__file__).resolve().parents[1]
 SBATCH = ROOT / "pipelines" / "slurm" / "train.sbatch"

@@ -88,7 +88,7 @@ def fit(
                          dist_timeout=dist_timeout)
     except ValueError as e:
         _fail(str(e))
-    from train.run import run_fit
+    from train.console import run_fit
 
     code = run_fit(cfg, run)
     if code:
@@ -127,7 +127,7 @@ def infer(
                           views=yaws, view_size=view_size, progress=progress)
     except ValueError as e:
         _fail(str(e))
-    from train.run import run_infer
+    from train.console import run_infer
 
     code = run_infer(cfg)
     if code:
@@ -167,7 +167,7 @@ def eval_(
                          identity=identity, batch_size=batch_size, device=device, limit=limit, progress=progress)
     except ValueError as e:
         _fail(str(e))
-    from train.run import run_eval
+    from train.console import run_eval
 
     code = run_eval(cfg)
     if code:

@@ -1,4 +1,5 @@
-"""Presentation around :func:`train.loop.fit`: the progress line, the summary table and one-line errors."""
+"""What ``uvtrain`` prints around :func:`train.loop.fit`, :func:`train.infer.infer` and :func:`train.evaluate.evaluate`:
+progress bars, summary tables, one-line errors and exit codes."""
 
 from __future__ import annotations
 
