@@ -65,7 +65,7 @@ def _texture_inputs(reader, idx):
 
 def synthetic_table(store: Path, variants: dict[str, BlendConfig]) -> None:
     from common.store import StoreReader
-    from common.uvtools import model_uv_fragments
+    from common.uvtools import model_uv_fragments, region_uv_mask
 
     reader = StoreReader(store)
     idx = reader.ok_indices()
@@ -73,7 +73,7 @@ def synthetic_table(store: Path, variants: dict[str, BlendConfig]) -> None:
     model, mirror, valid = reader.face_model(), reader.mirror_index(), reader.texture_basis().valid
     u = uv_gt.shape[1]
     frags = model_uv_fragments(model, u)
-    face, nose = model.region_uv_mask("face", u, frags), model.region_uv_mask("nose", u, frags)
+    face, nose = region_uv_mask(model, "face", u, frags), region_uv_mask(model, "nose", u, frags)
     truth = b["uv_true"].astype(np.float32) / 255
     yaw = np.abs(b["pose"][:, 0])
     t0 = time.perf_counter()
@@ -123,6 +123,7 @@ def synthetic_table(store: Path, variants: dict[str, BlendConfig]) -> None:
 def real_photos(variants: dict[str, BlendConfig], assets: Path) -> None:
     from common.faces.fit import FitConfig
     from common.imageio import read_image
+    from common.uvtools import region_uv_mask
     from preprocess.sources import SampleInput
     from preprocess.stages import StageConfig, StageContext, Timer, run_geometry
     from preprocess.texture import MaskedPCAConfig, learn_masked_pca, match_greyscale, ridge_texture_fit
@@ -156,7 +157,7 @@ def real_photos(variants: dict[str, BlendConfig], assets: Path) -> None:
     coeff = ridge_texture_fit(geo.uv_gt[ok], geo.uv_gt_mask[ok], basis, lam=1.0)
     uv_bfm = match_greyscale(np.clip(basis.synthesize(coeff), 0, 1), geo.uv_gt[ok], geo.uv_gt_mask[ok])
     normals = uv_normals(ctx.model, geo.params[ok], ctx.uv_cache.uv_frags)
-    nose = ctx.model.region_uv_mask("nose", u, ctx.uv_cache.uv_frags)
+    nose = region_uv_mask(ctx.model, "nose", u, ctx.uv_cache.uv_frags)
     print(f"\nReal photos ({len(ok)} of {len(inputs)} fitted; U = {u}): seam ratio = |grad| across the boundary / "
           f"|grad| inside the observed texture (1 = as smooth as the photo)")
     names = [inputs[k].key for k in ok]

@@ -24,7 +24,7 @@ from scipy import ndimage
 from common.faces.fit import mesh_in_image
 from common.procedural import build_procedural_model
 from common.synthetic import SyntheticConfig, generate_batch
-from common.uvtools import model_uv_fragments
+from common.uvtools import model_uv_fragments, region_uv_mask
 from preprocess.occlusion import OcclusionConfig, occluders_from_fit, part_labels
 from preprocess.texture import MaskedPCAConfig, learn_masked_pca, ridge_texture_fit
 from preprocess.unwrap import UVGTConfig, layout_cache, uv_gt_from_images
@@ -68,7 +68,7 @@ def main() -> None:
     truth = np.stack([f.uv_true for f in faces])
     valid = model_uv_fragments(model, args.uv_size).tri_id[0].numpy() >= 0
     basis = learn_masked_pca(det.uv, det.mask, valid, MaskedPCAConfig(n_components=min(40, args.count - 2)))
-    keep = model.region_uv_mask("eyes", args.uv_size) | model.region_uv_mask("mouth", args.uv_size)
+    keep = region_uv_mask(model, "eyes", args.uv_size) | region_uv_mask(model, "mouth", args.uv_size)
     left_in = det.mask & ~exact.mask  # occluder texels the colour detector kept
     base = _mae(det.uv, det.mask, truth)
     print(f"{args.count} synthetic faces with occluders, UV {args.uv_size}²; UV_gt MAE x255 on kept texels "

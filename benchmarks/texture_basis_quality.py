@@ -51,6 +51,7 @@ import scipy.sparse.linalg as spla
 from common.faces.fit import FitConfig
 from common.procedural import build_procedural_model
 from common.synthetic import SyntheticConfig, generate_batch
+from common.uvtools import region_uv_mask
 from preprocess.blend import SOURCE_MIRRORED, SOURCE_MODEL, blend_uv, poisson_system, symmetric_fill
 from preprocess.sources import SampleInput
 from preprocess.stages import StageConfig, StageContext, Timer, run_geometry
@@ -105,7 +106,7 @@ def make_world(n: int, image_size: int = 128, uv_size: int = 64, seed: int = 0, 
     geo = run_geometry(inputs, ctx, Timer())
     if (geo.reason != 0).any():
         raise RuntimeError(f"synthetic faces failed the geometry stages: reasons {geo.reason}")
-    face = model.region_uv_mask("face", uv_size) & ~model.region_uv_mask("mouth", uv_size)
+    face = region_uv_mask(model, "face", uv_size) & ~region_uv_mask(model, "mouth", uv_size)
     return World(uv_gt=geo.uv_gt, mask=geo.uv_gt_mask, uv_true=np.stack([f.uv_true for f in faces]),
                  uv_albedo=np.stack([f.uv_albedo for f in faces]), yaw=geo.pose[:, 0].astype(np.float64),
                  face=face, ctx=ctx)

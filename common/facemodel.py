@@ -153,21 +153,6 @@ class FaceModel:
                 h.update(np.ascontiguousarray(arr).tobytes())
         return h.hexdigest()[:16]
 
-    def region_uv_mask(self, name: str, size: int, frags=None) -> np.ndarray:
-        """Rasterise a named per-vertex region into a UV-image mask: (size, size) bool.
-
-        A texel belongs to the region when the region weight interpolated over its UV triangle
-        is >= 0.5. Texels outside the UV layout are False. ``frags``: a reusable
-        ``common.uvtools.model_uv_fragments(self, size)`` result (masks of several regions then
-        share one UV rasterisation).
-        """
-        from common.uvtools import uv_vertex_attribute_image
-
-        if name not in self.regions:
-            raise KeyError(f"unknown region {name!r}; this model has {sorted(self.regions)}")
-        w, cover = uv_vertex_attribute_image(self, self.regions[name].astype(np.float32)[:, None], size, frags)
-        return (w[..., 0] >= 0.5) & cover
-
 
 def _check(arr, shape, what: str) -> None:
     if not isinstance(arr, np.ndarray):

@@ -58,7 +58,7 @@ def derive_regions(mean_shape: np.ndarray, uv: np.ndarray, keypoints: np.ndarray
     """Per-vertex masks for every name in :data:`REGION_NAMES`.
 
     mean_shape: (V, 3) model space; uv: (V, 2) in [0, 1] (only checked for its shape: the masks
-    are cut in 3D, and rasterised in UV by ``FaceModel.region_uv_mask``); keypoints: optional
+    are cut in 3D, and rasterised in UV by ``common.uvtools.region_uv_mask``); keypoints: optional
     (68,) int vertex ids of the iBUG landmarks; triangles: optional (F, 3) (outward winding),
     used for the nostrils' normals. Returns name -> (V,) bool.
 

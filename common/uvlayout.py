@@ -70,7 +70,7 @@ def _bbox(mask: np.ndarray, margin: int) -> tuple[int, int, int, int]:
 
 
 def crop_layout_from_regions(regions: dict[str, np.ndarray], config: CropConfig = CropConfig()) -> CropLayout:
-    """Crop boxes and masks from UV region masks (name -> (U, U) bool), e.g. ``FaceModel.region_uv_mask``.
+    """Crop boxes and masks from UV region masks (name -> (U, U) bool), e.g. ``common.uvtools.region_uv_mask``.
 
     Needs ``centre``, ``nostrils``, ``left``, ``nose`` and ``face``; ``eyes`` (part of the texture the
     discriminators should see, though not of the skin region ``face``) and ``mouth`` (the interior, never
@@ -92,11 +92,11 @@ def crop_layout(model, uv_size: int, config: CropConfig = CropConfig(), frags=No
 
     frags: a reusable ``common.uvtools.model_uv_fragments(model, uv_size)`` result.
     """
-    from common.uvtools import model_uv_fragments  # torch: imported only where the layout is computed
+    from common.uvtools import model_uv_fragments, region_uv_mask  # torch: imported only where the layout is computed
 
     frags = model_uv_fragments(model, uv_size) if frags is None else frags
     names = ("face", "centre", "nostrils", "left", "nose", "eyes", "mouth")
-    return crop_layout_from_regions({n: model.region_uv_mask(n, uv_size, frags) for n in names}, config)
+    return crop_layout_from_regions({n: region_uv_mask(model, n, uv_size, frags) for n in names}, config)
 
 
 def mirror_uv(uv: np.ndarray, mirror_index: np.ndarray | None = None) -> np.ndarray:

@@ -7,11 +7,15 @@ rows). Texel indices are flattened row-major: ``index = i * U + j``.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
 
-from common.facemodel import FaceModel
 from common.render import Fragments, interpolate, uv_fragments, uv_to_pixel
+
+if TYPE_CHECKING:  # annotations only: common.facemodel never needs the rasteriser, nor this module it
+    from common.facemodel import FaceModel
 
 __all__ = [
     "uv_to_pixel",
@@ -19,6 +23,7 @@ __all__ = [
     "texel_centres",
     "model_uv_fragments",
     "uv_vertex_attribute_image",
+    "region_uv_mask",
     "texel_mirror_index",
 ]
 
@@ -68,6 +73,19 @@ def uv_vertex_attribute_image(model: FaceModel, attr: np.ndarray, size: int,
     frags = model_uv_fragments(model, size) if frags is None else frags
     img = interpolate(frags, torch.from_numpy(attr.astype(np.float64)))[0]
     return img.numpy().astype(np.float32), frags.tri_id[0].numpy() >= 0
+
+
+def region_uv_mask(model: FaceModel, name: str, size: int, frags: Fragments | None = None) -> np.ndarray:
+    """Rasterise one of the model's named per-vertex regions into a UV-image mask: (size, size) bool.
+
+    A texel belongs to the region when the region weight interpolated over its UV triangle is
+    >= 0.5. Texels outside the UV layout are False. ``frags``: a reusable
+    :func:`model_uv_fragments` result (masks of several regions then share one UV rasterisation).
+    """
+    if name not in model.regions:
+        raise KeyError(f"unknown region {name!r}; this model has {sorted(model.regions)}")
+    w, cover = uv_vertex_attribute_image(model, model.regions[name].astype(np.float32)[:, None], size, frags)
+    return (w[..., 0] >= 0.5) & cover
 
 
 def texel_mirror_index(model: FaceModel, size: int, frags: Fragments | None = None) -> np.ndarray:

@@ -27,7 +27,7 @@ from common.imageio import to_uint8
 from common.store import FAILED, OK, Reason
 from common.texbasis import UVTextureBasis
 from common.uvlayout import CropConfig, CropLayout, crop_layout
-from common.uvtools import texel_mirror_index
+from common.uvtools import region_uv_mask, texel_mirror_index
 from preprocess.blend import BlendConfig, blend_uv
 from preprocess.crops import cut_partial_crops
 from preprocess.occlusion import OcclusionConfig, occluders_from_fit, part_labels
@@ -283,7 +283,7 @@ def run_stages(inputs, ctx: StageContext, timer: Timer | None = None) -> tuple[d
         uv_bfm = match_greyscale(np.clip(ctx.basis.synthesize(coeff), 0.0, 1.0), geo.uv_gt[idx], geo.uv_gt_mask[idx])
         t0 = timer.add("texture", t0)
         geo.reason[idx[~np.isfinite(coeff).all(1)]] = Reason.NAN
-        nose = ctx.model.region_uv_mask("nose", u, ctx.uv_cache.uv_frags)  # Eq. 9 fill: no mirror on the nose ridge
+        nose = region_uv_mask(ctx.model, "nose", u, ctx.uv_cache.uv_frags)  # Eq. 9 fill: no mirror on the nose ridge
         for j, k in enumerate(idx):
             if geo.reason[k]:
                 continue

@@ -23,7 +23,7 @@ import torch
 
 from common.facemodel import FaceModel
 from common.render import Fragments, rasterize, unwrap_to_uv
-from common.uvtools import model_uv_fragments
+from common.uvtools import model_uv_fragments, region_uv_mask
 
 
 @dataclass(frozen=True)
@@ -67,7 +67,7 @@ def layout_cache(model: FaceModel, config: UVGTConfig = UVGTConfig()) -> UVLayou
     frags = model_uv_fragments(model, config.uv_size)
     excluded = np.zeros((config.uv_size,) * 2, bool)
     for name in config.exclude_regions:
-        excluded |= model.region_uv_mask(name, config.uv_size, frags)
+        excluded |= region_uv_mask(model, name, config.uv_size, frags)
     return UVLayoutCache(frags, excluded, face_weight(model))
 
 

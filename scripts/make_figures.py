@@ -28,8 +28,8 @@ from common.imageio import image_grid, read_image, write_png
 from common.procedural import build_procedural_model
 from common.synthetic import SyntheticConfig, generate
 from common.uvlayout import crop_layout
-from common.uvtools import uv_vertex_attribute_image
-from preprocess.inspect import sample_row
+from common.uvtools import region_uv_mask, uv_vertex_attribute_image
+from preprocess.report import sample_row
 from preprocess.sources import SampleInput
 from preprocess.stages import StageConfig, StageContext, Timer, run_geometry, run_stages
 from preprocess.texture import MaskedPCAConfig, UVTextureBasis, learn_masked_pca
@@ -153,12 +153,12 @@ def crop_regions_figure(model: FaceModel, uv_size: int = 256, scale: int = 2) ->
     mean, cover = uv_vertex_attribute_image(model, model.tex_mean, uv_size)
     img = np.where(cover[..., None], mean, 1.0)
     for name, col in REGION_COLOURS.items():
-        m = model.region_uv_mask(name, uv_size)
+        m = region_uv_mask(model, name, uv_size)
         alpha = 0.25 if name == "face" else 0.6
         img[m] = (1 - alpha) * img[m] + alpha * np.array(col)
     big = cv2.resize((img * 255).astype(np.uint8), None, fx=scale, fy=scale, interpolation=cv2.INTER_NEAREST)
     for name, col in (("centre", (255, 255, 255)), ("left", (40, 40, 40))):
-        m = model.region_uv_mask(name, uv_size) & model.region_uv_mask("face", uv_size)
+        m = region_uv_mask(model, name, uv_size) & region_uv_mask(model, "face", uv_size)
         contours, _ = cv2.findContours(cv2.resize(m.astype(np.uint8), None, fx=scale, fy=scale,
                                                   interpolation=cv2.INTER_NEAREST), cv2.RETR_EXTERNAL,
                                        cv2.CHAIN_APPROX_SIMPLE)

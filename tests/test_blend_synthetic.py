@@ -15,7 +15,7 @@ import pytest
 from common.geometry import project_to_image, split_params
 from common.procedural import build_procedural_model
 from common.synthetic import SyntheticConfig, generate, layout_raster
-from common.uvtools import texel_mirror_index
+from common.uvtools import region_uv_mask, texel_mirror_index
 from preprocess.blend import BlendConfig, blend_uv
 from preprocess.shading import uv_normals
 from preprocess.texture import MaskedPCAConfig, learn_masked_pca, ridge_texture_fit
@@ -38,7 +38,7 @@ def _hidden_errors(light: dict) -> np.ndarray:
                              mirror_index=mirror)
     coeff = ridge_texture_fit(gt.uv[N_TRAIN:], gt.mask[N_TRAIN:], basis, lam=1.0)
     bfm = np.clip(basis.synthesize(coeff), 0, 1)
-    face, nose = model.region_uv_mask("face", U), model.region_uv_mask("nose", U)
+    face, nose = region_uv_mask(model, "face", U), region_uv_mask(model, "nose", U)
     normals = uv_normals(model, np.stack([f.params for f in faces[N_TRAIN:]]), layout_cache(model, ucfg).uv_frags)
     rows = []
     for j, f in enumerate(faces[N_TRAIN:]):

@@ -32,6 +32,7 @@ from common.faces.fit import FitConfig, mesh_in_image
 from common.faces.tddfa import TDDFARegressor
 from common.imageio import read_image, to_uint8
 from common.loaders import load_param_stats
+from common.uvtools import region_uv_mask
 from preprocess.blend import SOURCE_MIRRORED, SOURCE_OBSERVED, BlendConfig, blend_uv, symmetric_fill
 from preprocess.shading import uv_normals
 from preprocess.sources import SampleInput
@@ -103,8 +104,8 @@ def test_dense_keypoints_agree_with_sparse_landmark_model(real):
 
 def test_uv_gt_coverage_frontal_vs_profile(real):
     model, mask = real["ctx"].model, real["arrays"]["uv_gt_mask"]
-    face = model.region_uv_mask("face", U)
-    left, right = model.region_uv_mask("left", U) & face, model.region_uv_mask("right", U) & face
+    face = region_uv_mask(model, "face", U)
+    left, right = region_uv_mask(model, "left", U) & face, region_uv_mask(model, "right", U) & face
 
     def cov(k, region):
         return (mask[k] & region).sum() / region.sum()
@@ -126,7 +127,7 @@ def test_uv_bl_is_uv_gt_plus_a_harmonic_correction(real):
     coeff = ridge_texture_fit(geo.uv_gt, geo.uv_gt_mask, ctx.basis, lam=ctx.config.ridge_lambda)
     uv_bfm = np.clip(ctx.basis.synthesize(coeff), 0, 1)
     normals = uv_normals(ctx.model, geo.params, ctx.uv_cache.uv_frags)
-    nose = ctx.model.region_uv_mask("nose", U, ctx.uv_cache.uv_frags)
+    nose = region_uv_mask(ctx.model, "nose", U, ctx.uv_cache.uv_frags)
     for k in range(len(NAMES)):
         build, src = blend_uv(geo.uv_gt[k], geo.uv_gt_mask[k], uv_bfm[k], face_mask=ctx.basis.valid,
                               mirror_index=ctx.mirror_index, config=BlendConfig(solver="direct"), normals=normals[k],

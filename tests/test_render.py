@@ -19,7 +19,7 @@ from common.render import (
     uv_fragments,
     vertex_visibility,
 )
-from common.uvtools import texel_centres, texel_mirror_index, uv_to_texel, uv_vertex_attribute_image
+from common.uvtools import region_uv_mask, texel_centres, texel_mirror_index, uv_to_texel, uv_vertex_attribute_image
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -427,7 +427,7 @@ def test_uv_attribute_image_and_texel_helpers():
     row, col = uv_to_texel(centres, size)
     assert np.array_equal(row, np.mgrid[0:size, 0:size][0]) and np.array_equal(col, np.mgrid[0:size, 0:size][1])
     # region masks go through the same path (left half: columns with u < 0.5 + a margin)
-    left = model.region_uv_mask("left", size)
+    left = region_uv_mask(model, "left", size)
     assert left[cover].any() and not left[:, size // 2 + 3:].any()
 
 

@@ -8,7 +8,7 @@ import pytest
 from common.geometry import params_to_euler, project_to_image, split_params
 from common.procedural import build_procedural_model
 from common.synthetic import SyntheticConfig, generate, layout_raster
-from common.uvtools import texel_mirror_index
+from common.uvtools import region_uv_mask, texel_mirror_index
 from preprocess.blend import (
     SOURCE_MIRRORED,
     SOURCE_MODEL,
@@ -87,8 +87,8 @@ def profiles():
     cache = layout_cache(model, ucfg)
     gt = uv_gt_from_images(np.stack([f.image for f in faces]), verts, model, ucfg, cache=cache)
     return dict(model=model, faces=faces, gt=gt, valid=raster[1], mirror=texel_mirror_index(model, u, raster[0]),
-                normals=uv_normals(model, params, cache.uv_frags), nose=model.region_uv_mask("nose", u, raster[0]),
-                face=model.region_uv_mask("face", u, raster[0]), yaw=params_to_euler(params)[:, 0])
+                normals=uv_normals(model, params, cache.uv_frags), nose=region_uv_mask(model, "nose", u, raster[0]),
+                face=region_uv_mask(model, "face", u, raster[0]), yaw=params_to_euler(params)[:, 0])
 
 
 def test_uv_normals_face_the_camera_where_the_photo_sees_the_face(profiles):

@@ -6,6 +6,7 @@ import pytest
 from common.geometry import project_to_image, split_params
 from common.procedural import build_procedural_model
 from common.synthetic import SyntheticConfig, generate
+from common.uvtools import region_uv_mask
 from preprocess.unwrap import UVGTConfig, erode, layout_cache, projected_face_region, uv_gt_from_images
 
 
@@ -34,7 +35,7 @@ def test_true_parameters_reproduce_the_true_uv(world):
     visible = np.stack([f.uv_visible for f in faces])
     assert res.mask.sum() > 0.5 * visible.sum()
     assert (res.mask & ~visible).sum() < 0.02 * res.mask.sum()
-    mouth = model.region_uv_mask("mouth", faces[0].uv_true.shape[0])
+    mouth = region_uv_mask(model, "mouth", faces[0].uv_true.shape[0])
     assert not res.mask[:, mouth].any()
 
 
