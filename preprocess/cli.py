@@ -159,7 +159,7 @@ def _store_errors(command: str, store: str):
 @app.command()
 def info(store: str = typer.Argument(..., help=_STORE_HELP)) -> None:
     """Print a store's schema, counts, config and failure reasons."""
-    from preprocess.inspect import print_info
+    from preprocess.report import print_info
 
     with _store_errors("info", store):
         print_info(store)
@@ -171,7 +171,7 @@ def check(store: str = typer.Argument(..., help=_STORE_HELP),
                                                           "SHA-256 record (default: a sample of 8).")) -> None:
     """Validate a store (shapes, dtypes, completion, value ranges); exit 0 when sound and complete, 1 when broken
     or not completely built."""
-    from preprocess.inspect import check_store
+    from preprocess.report import check_store
 
     with _store_errors("check", store):
         code = check_store(store, deep=deep)
@@ -211,7 +211,7 @@ def show(store: str = typer.Argument(..., help=_STORE_HELP),
     import zarr
 
     from common.store import StoreMismatch
-    from preprocess.inspect import ShowConfig, show_samples
+    from preprocess.report import ShowConfig, show_samples
 
     try:
         indices = [int(i) for i in index.split(",") if i.strip()]

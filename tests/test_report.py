@@ -14,7 +14,7 @@ from common.faces.fit import mesh_in_image
 from common.imageio import image_grid
 from common.store import FAILED, Reason, StoreReader
 from preprocess.cli import app
-from preprocess.inspect import (
+from preprocess.report import (
     LANDMARK_RGB,
     MASK_RGB,
     ShowConfig,
