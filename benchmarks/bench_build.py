@@ -32,6 +32,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from common.faces.assets import TDDFAAssets
+
 ROOT = Path(__file__).resolve().parents[1]
 ASSETS = Path(os.environ.get("UVTEX_SHARED_ASSETS", ROOT.parent / "shared" / "assets"))
 
@@ -204,7 +206,7 @@ def main() -> None:
         table.add("(d) synthetic store: stored / raw", stored / raw, "", f"{stored / 1e6:.1f} / {raw / 1e6:.1f} MB "
                   f"(target <= 0.7)")
 
-        if (ASSETS / "3ddfa_v2" / "weights").is_dir() and (ASSETS / "3ddfa_v1").is_dir():
+        if TDDFAAssets.from_dir(ASSETS / "3ddfa_v2").regressor is not None and (ASSETS / "3ddfa_v1").is_dir():
             print(f"(b) ffhq + tddfa build over {bn} of the PNGs ...")
             sub = tmp / "ffhq_sub"
             for p in paths[:bn]:

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from common.faces.assets import TDDFAAssets
 from common.faces.detect import FaceBoxesDetector
 from common.faces.fit import frame_face
 from common.faces.tddfa import TDDFARegressor
@@ -42,9 +43,9 @@ def main() -> None:
     bundle = read_bundle(args.run, load_run_config(args.run).store)
     cfg, sampler, generator, _ = load_trained(args.run, str(dev), bundle)
     s, u = bundle.image_size, bundle.uv_size
-    det = FaceBoxesDetector.from_path(a / "3ddfa_v2" / "FaceBoxes" / "weights" / "FaceBoxesProd.pth", device=str(dev))
-    reg = TDDFARegressor.from_paths(a / "3ddfa_v2" / "weights" / "mb05_120x120.pth",
-                                    a / "3ddfa_v2" / "configs" / "param_mean_std_62d_120x120.pkl", device=str(dev))
+    v2 = TDDFAAssets.from_dir(a / "3ddfa_v2", require=("detector", "mb05", "param_stats"))
+    det = FaceBoxesDetector.from_path(v2.detector, device=str(dev))
+    reg = TDDFARegressor.from_paths(v2.mb05, v2.param_stats, device=str(dev))
     t = time.perf_counter()
     framed = [frame_face(p, det, s) for p in photos]
     t_detect = time.perf_counter() - t

@@ -121,6 +121,7 @@ def synthetic_table(store: Path, variants: dict[str, BlendConfig]) -> None:
 
 
 def real_photos(variants: dict[str, BlendConfig], assets: Path) -> None:
+    from common.faces.assets import TDDFAAssets
     from common.faces.fit import FitConfig
     from common.imageio import read_image
     from common.uvtools import region_uv_mask
@@ -142,9 +143,9 @@ def real_photos(variants: dict[str, BlendConfig], assets: Path) -> None:
         else:
             photos[p.stem] = img
     v2 = assets / "3ddfa_v2"
-    fit = FitConfig(fitter="tddfa", image_size=s, tddfa_weights=v2 / "weights" / "mb05_120x120.pth",
-                    param_stats=v2 / "configs" / "param_mean_std_62d_120x120.pkl",
-                    detector_weights=v2 / "FaceBoxes" / "weights" / "FaceBoxesProd.pth")
+    files = TDDFAAssets.from_dir(v2)
+    fit = FitConfig(fitter="tddfa", image_size=s, tddfa_weights=files.mb05, param_stats=files.param_stats,
+                    detector_weights=files.detector)
     cfg = StageConfig(face_model="bfm-public", bfm_v1_dir=assets / "3ddfa_v1", bfm_v2_dir=v2, fit=fit,
                       uvgt=UVGTConfig(uv_size=u))
     ctx = StageContext.build(cfg)

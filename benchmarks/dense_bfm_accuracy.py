@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 from scipy.interpolate import RBFInterpolator
 
+from common.faces.assets import TDDFAAssets
 from common.loaders import (
     DenseLiftParams,
     _barycentric_matrix,
@@ -52,7 +53,7 @@ def relative_basis_error(lifted: np.ndarray, exact: np.ndarray) -> np.ndarray:
 
 def draw_alphas(v2: Path, n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """(n, 40) identity and (n, 10) expression coefficients: mean + std * N(0, 1) of 3DDFA_V2's statistics."""
-    mean, std = load_param_stats(v2 / "configs" / "param_mean_std_62d_120x120.pkl")
+    mean, std = load_param_stats(TDDFAAssets.from_dir(v2).param_stats)
     p = mean[12:] + std[12:] * np.random.default_rng(seed).standard_normal((n, 50)).astype(np.float32)
     return p[:, :40].astype(np.float64), p[:, 40:].astype(np.float64)
 
@@ -82,10 +83,10 @@ def paf_data(v1: Path, v2: Path):
     z = np.load(v1 / "derived" / "paf_uv_bary.npz")
     tri = sio.loadmat(str(v1 / "visualize" / "tri.mat"))["tri"].T.astype(np.int64) - 1
     on = z["surf_dist"] <= 1.0
-    a = _barycentric_matrix(tri, z["tri_id"][on].astype(np.int64), z["bary"][on], len(load_bfm_uv(
-        v2 / "configs" / "BFM_UV.mat")))
+    files = TDDFAAssets.from_dir(v2)
+    a = _barycentric_matrix(tri, z["tri_id"][on].astype(np.int64), z["bary"][on], len(load_bfm_uv(files.bfm_uv)))
     w_id = paf["w_filter"].reshape(-1, 3, 40)[on].astype(np.float64)
-    return a, w_id, np.load(v2 / "configs" / "indices.npy").astype(np.int64)
+    return a, w_id, np.load(files.indices).astype(np.int64)
 
 
 def fmt(x: np.ndarray) -> str:

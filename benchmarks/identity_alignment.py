@@ -39,19 +39,19 @@ def main() -> None:
     args = ap.parse_args()
     import dlib
 
+    from common.faces.assets import TDDFAAssets
     from common.faces.detect import FaceBoxesDetector
     from common.faces.tddfa import TDDFARegressor
 
     a = args.assets
+    v2 = TDDFAAssets.from_dir(a / "3ddfa_v2", require=("detector", "mb05", "param_stats"))
     d = dlib_model_path().parent
     det = dlib.get_frontal_face_detector()
     sp5 = dlib.shape_predictor(str(d / "shape_predictor_5_face_landmarks.dat"))
     sp68 = dlib.shape_predictor(str(d / "shape_predictor_68_face_landmarks.dat"))
     rec = dlib.face_recognition_model_v1(str(d / "dlib_face_recognition_resnet_model_v1.dat"))
-    boxes = FaceBoxesDetector.from_path(a / "3ddfa_v2" / "FaceBoxes" / "weights" / "FaceBoxesProd.pth")
-    tddfa = TDDFARegressor.from_paths(a / "3ddfa_v2" / "weights" / "mb05_120x120.pth",
-                                      a / "3ddfa_v2" / "configs" / "param_mean_std_62d_120x120.pkl",
-                                      a / "3ddfa_v1" / "c++" / "weights", second_pass=True)
+    boxes = FaceBoxesDetector.from_path(v2.detector)
+    tddfa = TDDFARegressor.from_paths(v2.mb05, v2.param_stats, a / "3ddfa_v1" / "c++" / "weights", second_pass=True)
     net = cached_dlib_resnet()
     names = ["dlib", "dlib chip", "ours, dlib 5 pt", "ours, dlib 68 pt", "ours, 3DDFA 68 pt"]
     emb: dict[str, dict[str, np.ndarray]] = {n: {} for n in names}

@@ -34,6 +34,7 @@ import numpy as np
 import scipy.io as sio
 import torch
 
+from common.faces.assets import TDDFAAssets
 from common.faces.detect import FaceBoxesDetector
 from common.faces.fit import crop_params_to_image
 from common.faces.refine import RefineConfig, refine_to_landmarks
@@ -99,8 +100,8 @@ def _build_path(a: Path, samples: list[Sample], det, refine_on: bool) -> dict[st
     from common.faces.fit import FitConfig, ShapeFitter, frame_face
     from common.loaders import load_tddfa_dense_public
 
-    fit = FitConfig(fitter="tddfa", tddfa_weights=a / "3ddfa_v2/weights/mb05_120x120.pth",
-                    param_stats=a / "3ddfa_v2/configs/param_mean_std_62d_120x120.pkl",
+    v2 = TDDFAAssets.from_dir(a / "3ddfa_v2")
+    fit = FitConfig(fitter="tddfa", tddfa_weights=v2.mb05, param_stats=v2.param_stats,
                     landmarks_dir=a / "3ddfa_v1/c++/weights", second_pass=True)
     model = load_tddfa_dense_public(a / "3ddfa_v1", a / "3ddfa_v2")
     fitters = {"build: 2 passes": ShapeFitter(model, fit)}
@@ -131,10 +132,9 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     a = args.assets
-    det = FaceBoxesDetector.from_path(a / "3ddfa_v2/FaceBoxes/weights/FaceBoxesProd.pth")
-    kw = dict(weights=a / "3ddfa_v2/weights/mb05_120x120.pth",
-              param_stats=a / "3ddfa_v2/configs/param_mean_std_62d_120x120.pkl",
-              landmarks_dir=a / "3ddfa_v1/c++/weights")
+    v2 = TDDFAAssets.from_dir(a / "3ddfa_v2", require=("detector", "mb05", "param_stats"))
+    det = FaceBoxesDetector.from_path(v2.detector)
+    kw = dict(weights=v2.mb05, param_stats=v2.param_stats, landmarks_dir=a / "3ddfa_v1/c++/weights")
     reg1 = TDDFARegressor.from_paths(**kw)
     reg2 = TDDFARegressor.from_paths(**kw, second_pass=True)
     dlib68 = None

@@ -34,6 +34,7 @@ import cv2
 import numpy as np
 import torch
 
+from common.faces.assets import TDDFAAssets
 from common.faces.fit import FitConfig, mesh_in_image
 from common.imageio import image_grid
 from common.procedural import build_procedural_model
@@ -134,10 +135,9 @@ def real_photos(image_size: int, out: Path, config: OcclusionConfig) -> None:
     if not (v1.exists() and v2.exists()):
         print(f"--real: needs {v1} and {v2}; skipped")
         return
-    weights = next(p for p in (v2 / "weights" / "mb1_120x120.pth", v2 / "weights" / "mb05_120x120.pth") if p.exists())
-    fit = FitConfig(fitter="tddfa", image_size=image_size, tddfa_weights=weights,
-                    param_stats=v2 / "configs" / "param_mean_std_62d_120x120.pkl",
-                    detector_weights=v2 / "FaceBoxes" / "weights" / "FaceBoxesProd.pth")
+    files = TDDFAAssets.from_dir(v2, require=("regressor",))
+    fit = FitConfig(fitter="tddfa", image_size=image_size, tddfa_weights=files.regressor,
+                    param_stats=files.param_stats, detector_weights=files.detector)
     cfg = StageConfig(face_model="bfm-public", bfm_v1_dir=v1, bfm_v2_dir=v2, fit=fit, uvgt=UVGTConfig(uv_size=64),
                       occlusion=config)
     ctx = StageContext.build(cfg)

@@ -47,6 +47,7 @@ from common.facemodel import (
     mirror_symmetry_map,
     orient_triangles_outward,
 )
+from common.faces.assets import TDDFAAssets
 from common.regions import RegionParams, derive_regions
 
 PathLike = str | Path
@@ -294,8 +295,8 @@ class BFMLayout:
     @classmethod
     def from_dirs(cls, v1_dir: PathLike, v2_dir: PathLike) -> BFMLayout:
         """From the roots of the 3DDFA (v1) and 3DDFA_V2 checkouts."""
-        v1, v2 = Path(v1_dir), Path(v2_dir)
-        return cls(uv_mat=v2 / "configs" / "BFM_UV.mat", indices=v2 / "configs" / "indices.npy",
+        v1, v2 = Path(v1_dir), TDDFAAssets.from_dir(v2_dir)
+        return cls(uv_mat=v2.bfm_uv, indices=v2.indices,
                    reference_shape=v1 / "train.configs" / "u_shp.npy",
                    keypoints=v1 / "train.configs" / "keypoints_sim.npy")
 
@@ -315,7 +316,7 @@ def load_bfm_mean_mesh(v1_dir: PathLike, v2_dir: PathLike) -> FaceModel:
     uv_full = load_bfm_uv(lay.uv_mat)
     if len(u) != len(uv_full):
         raise ValueError(f"u_shp has {len(u)} vertices but {lay.uv_mat} {len(uv_full)} rows; both should be 53215")
-    tri = _triangles(_load_array(v2 / "configs" / "tri.pkl"), len(idx), False, "tri.pkl")
+    tri = _triangles(_load_array(TDDFAAssets.from_dir(v2).triangles), len(idx), False, "tri.pkl")
     kp = _subset_map(keypoints_from_interleaved(np.load(lay.keypoints)), idx, "keypoints_sim")
     mean = u[idx]
     none = np.zeros((len(idx), 3, 0), np.float32)
@@ -636,10 +637,11 @@ def load_tddfa_dense_public(v1_dir: PathLike, v2_dir: PathLike, noneck: bool = T
     """
     p = params or DenseLiftParams()
     v1, v2 = Path(v1_dir), Path(v2_dir)
+    v2_files = TDDFAAssets.from_dir(v2)
     mean_full = _per_vertex(np.load(v1 / "train.configs" / "u_shp.npy") + np.load(v1 / "train.configs" / "u_exp.npy"),
                             None, "u_shp + u_exp")
     n_full = len(mean_full)
-    uv_full = load_bfm_uv(v2 / "configs" / "BFM_UV.mat")
+    uv_full = load_bfm_uv(v2_files.bfm_uv)
     if len(uv_full) != n_full:
         raise ValueError(f"u_shp has {n_full} vertices but BFM_UV.mat {len(uv_full)} rows; both should be 53215")
     tri_full = _triangles(_load_array(v1 / "visualize" / "tri.mat", "tri"), n_full, True, "tri.mat")
@@ -658,8 +660,8 @@ def load_tddfa_dense_public(v1_dir: PathLike, v2_dir: PathLike, noneck: bool = T
     paf_uv = _barycentric_matrix(tri_full, np.asarray(paf["tri_id"], np.int64)[on], paf["bary"][on], n_full) @ uv_full
 
     if noneck:
-        sel = np.asarray(_load_array(v2 / "configs" / "indices.npy"), np.int64).ravel()
-        tri = _triangles(_load_array(v2 / "configs" / "tri.pkl"), len(sel), False, "tri.pkl")
+        sel = np.asarray(_load_array(v2_files.indices), np.int64).ravel()
+        tri = _triangles(_load_array(v2_files.triangles), len(sel), False, "tri.pkl")
     else:
         sel, tri = np.arange(n_full), tri_full
     uv, lap = uv_full[sel], _uniform_laplacian(tri, len(sel))

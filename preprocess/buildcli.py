@@ -68,10 +68,6 @@ class BuildArgs:
     lock: bool = True
 
 
-def _first_existing(*paths: Path) -> Path | None:
-    return next((p for p in paths if p is not None and p.exists()), None)
-
-
 def validate_args(a: BuildArgs) -> None:
     """Every option checked before anything is read or created; raises ValueError naming the flag."""
     choices = {"fitter": (None, "given", "tddfa"), "face_model": (None, "procedural", "bfm-public"),
@@ -124,6 +120,7 @@ def make_config(a: BuildArgs):
     """Returns (BuildConfig, RunOptions). Real-photo defaults come from the 3DDFA_V2 folder when given."""
     validate_args(a)
     slurm = slurm_config(a)
+    from common.faces.assets import TDDFAAssets
     from common.faces.fit import FitConfig
     from common.synthetic import SyntheticConfig
     from common.uvlayout import CropConfig
@@ -146,15 +143,12 @@ def make_config(a: BuildArgs):
         extra.update({k: v for k, v in (("max_bytes", a.max_bytes), ("max_pixels", a.max_pixels)) if v is not None})
         source = make_source(a.src, images=str(a.images), **extra)
     fitter = a.fitter or ("given" if synthetic or a.params is not None or a.src == "aflw2000" else "tddfa")
-    v2 = a.bfm_v2_dir
+    v2 = TDDFAAssets.from_dir(a.bfm_v2_dir) if a.bfm_v2_dir is not None else None
     fit = FitConfig(fitter=fitter, image_size=a.image_size)
     if fitter == "tddfa":
-        fit = replace(fit,
-                      tddfa_weights=a.tddfa_weights or _first_existing(*(v2 / "weights" / f for f in (
-                          "mb1_120x120.pth", "mb05_120x120.pth"))) if v2 else a.tddfa_weights,
-                      param_stats=(v2 / "configs" / "param_mean_std_62d_120x120.pkl") if v2 else None,
-                      detector_weights=a.detector_weights or ((v2 / "FaceBoxes" / "weights" / "FaceBoxesProd.pth")
-                                                              if v2 else None))
+        fit = replace(fit, tddfa_weights=a.tddfa_weights or (v2.regressor if v2 else None),
+                      param_stats=v2.param_stats if v2 else None,
+                      detector_weights=a.detector_weights or (v2.detector if v2 else None))
         lm = (a.bfm_v1_dir / "c++" / "weights") if a.bfm_v1_dir is not None else None
         if a.second_pass and lm is not None and lm.is_dir():  # NME 3.29 % vs 3.43 % on the AFLW2000-3D samples
             fit = replace(fit, landmarks_dir=lm, second_pass=True)

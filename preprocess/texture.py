@@ -34,6 +34,7 @@ def basis_from_model_file(kind: str, path: str | Path, uv_size: int, v1_dir: str
     :meth:`UVTextureBasis.save` and pass it to ``uvprep build --texture-model PATH``.
     """
     from common import loaders
+    from common.faces.assets import TDDFAAssets
 
     if kind == "bfm2009":
         model = loaders.load_bfm2009(path, loaders.BFMLayout.from_dirs(v1_dir, v2_dir), n_tex=n_tex)
@@ -41,7 +42,7 @@ def basis_from_model_file(kind: str, path: str | Path, uv_size: int, v1_dir: str
         if deep3d_front_idx is None:
             raise ValueError("deep3d: pass Deep3DFaceRecon's BFM_front_idx.mat (its vertex ids into the BFM) so "
                              "that the model's vertices get BFM_UV coordinates")
-        uv = loaders.deep3d_uv_from_layout(Path(v2_dir) / "configs" / "BFM_UV.mat", deep3d_front_idx)
+        uv = loaders.deep3d_uv_from_layout(TDDFAAssets.from_dir(v2_dir).bfm_uv, deep3d_front_idx)
         model = loaders.load_deep3d(path, uv=uv)
     else:
         raise ValueError(f"unknown texture model file kind {kind!r}; expected 'bfm2009' or 'deep3d'")

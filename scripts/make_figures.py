@@ -23,6 +23,7 @@ import cv2
 import numpy as np
 
 from common.facemodel import FaceModel
+from common.faces.assets import TDDFAAssets
 from common.faces.fit import FitConfig, mesh_in_image
 from common.imageio import image_grid, read_image, write_png
 from common.procedural import build_procedural_model
@@ -94,9 +95,9 @@ def synthetic_stages(indices, uv_size: int = 128, image_size: int = 192, seed: i
 def real_stages(assets: Path, uv_size: int = 256) -> tuple[list, list]:
     """The example photos through the real chain (FaceBoxes, 3DDFA_V2, dense public BFM) with a tiny PCA basis
     learned from their own UV_gt (+ mirrors): see tests/test_real_faces.py for why."""
-    fit = FitConfig(fitter="tddfa", image_size=256, tddfa_weights=assets / "3ddfa_v2/weights/mb05_120x120.pth",
-                    param_stats=assets / "3ddfa_v2/configs/param_mean_std_62d_120x120.pkl",
-                    detector_weights=assets / "3ddfa_v2/FaceBoxes/weights/FaceBoxesProd.pth")
+    v2 = TDDFAAssets.from_dir(assets / "3ddfa_v2")
+    fit = FitConfig(fitter="tddfa", image_size=256, tddfa_weights=v2.mb05, param_stats=v2.param_stats,
+                    detector_weights=v2.detector)
     cfg = StageConfig(face_model="bfm-public", bfm_v1_dir=assets / "3ddfa_v1", bfm_v2_dir=assets / "3ddfa_v2",
                       fit=fit, uvgt=UVGTConfig(uv_size=uv_size))
     ctx = StageContext.build(cfg)

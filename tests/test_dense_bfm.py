@@ -12,6 +12,7 @@ import pytest
 import scipy.sparse as sp
 from conftest import asset_path
 
+from common.faces.assets import TDDFAAssets
 from common.loaders import (
     DenseLiftParams,
     _uniform_laplacian,
@@ -34,7 +35,7 @@ def _dirs():
     for parts in (("train.configs", "Model_PAF.pkl"), ("derived", "paf_uv_bary.npz"), ("c++", "weights"),
                   ("visualize", "tri.mat")):
         asset_path("3ddfa_v1", *parts)
-    asset_path("3ddfa_v2", "configs", "param_mean_std_62d_120x120.pkl")
+    asset_path(TDDFAAssets.from_dir(v2).param_stats)
     return v1, v2
 
 
@@ -84,7 +85,7 @@ def test_held_out_landmark_accuracy(models, exact):
     u_base, w_id, _ = exact
     rel = _rel(held.id_basis[held.keypoints], w_id)
     assert np.median(rel) < ID_REL_MEDIAN and rel.max() < ID_REL_MAX, (np.median(rel), rel.max())
-    mean, std = load_param_stats(_dirs()[1] / "configs" / "param_mean_std_62d_120x120.pkl")
+    mean, std = load_param_stats(TDDFAAssets.from_dir(_dirs()[1]).param_stats)
     alpha = mean[12:52] + std[12:52] * np.random.default_rng(0).standard_normal((200, 40))
     err = np.linalg.norm(np.einsum("pck,nk->npc", held.id_basis[held.keypoints] - w_id, alpha), axis=-1)
     iod = np.linalg.norm(u_base[45] - u_base[36])
@@ -102,7 +103,7 @@ def test_paf_residual(models):
     z = np.load(v1 / "derived" / "paf_uv_bary.npz")
     tri = sio.loadmat(str(v1 / "visualize" / "tri.mat"))["tri"].T.astype(np.int64) - 1
     lookup = -np.ones(53215, np.int64)
-    lookup[np.load(v2 / "configs" / "indices.npy")] = np.arange(38365)
+    lookup[np.load(TDDFAAssets.from_dir(v2).indices)] = np.arange(38365)
     corners = lookup[tri[z["tri_id"]]]
     use = (z["surf_dist"] <= 1) & (corners >= 0).all(1)  # on-surface points inside the noneck mesh
     assert use.sum() > 3000
@@ -119,7 +120,7 @@ def test_deformation_has_no_spikes(models):
     (the biharmonic extension continues trends); edge stretch 0.1-99.9 percentiles 0.76-1.51.
     """
     anchored, _ = models
-    mean, std = load_param_stats(_dirs()[1] / "configs" / "param_mean_std_62d_120x120.pkl")
+    mean, std = load_param_stats(TDDFAAssets.from_dir(_dirs()[1]).param_stats)
     p = mean[12:] + std[12:] * np.random.default_rng(1).standard_normal((8, 50))
     disp = np.linalg.norm(anchored.shape(p[:, :40], p[:, 40:]) - anchored.mean_shape, axis=-1)
     known = np.asarray(anchored.meta["id_known"]) & np.asarray(anchored.meta["exp_known"])

@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 import scipy.io as sio
 import torch
-from conftest import asset_path
+from conftest import SHARED_ASSETS, asset_path
 
+from common.faces.assets import TDDFAAssets
 from common.faces.detect import (
     AlignedCrop,
     FaceBoxesDetector,
@@ -33,9 +34,7 @@ from common.faces.tddfa import (
 )
 from common.geometry import make_pose
 
-FACEBOXES = ("3ddfa_v2", "FaceBoxes", "weights", "FaceBoxesProd.pth")
-MB05 = ("3ddfa_v2", "weights", "mb05_120x120.pth")
-STATS = ("3ddfa_v2", "configs", "param_mean_std_62d_120x120.pkl")
+V2 = TDDFAAssets.from_dir(SHARED_ASSETS / "3ddfa_v2")
 V1_WEIGHTS = ("3ddfa_v1", "c++", "weights")
 
 
@@ -140,6 +139,42 @@ def test_missing_files_say_what_to_download(tmp_path):
         SparseLandmarkModel.from_dir(tmp_path)
 
 
+def test_tddfa_assets_name_every_file_and_what_is_missing(tmp_path):
+    a = TDDFAAssets.from_dir(tmp_path)
+    assert (a.mb1, a.mb05) == (tmp_path / "weights" / "mb1_120x120.pth", tmp_path / "weights" / "mb05_120x120.pth")
+    assert a.param_stats == tmp_path / "configs" / "param_mean_std_62d_120x120.pkl"
+    assert a.detector == tmp_path / "FaceBoxes" / "weights" / "FaceBoxesProd.pth"
+    assert (a.bfm_uv.name, a.indices.name, a.triangles.name, a.bfm.name) == (
+        "BFM_UV.mat", "indices.npy", "tri.pkl", "bfm_noneck_v3.pkl")
+    assert a.regressor is None and a.require() is a
+    with pytest.raises(FileNotFoundError, match=rf"{tmp_path}: missing weights/mb1_120x120\.pth or "
+                                                r"weights/mb05_120x120\.pth, configs/param_mean_std_62d_120x120\.pkl; "
+                                                r"download them from https://github\.com/cleardusk/3DDFA_V2"):
+        TDDFAAssets.from_dir(tmp_path, require=("regressor", "param_stats"))
+    with pytest.raises(ValueError, match="unknown file names \\['weights'\\]"):
+        a.require("weights")
+    a.mb05.parent.mkdir()
+    a.mb05.write_bytes(b"")
+    assert a.regressor == a.mb05 and TDDFAAssets.from_dir(tmp_path, require=("regressor", "mb05")) == a
+    a.mb1.write_bytes(b"")
+    assert a.regressor == a.mb1  # 3DDFA_V2's default network first
+
+
+def test_build_takes_the_tddfa_files_from_the_asset_folder(tmp_path):
+    from preprocess.buildcli import BuildArgs, make_config
+
+    v2 = TDDFAAssets.from_dir(tmp_path / "v2")
+    v2.mb05.parent.mkdir(parents=True)
+    v2.mb05.write_bytes(b"")
+    (tmp_path / "photos").mkdir()
+    base = dict(out=tmp_path / "s.zarr", src="folder", images=tmp_path / "photos", bfm_v2_dir=v2.root)
+    fit = make_config(BuildArgs(**base))[0].stages.fit
+    assert (fit.tddfa_weights, fit.param_stats, fit.detector_weights) == (v2.mb05, v2.param_stats, v2.detector)
+    mine = tmp_path / "mine.pth"
+    fit = make_config(BuildArgs(**base, tddfa_weights=mine, detector_weights=mine))[0].stages.fit
+    assert (fit.tddfa_weights, fit.param_stats, fit.detector_weights) == (mine, v2.param_stats, mine)
+
+
 def test_haar_fallback_reports_absence_or_runs():
     haar = HaarDetector()
     img = np.full((64, 64, 3), 128, np.uint8)
@@ -158,23 +193,23 @@ def test_detector_rejects_non_rgb_input():
 # ------------------------------------------------------------------------------- real weights
 @pytest.fixture(scope="module")
 def detector():
-    return FaceBoxesDetector.from_path(asset_path(*FACEBOXES))
+    return FaceBoxesDetector.from_path(asset_path(V2.detector))
 
 
 @pytest.fixture(scope="module")
 def regressor():
-    return TDDFARegressor.from_paths(asset_path(*MB05), asset_path(*STATS), asset_path(*V1_WEIGHTS))
+    return TDDFARegressor.from_paths(asset_path(V2.mb05), asset_path(V2.param_stats), asset_path(*V1_WEIGHTS))
 
 
 def test_faceboxes_weights_load_strictly():
-    state = torch.load(asset_path(*FACEBOXES), map_location="cpu", weights_only=True)
+    state = torch.load(asset_path(V2.detector), map_location="cpu", weights_only=True)
     net = FaceBoxesNet()
     net.load_state_dict(state, strict=True)
     assert set(state) == set(net.state_dict())
 
 
 def test_tddfa_checkpoint_loads_backbone_and_param_head():
-    path = asset_path(*MB05)
+    path = asset_path(V2.mb05)
     state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
     net = load_tddfa_checkpoint(path)
     assert net.conv1.out_channels == 16  # widen 0.5 read from the checkpoint
@@ -229,7 +264,7 @@ def test_landmarks_land_on_hand_marked_features(detector, regressor, second_pass
     fit = regressor.predict(img, box)
     if second_pass:
         fit = regressor.predict_from_landmarks(img, regressor.landmarks(*fit))
-        two_pass = TDDFARegressor.from_paths(asset_path(*MB05), asset_path(*STATS), asset_path(*V1_WEIGHTS),
+        two_pass = TDDFARegressor.from_paths(asset_path(V2.mb05), asset_path(V2.param_stats), asset_path(*V1_WEIGHTS),
                                              second_pass=True)
         again = two_pass.predict(img, box)
         np.testing.assert_array_equal(again.roi_boxes, fit.roi_boxes)
@@ -264,7 +299,7 @@ def test_regressor_is_deterministic_and_batch_independent(regressor):
 
 def test_second_pass_needs_landmark_bases():
     with pytest.raises(ValueError, match="landmarks_dir"):
-        TDDFARegressor.from_paths(asset_path(*MB05), asset_path(*STATS), second_pass=True)
+        TDDFARegressor.from_paths(asset_path(V2.mb05), asset_path(V2.param_stats), second_pass=True)
 
 
 def _ffhq_align(img: np.ndarray, lm: np.ndarray, size: int) -> np.ndarray:
@@ -311,10 +346,10 @@ def test_cuda_matches_cpu(detector, regressor):
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
     img = _read_rgb("faces", "trump_hillary.jpg")
-    det_gpu = FaceBoxesDetector.from_path(asset_path(*FACEBOXES), device="cuda").detect(img)
+    det_gpu = FaceBoxesDetector.from_path(asset_path(V2.detector), device="cuda").detect(img)
     det_cpu = detector.detect(img)
     np.testing.assert_allclose(det_gpu.boxes[:, :4], det_cpu.boxes[:, :4], atol=1.0)
-    reg_gpu = TDDFARegressor.from_paths(asset_path(*MB05), asset_path(*STATS), asset_path(*V1_WEIGHTS),
+    reg_gpu = TDDFARegressor.from_paths(asset_path(V2.mb05), asset_path(V2.param_stats), asset_path(*V1_WEIGHTS),
                                         device="cuda")
     lm_gpu = reg_gpu.landmarks(*reg_gpu.predict(img, det_cpu.boxes))
     lm_cpu = regressor.landmarks(*regressor.predict(img, det_cpu.boxes))
@@ -324,7 +359,8 @@ def test_cuda_matches_cpu(detector, regressor):
 def test_second_pass_lowers_the_nme_on_aflw2000_samples(detector, regressor):
     """FaceBoxes box -> 3DDFA_V2, with and without the landmark-ROI second pass (the build's default since it is
     better here): measured mean NME 3.43 % (one pass) and 3.29 % (two) on the four samples."""
-    two = TDDFARegressor.from_paths(asset_path(*MB05), asset_path(*STATS), asset_path(*V1_WEIGHTS), second_pass=True)
+    two = TDDFARegressor.from_paths(asset_path(V2.mb05), asset_path(V2.param_stats), asset_path(*V1_WEIGHTS),
+                                    second_pass=True)
     e1, e2 = [], []
     for name in ("image00050", "image00251", "image00430", "image03324"):
         img = _read_rgb("aflw2000", f"{name}.jpg")
@@ -373,7 +409,8 @@ def test_dlib68_refinement_lowers_the_nme_on_aflw2000_samples(detector):
     from common.geometry import project_to_image, split_params
 
     dlib68 = _dlib68_or_skip()
-    two = TDDFARegressor.from_paths(asset_path(*MB05), asset_path(*STATS), asset_path(*V1_WEIGHTS), second_pass=True)
+    two = TDDFARegressor.from_paths(asset_path(V2.mb05), asset_path(V2.param_stats), asset_path(*V1_WEIGHTS),
+                                    second_pass=True)
     lm_model = two.landmark_model
     before, after, applied = [], [], []
     for name in ("image00050", "image00251", "image00430", "image03324"):

@@ -7,9 +7,10 @@ import pickle
 import numpy as np
 import pytest
 import scipy.io as sio
-from conftest import asset_path
+from conftest import SHARED_ASSETS, asset_path
 
 from common.facemodel import REGION_NAMES, FaceModel, uv_symmetry_error
+from common.faces.assets import TDDFAAssets
 from common.loaders import (
     BFMLayout,
     deep3d_uv_from_layout,
@@ -162,7 +163,7 @@ def test_param_stats(tmp_path):
 
 
 def test_param_stats_real():
-    mean, std = load_param_stats(asset_path("3ddfa_v2", "configs", "param_mean_std_62d_120x120.pkl"))
+    mean, std = load_param_stats(asset_path(TDDFAAssets.from_dir(SHARED_ASSETS / "3ddfa_v2").param_stats))
     assert mean.shape == std.shape == (62,) and (std > 0).all()
 
 
@@ -315,7 +316,7 @@ def test_regions_geometry_only():
 def test_bfm_mean_mesh_real():
     v1, v2 = asset_path("3ddfa_v1"), asset_path("3ddfa_v2")
     asset_path("3ddfa_v1", "train.configs", "u_shp.npy")
-    asset_path("3ddfa_v2", "configs", "BFM_UV.mat")
+    asset_path(TDDFAAssets.from_dir(v2).bfm_uv)
     m = load_bfm_mean_mesh(v1, v2)
     assert (m.n_vertices, m.n_triangles, m.n_id, m.n_exp) == (38365, 76073, 0, 0)
     assert m.meta["winding_reversed"] and not m.meta["uv_v_flipped"]
@@ -338,10 +339,10 @@ def test_bfm_mean_mesh_real():
 def test_tddfa_v2_real_layout(tmp_path):
     """bfm_noneck_v3.pkl is not public here: write one from the real mean, tri and keypoints with random bases."""
     v1 = asset_path("3ddfa_v1", "train.configs")
-    cfg = asset_path("3ddfa_v2", "configs")
+    v2 = TDDFAAssets.from_dir(asset_path("3ddfa_v2"), require=("bfm_uv", "indices", "triangles"))
     u = (np.load(v1 / "u_shp.npy") + np.load(v1 / "u_exp.npy")).reshape(-1, 3)
-    idx = np.load(cfg / "indices.npy").astype(np.int64)
-    with open(cfg / "tri.pkl", "rb") as f:
+    idx = np.load(v2.indices).astype(np.int64)
+    with open(v2.triangles, "rb") as f:
         tri = pickle.load(f)
     kp = keypoints_from_interleaved(np.load(v1 / "keypoints_sim.npy"))
     kp_noneck = np.searchsorted(idx, kp)
@@ -352,8 +353,8 @@ def test_tddfa_v2_real_layout(tmp_path):
            "keypoints": np.stack([3 * kp_noneck, 3 * kp_noneck + 1, 3 * kp_noneck + 2], 1).ravel()}
     with open(tmp_path / "bfm_noneck_v3.pkl", "wb") as f:
         pickle.dump(bfm, f)
-    m = load_tddfa_v2(tmp_path / "bfm_noneck_v3.pkl", cfg / "BFM_UV.mat", cfg / "indices.npy", cfg / "tri.pkl")
-    ref = load_bfm_mean_mesh(v1.parent, cfg.parent)
+    m = load_tddfa_v2(tmp_path / "bfm_noneck_v3.pkl", v2.bfm_uv, v2.indices, v2.triangles)
+    ref = load_bfm_mean_mesh(v1.parent, v2.root)
     np.testing.assert_array_equal(m.mean_shape, ref.mean_shape)
     np.testing.assert_array_equal(m.triangles, ref.triangles)
     np.testing.assert_array_equal(m.uv, ref.uv)
@@ -366,15 +367,15 @@ def test_tddfa_v2_real_layout(tmp_path):
 def test_bfm2009_real_layout(tmp_path):
     """A fake 01_MorphableModel.mat holding the real trimmed mean plus fake ear/neck vertices."""
     v1 = asset_path("3ddfa_v1")
-    cfg = asset_path("3ddfa_v2", "configs")
+    v2 = TDDFAAssets.from_dir(asset_path("3ddfa_v2"), require=("bfm_uv", "indices"))
     ref = np.load(v1 / "train.configs" / "u_shp.npy").reshape(-1, 3).astype(np.float64)
     tri_full = sio.loadmat(v1 / "visualize" / "tri.mat")["tri"].T.astype(np.int64) - 1
     trim, var = _write_bfm2009(tmp_path / "mm.mat", ref, tri_full, np.zeros(3), k=3, n_extra=275)
-    layout = BFMLayout.from_dirs(v1, cfg.parent)
+    layout = BFMLayout.from_dirs(v1, v2.root)
     m = load_bfm2009(tmp_path / "mm.mat", layout)
     corr = m.meta["correspondence"]
     assert corr["matched"] == corr["distinct"] == 53215 and corr["residual_max"] < 1.0
-    idx = np.load(cfg / "indices.npy")
+    idx = np.load(v2.indices)
     np.testing.assert_array_equal(m.meta["bfm2009_vertex_ids"], trim[idx])
     assert m.n_vertices == 38365 and m.n_triangles == 76073 and m.n_tex == 3
     _check_model(m, mirror_tol=1000.0)

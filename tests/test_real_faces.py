@@ -26,8 +26,9 @@ from __future__ import annotations
 import cv2
 import numpy as np
 import pytest
-from conftest import asset_path
+from conftest import SHARED_ASSETS, asset_path
 
+from common.faces.assets import TDDFAAssets
 from common.faces.fit import FitConfig, mesh_in_image
 from common.faces.tddfa import TDDFARegressor
 from common.imageio import read_image, to_uint8
@@ -55,10 +56,9 @@ def _photos() -> dict[str, np.ndarray]:
 def real():
     """Fit, unwrap, learn a 2-component basis from the two photos, then the whole stage chain."""
     v1, v2 = asset_path("3ddfa_v1"), asset_path("3ddfa_v2")
-    fit = FitConfig(fitter="tddfa", image_size=S,
-                    tddfa_weights=asset_path("3ddfa_v2", "weights", "mb05_120x120.pth"),
-                    param_stats=asset_path("3ddfa_v2", "configs", "param_mean_std_62d_120x120.pkl"),
-                    detector_weights=asset_path("3ddfa_v2", "FaceBoxes", "weights", "FaceBoxesProd.pth"))
+    files = TDDFAAssets.from_dir(v2)
+    fit = FitConfig(fitter="tddfa", image_size=S, tddfa_weights=asset_path(files.mb05),
+                    param_stats=asset_path(files.param_stats), detector_weights=asset_path(files.detector))
     cfg = StageConfig(face_model="bfm-public", bfm_v1_dir=v1, bfm_v2_dir=v2, fit=fit, uvgt=UVGTConfig(uv_size=U))
     ctx = StageContext.build(cfg)
     photos = _photos()
@@ -167,6 +167,6 @@ def test_partial_crops_follow_the_pose(real):
 
 
 def test_fitted_shape_coefficients_are_within_the_regressor_statistics(real):
-    mean, std = load_param_stats(asset_path("3ddfa_v2", "configs", "param_mean_std_62d_120x120.pkl"))
+    mean, std = load_param_stats(asset_path(TDDFAAssets.from_dir(SHARED_ASSETS / "3ddfa_v2").param_stats))
     z = np.abs(real["arrays"]["params"][:, 12:] - mean[12:]) / std[12:]
     assert np.isfinite(z).all() and z.max() < 5  # measured max 2.6 standard deviations

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from common.faces.assets import TDDFAAssets
 from common.faces.fit import FitConfig, FitResult, ShapeFitter, frame_face, read_given_params
 from common.geometry import split_params
 from common.imageio import image_grid, read_image, resize_image, to_uint8, write_png
@@ -123,6 +124,7 @@ def _output_names(paths: list[Path]) -> list[str]:
 
 
 def _first(*paths) -> Path | None:
+    """The first of the given paths that is a file (None entries skipped)."""
     return next((Path(p) for p in paths if p is not None and Path(p).is_file()), None)
 
 
@@ -153,16 +155,13 @@ class Inferencer:
 
     # --------------------------------------------------------------------------------------- set-up
     def _paths(self) -> dict[str, Path | None]:
-        c, v2, stored = self.cfg, self.cfg.bfm_v2_dir, self.bundle.fit
+        """Each file from the first source that has it: the flag, then --bfm-v2-dir, then the training store."""
+        c, stored = self.cfg, self.bundle.fit
+        v2 = TDDFAAssets.from_dir(c.bfm_v2_dir) if c.bfm_v2_dir is not None else None
         return {
-            "tddfa_weights": _first(c.tddfa_weights, *((v2 / "weights" / f for f in ("mb1_120x120.pth",
-                                                                                      "mb05_120x120.pth"))
-                                                         if v2 else ()), stored.get("tddfa_weights")),
-            "param_stats": _first(c.param_stats, v2 / "configs" / "param_mean_std_62d_120x120.pkl" if v2 else None,
-                                  stored.get("param_stats")),
-            "detector_weights": _first(c.detector_weights,
-                                       v2 / "FaceBoxes" / "weights" / "FaceBoxesProd.pth" if v2 else None,
-                                       stored.get("detector_weights")),
+            "tddfa_weights": _first(c.tddfa_weights, v2.regressor if v2 else None, stored.get("tddfa_weights")),
+            "param_stats": _first(c.param_stats, v2.param_stats if v2 else None, stored.get("param_stats")),
+            "detector_weights": _first(c.detector_weights, v2.detector if v2 else None, stored.get("detector_weights")),
             "landmarks_dir": next((Path(p) for p in (stored.get("landmarks_dir"),) if p and Path(p).is_dir()), None),
         }
 

@@ -35,10 +35,10 @@ import torch
 from torch import nn
 
 from common import loaders
+from common.faces.assets import TDDFA_URL
 from common.faces.detect import check_rgb_image
 from common.geometry import N_PARAMS, params_to_euler, project_to_image, split_params
 
-TDDFA_URL = "https://github.com/cleardusk/3DDFA_V2 (weights/ and configs/)"
 TDDFA_V1_URL = "https://github.com/cleardusk/3DDFA (c++/weights/)"
 
 
