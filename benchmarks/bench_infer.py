@@ -25,7 +25,7 @@ from common.faces.fit import frame_face
 from common.faces.tddfa import TDDFARegressor
 from common.imageio import read_image
 from train.bundle import read_bundle
-from train.loop import load_run_config, load_trained, sampled_inside
+from train.runs import load_run_config, load_trained, sampled_inside
 
 
 def main() -> None:

@@ -23,7 +23,7 @@ import torch
 from common.store import StoreReader
 from train.config import RunOptions, TrainConfig
 from train.data import DataConfig, StoreStream, make_loader
-from train.loop import Trainer, schedule
+from train.loop import StageKind, Trainer, schedule
 from train.render import PosedMesh
 
 
@@ -98,14 +98,19 @@ def phase_steps(store: str, device: str, image_size: int, small: bool = False):
     tr.init_sampler_template()
     phases = []
     for stage in schedule(cfg, tr.uv_size):
-        ds = StoreStream(store, DataConfig(batch_size=6, image_size=stage.image_size, with_targets=stage.with_targets,
+        generator = stage.kind is StageKind.GENERATOR
+        ds = StoreStream(store, DataConfig(batch_size=6, image_size=stage.image_size, with_targets=generator,
                                            rotate_share=0.25))
         it = iter(ds)
         batches = [{k: v.to(tr.device) if isinstance(v, torch.Tensor) else v for k, v in next(it).items()}
                    for _ in range(2)]
 
-        def step(i, b=batches, st=stage):
-            tr.generator_step(b[i % 2]) if st.with_targets else tr.sampler_step(b[i % 2], st)
+        def step(i, b=batches, st=stage, generator=generator):  # one step of train.loop's stage loop
+            if generator:
+                tr.discriminator_step(b[i % 2], tr.generator_step(b[i % 2]).fakes)
+            else:
+                tr.sampler_step(b[i % 2], st)
+            tr.scaler.update()
             if tr.device.type == "cuda":
                 torch.cuda.synchronize()
 

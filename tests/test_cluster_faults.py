@@ -200,7 +200,7 @@ def _torchrun_job(cmd: list[str], log: Path, **env: str):
 def _metric_steps(run_dir: Path) -> list[int]:
     import json
 
-    from train.loop import METRICS
+    from train.runs import METRICS
 
     path = run_dir / METRICS
     return [json.loads(ln)["step"] for ln in path.read_text().splitlines() if ln.strip()] if path.exists() else []
@@ -218,7 +218,7 @@ def test_a_lost_rank_fails_the_torchrun_job_and_the_same_command_resumes(train_s
 
     import torch
 
-    from train.loop import CHECKPOINT
+    from train.runs import CHECKPOINT
 
     rd, total = tmp_path / "r", 12
     cmd = _torchrun("-m", "train.cli", *_fit_flags(train_store, rd, total, 0), "--checkpoint-every", "2",
@@ -251,7 +251,7 @@ def test_a_lost_rank_fails_the_torchrun_job_and_the_same_command_resumes(train_s
 def test_torchrun_ranks_see_disjoint_data_and_end_with_the_same_weights(train_store, tmp_path):
     import torch
 
-    from train.loop import CHECKPOINT
+    from train.runs import CHECKPOINT
 
     rd = tmp_path / "r"
     cmd = _torchrun(str(ROOT / "tests" / "ddp_probe.py"), *_fit_flags(train_store, rd, 3, 2))

@@ -17,7 +17,7 @@ from common.store import StoreReader
 from train.bundle import BUNDLE_DIR, read_bundle
 from train.cli import app
 from train.infer import InferConfig, infer
-from train.loop import RunError, load_trained, predict_uv
+from train.runs import RunError, load_trained, predict_uv
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

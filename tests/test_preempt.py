@@ -16,7 +16,8 @@ import torch
 
 from tests.test_train import _cli, _free_port, opts, tiny
 from train.console import EXIT_PREEMPTED
-from train.loop import CHECKPOINT, METRICS, fit
+from train.loop import fit
+from train.runs import CHECKPOINT, METRICS
 
 ROOT = Path(__file__).resolve().parents[1]
 SBATCH = ROOT / "pipelines" / "slurm" / "train.sbatch"

@@ -14,8 +14,9 @@ from typer.testing import CliRunner
 
 from train.cli import app
 from train.config import RunOptions, TrainConfig
-from train.loop import CHECKPOINT, CONFIG, METRICS, RunError, Trainer, fit, schedule
+from train.loop import StageKind, Trainer, fit, schedule
 from train.models import DiscriminatorConfig, GeneratorConfig, SamplerConfig
+from train.runs import CHECKPOINT, CONFIG, METRICS, RunError
 
 
 def tiny(store: str, **kw) -> TrainConfig:
@@ -49,6 +50,7 @@ def test_schedule_follows_section_4_1(train_store):
     st = schedule(cfg, 32)
     assert [(s.name, s.start, s.stop, s.image_size, s.uv_out) for s in st] == [
         ("sampler", 0, 7, 48, 24), ("finetune", 7, 10, 64, 32), ("generator", 10, 15, 64, 32)]
+    assert [s.kind for s in st] == [StageKind.SAMPLER, StageKind.SAMPLER, StageKind.GENERATOR]
 
 
 def test_one_step_changes_the_weights(train_store, tmp_path):
@@ -60,13 +62,16 @@ def test_one_step_changes_the_weights(train_store, tmp_path):
     b = next(iter(StoreStream(train_store, DataConfig(batch_size=2, image_size=64, rotate_share=0.5))))
     before = {k: v.clone() for k, v in [*tr.sampler.state_dict().items(), *tr.generator.state_dict().items()]}
     st = schedule(cfg, tr.uv_size)
-    terms = tr.sampler_step(b, st[1])
-    assert set(terms) >= {"loss", "loss_uv", "loss_face", "loss_tv"}
+    out = tr.sampler_step(b, st[1])
+    assert set(out.terms) >= {"loss", "loss_uv", "loss_face", "loss_tv"}
+    assert {"image", "uv_spl", "uv_gt", "target"} <= set(out.images)
     assert any(not torch.equal(before[k], v) for k, v in tr.sampler.state_dict().items())
     d_before = {k: v.clone() for k, v in tr.discs.state_dict().items()}
-    terms = tr.generator_step(b)
-    assert {"loss_rec_uv", "loss_rec_face", "loss_sym", "loss_tv", "loss_adv_face", "loss_d_face"} <= set(terms)
+    out = tr.generator_step(b)
+    assert {"loss_rec_uv", "loss_rec_face", "loss_sym", "loss_tv", "loss_adv_face"} <= set(out.terms)
     assert any(not torch.equal(before[k], v) for k, v in tr.generator.state_dict().items())
+    assert all(torch.equal(d_before[k], v) for k, v in tr.discs.named_parameters())  # D has its own step
+    assert "loss_d_face" in tr.discriminator_step(b, out.fakes)
     assert any(not torch.equal(d_before[k], v) for k, v in tr.discs.state_dict().items())
 
 

@@ -40,8 +40,8 @@ from common.identity import load_identity
 from common.store import OK, Reason, StoreReader
 from train.bundle import layout_valid, read_bundle
 from train.data import images_to_tensor, resize_images
-from train.loop import CHECKPOINT, RunError, load_run_config, load_trained, resolve_device, sampled_inside
 from train.render import PosedMesh, render_lookup, rotated_params
+from train.runs import CHECKPOINT, RunError, load_run_config, load_trained, resolve_device, sampled_inside
 
 __all__ = ["METHODS", "EvalConfig", "evaluate", "reconstruction_metrics", "YAW_BANDS"]
 

@@ -35,8 +35,8 @@ from common.imageio import image_grid, read_image, resize_image, to_uint8, write
 from common.meshio import write_textured_obj
 from train.bundle import InferenceBundle, read_bundle
 from train.data import images_to_tensor, resize_images
-from train.loop import CHECKPOINT, RunError, load_run_config, load_trained, resolve_device, sampled_inside
 from train.render import PosedMesh, render_lookup, rotated_params
+from train.runs import CHECKPOINT, RunError, load_run_config, load_trained, resolve_device, sampled_inside
 
 __all__ = ["IMAGE_SUFFIXES", "InferConfig", "InferSummary", "Inferencer", "infer", "list_images"]
 

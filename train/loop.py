@@ -8,42 +8,32 @@ Schedule (Section 4.1), one global step counter over three stages:
 3. ``generator``: steps [Ns, Ns + Ng), the sampler frozen; Eq. 11-14 for the generator, Eq. 10 for D_ctr, D_sd
    and D_face.
 
-Run directory ``R``: ``config.json`` (the :class:`TrainConfig`; a rerun with another config is refused),
-``checkpoint.pt`` (written atomically; models, optimisers, scaler, step, data position, RNG states, log
-accumulators), ``sampler.pt`` (the sampler at the end of its phase), ``metrics.jsonl``, ``previews/*.png`` and
-``tb/`` (TensorBoard). Rerunning the same command resumes from ``checkpoint.pt``, and a run stopped at step k and
-resumed gives the same weights and logged losses as one that never stopped (the data stream and every random draw
-are functions of the step; tested). SIGUSR1 or SIGTERM (SLURM's warning before the time limit) stops the run after
-the current step with a checkpoint, every rank at the same step (:class:`StopSignals`); ``fit`` then returns with
-``preempted`` set and a rerun resumes.
+A run lives in its run directory (:mod:`train.runs`). Rerunning the same command resumes from its checkpoint, and
+a run stopped at step k and resumed gives the same weights and logged losses as one that never stopped (the data
+stream and every random draw are functions of the step; tested). SIGUSR1 or SIGTERM (SLURM's warning before the
+time limit) stops the run after the current step with a checkpoint, every rank at the same step
+(:class:`train.distributed.StopSignals`); ``fit`` then returns with ``preempted`` set and a rerun resumes.
 """
 
 from __future__ import annotations
 
 import contextlib
-import datetime
-import json
-import os
-import shutil
-import signal
+import enum
 import time
-from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from common.identity import load_identity as common_load_identity
-from common.imageio import image_grid, write_png
-from common.signals import signal_handlers
-from common.store import StoreReader, flatten_mapping
-from train.bundle import InferenceBundle, layout_valid, read_bundle, write_bundle
+from common.store import StoreReader
+from train.bundle import layout_valid, write_bundle
 from train.config import RunOptions, TrainConfig
 from train.data import DataConfig, StoreStream, add_renders, make_loader
+from train.distributed import Dist, StopSignals
 from train.losses import (
     NonFiniteLoss,
     check_finite,
@@ -60,103 +50,64 @@ from train.losses import (
 )
 from train.models import PatchDiscriminator, UVGenerator, UVSampler
 from train.render import PosedMesh, render_lookup
+from train.runs import (
+    CHECKPOINT,
+    SAMPLER_CHECKPOINT,
+    MetricsLog,
+    RunError,
+    atomic_save,
+    load_checkpoint,
+    prepare_run_dir,
+    resolve_device,
+    rng_state,
+    sampled_inside,
+    set_rng_state,
+)
 from train.uvops import centre_crop, resize_masked, side_crops
 
-CHECKPOINT, SAMPLER_CHECKPOINT, CONFIG, METRICS = "checkpoint.pt", "sampler.pt", "config.json", "metrics.jsonl"
 DISCRIMINATORS = ("ctr", "sd", "face")
-PREEMPT_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 
 
-class RunError(RuntimeError):
-    """A problem the user fixes (bad run directory, config mismatch, missing CUDA...): printed as one line."""
+# ------------------------------------------------------------------------------------------ schedule
+class StageKind(enum.Enum):
+    """What a stage trains: the UV sampler (Eq. 5), or the UV generator (Eq. 11-14) and its discriminators (Eq. 10)
+    with the sampler frozen."""
+
+    SAMPLER = "sampler"
+    GENERATOR = "generator"
 
 
 @dataclass(frozen=True)
 class Stage:
-    """A stretch of the schedule with fixed data settings."""
+    """Steps [start, stop) of the schedule, with fixed data settings: input images ``image_size`` pixels, the
+    sampler's UV output ``uv_out`` texels."""
 
     name: str
+    kind: StageKind
     start: int
     stop: int
     image_size: int
     uv_out: int
-    with_targets: bool
 
 
 def schedule(cfg: TrainConfig, uv_size: int) -> list[Stage]:
     """The stages of a run (empty ones dropped)."""
     ns, nf = cfg.sampler_steps, cfg.finetune_steps
-    stages = [Stage("sampler", 0, ns - nf, cfg.sampler_image_size, cfg.sampler.grid_size, False),
-              Stage("finetune", ns - nf, ns, cfg.image_size, uv_size, False),
-              Stage("generator", ns, ns + cfg.generator_steps, cfg.image_size, uv_size, True)]
+    stages = [Stage("sampler", StageKind.SAMPLER, 0, ns - nf, cfg.sampler_image_size, cfg.sampler.grid_size),
+              Stage("finetune", StageKind.SAMPLER, ns - nf, ns, cfg.image_size, uv_size),
+              Stage("generator", StageKind.GENERATOR, ns, ns + cfg.generator_steps, cfg.image_size, uv_size)]
     return [s for s in stages if s.stop > s.start]
 
 
-# ------------------------------------------------------------------------------------ run directory
-def config_differences(old: dict, new: dict) -> list[str]:
-    """Human-readable ``key: run dir X, this run Y`` lines for every differing (nested) config field."""
-    a, b = flatten_mapping(old), flatten_mapping(new)
-    return [f"{k}: run dir {a.get(k, '<absent>')!r}, this run {b.get(k, '<absent>')!r}"
-            for k in sorted(set(a) | set(b)) if a.get(k, "<absent>") != b.get(k, "<absent>")]
+@dataclass
+class StepResult:
+    """What a step hands back: its loss terms (scalar tensors, for the log) and its batch's pictures for the preview
+    (``images``, each (B, 3|1, H, W) in [0, 1], in column order); a generator step adds the discriminators' fake
+    inputs (``fakes``, detached), which :meth:`Trainer.discriminator_step` trains on."""
 
-
-def prepare_run_dir(cfg: TrainConfig, run: RunOptions, write: bool) -> None:
-    """Create or check ``run.run_dir``: refuse a different config unless ``overwrite`` (which clears the state)."""
-    rd = Path(run.run_dir)
-    if not rd.parent.is_dir():
-        raise RunError(f"run directory {rd}: its parent {rd.parent} does not exist; create it first")
-    if rd.exists() and not rd.is_dir():
-        raise RunError(f"run directory {rd} exists and is not a directory")
-    cfg_path = rd / CONFIG
-    if cfg_path.exists() and not run.overwrite:
-        diffs = config_differences(json.loads(cfg_path.read_text()), cfg.to_json())
-        if diffs:
-            raise RunError(f"{rd} holds a run with another config ({'; '.join(diffs)}); pass --overwrite to "
-                           f"restart it or choose another --run-dir")
-    if not write:
-        return
-    try:
-        rd.mkdir(exist_ok=True)
-        if run.overwrite:
-            for name in (CHECKPOINT, SAMPLER_CHECKPOINT, METRICS, CONFIG):
-                (rd / name).unlink(missing_ok=True)
-            for name in ("previews", "tb"):
-                shutil.rmtree(rd / name, ignore_errors=True)
-        (rd / "previews").mkdir(exist_ok=True)
-        if not cfg_path.exists():
-            _atomic_write_text(cfg_path, json.dumps(cfg.to_json(), indent=2))
-    except PermissionError as e:
-        raise RunError(f"run directory {rd} is not writable ({e.strerror})") from None
-
-
-def _atomic_write(path: Path, write) -> None:
-    """``write(f)`` into a temporary file in the same folder, fsync, then rename over ``path``."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    _atomic_write(path, lambda f: f.write(text.encode()))
-
-
-def atomic_save(obj: dict, path: Path) -> None:
-    """``torch.save`` a checkpoint atomically (temporary file, fsync, rename over ``path``)."""
-    _atomic_write(path, lambda f: torch.save(obj, f))
-
-
-# ------------------------------------------------------------------------------------------ helpers
-def resolve_device(name: str) -> torch.device:
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RunError(f"--device {name}: CUDA is not available on this machine (torch {torch.__version__}); "
-                       f"use --device cpu")
-    if dev.type not in ("cpu", "cuda"):
-        raise RunError(f"--device {name}: expected cpu, cuda or cuda:N")
-    return dev
+    terms: dict[str, torch.Tensor]
+    images: dict[str, torch.Tensor]
+    fakes: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def load_identity(spec: str, device: torch.device) -> torch.nn.Module | None:
@@ -170,87 +121,9 @@ def load_identity(spec: str, device: torch.device) -> torch.nn.Module | None:
         raise RunError(str(e)) from None
 
 
-def _rng_state() -> dict:
-    state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _to(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-
-
-@dataclass(frozen=True)
-class Dist:
-    """This process's place in a torchrun job (rank 0 of 1 when not distributed)."""
-
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    @classmethod
-    def from_env(cls, device: str, timeout: float = 600.0) -> Dist:
-        """Join the torchrun job described by the environment (``WORLD_SIZE``, ``RANK``, ...). timeout: seconds a
-        collective waits for the other ranks before it raises (``RunOptions.dist_timeout``)."""
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        if world <= 1:
-            return cls()
-        if not dist.is_initialized():
-            dist.init_process_group("nccl" if device.startswith("cuda") else "gloo",
-                                    timeout=datetime.timedelta(seconds=timeout))
-        return cls(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
-
-
-class StopSignals:
-    """SIGUSR1 / SIGTERM as a request to stop after the current step (SLURM's ``--signal=B:USR1@120`` warning).
-
-    A context manager: on entry it installs its handler for ``signals``, in the main thread only (elsewhere
-    nothing is installed and it never fires); on exit it restores the previous handlers. ``received`` is the name
-    of the first signal this process got; ``stopped`` becomes True when :meth:`should_stop` agreed to stop.
-    """
-
-    def __init__(self, signals: tuple[signal.Signals, ...] = PREEMPT_SIGNALS) -> None:
-        self.signals = signals
-        self.received: str | None = None
-        self.stopped = False
-        self._installed = contextlib.ExitStack()
-
-    def __enter__(self) -> StopSignals:
-        self._installed.enter_context(signal_handlers({s: self._handle for s in self.signals}))
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._installed.close()
-
-    def _handle(self, signum: int, frame) -> None:
-        self.received = self.received or signal.Signals(signum).name
-
-    def should_stop(self, world: Dist, device: torch.device) -> bool:
-        """True on every rank once any rank got a signal: under torchrun an all-reduce (max) of the flag, so call it
-        at the same step on every rank."""
-        flag = self.received is not None
-        if world.world_size > 1:
-            t = torch.tensor([float(flag)], device=device)
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)
-            flag = bool(t.item())
-        self.stopped = self.stopped or flag
-        return flag
-
-
 # ------------------------------------------------------------------------------------------ trainer
 class Trainer:
-    """The models, optimisers, AMP scaler and logging state of one run, and its steps; :func:`fit` drives it."""
+    """The models, optimisers, AMP scaler and metrics log of one run, and its steps; :func:`fit` drives it."""
 
     def __init__(self, cfg: TrainConfig, run: RunOptions, world: Dist | None = None) -> None:
         self.cfg, self.run_opts = cfg, run
@@ -281,8 +154,7 @@ class Trainer:
         self._build_models()
         self.identity = load_identity(cfg.identity, dev)
         self.step = 0
-        self.accum: dict[str, float] = defaultdict(float)
-        self.accum_n = 0
+        self.log = MetricsLog(self.rd, self.world.main)
         self.notes: list[str] = []
 
     def _amp_dtype(self) -> torch.dtype | None:
@@ -320,15 +192,19 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
-    # ---------------------------------------------------------------------------------- state
+    def optimiser(self, kind: StageKind) -> torch.optim.Optimizer:
+        """The optimiser of the network a stage of this kind trains (the discriminators' aside)."""
+        return self.opt_g if kind is StageKind.GENERATOR else self.opt_s
+
+    # ---------------------------------------------------------------------------------- checkpoint
     def state_dict(self, stage: Stage) -> dict:
         return {"step": self.step, "stage": stage.name,
                 "models": {"sampler": self.sampler.state_dict(), "generator": self.generator.state_dict(),
                            "discriminators": self.discs.state_dict()},
                 "optims": {"sampler": self.opt_s.state_dict(), "generator": self.opt_g.state_dict(),
                            "discriminators": self.opt_d.state_dict()},
-                "scaler": self.scaler.state_dict(), "rng": _rng_state(),
-                "accum": dict(self.accum), "accum_n": self.accum_n, "config": self.cfg.to_json()}
+                "scaler": self.scaler.state_dict(), "rng": rng_state(), **self.log.state_dict(),
+                "config": self.cfg.to_json()}
 
     def load_state_dict(self, ck: dict) -> None:
         self.sampler.load_state_dict(ck["models"]["sampler"])
@@ -339,27 +215,23 @@ class Trainer:
         self.opt_d.load_state_dict(ck["optims"]["discriminators"])
         if ck["scaler"]:
             self.scaler.load_state_dict(ck["scaler"])
-        _set_rng_state(ck["rng"])
+        set_rng_state(ck["rng"])
         self.step = int(ck["step"])
-        self.accum = defaultdict(float, ck["accum"])
-        self.accum_n = int(ck["accum_n"])
+        self.log.load_state_dict(ck)
 
     def save(self, stage: Stage, path: Path | None = None) -> None:
         if self.world.main:
             atomic_save(self.state_dict(stage), path or self.rd / CHECKPOINT)
 
     def resume(self) -> bool:
-        """Load ``checkpoint.pt`` when present (``weights_only=True``); True if the run resumed."""
-        path = self.rd / CHECKPOINT
-        if not path.exists():
+        """Load ``checkpoint.pt`` when present; True if the run resumed."""
+        ck = load_checkpoint(self.rd / CHECKPOINT)
+        if ck is None:
             return False
-        ck = torch.load(path, map_location="cpu", weights_only=True)  # RNG states must stay CPU tensors
         self.load_state_dict(ck)
-        if self.world.main:
-            _truncate_metrics(self.rd / METRICS, self.step)
+        self.log.truncate(self.step)
         return True
 
-    # ---------------------------------------------------------------------------------- template
     def init_sampler_template(self, n: int = 64) -> None:
         """Start the sampler from the mean texel -> pixel map of up to ``n`` samples (see UVSampler.set_template)."""
         s = self.cfg.sampler.grid_size
@@ -373,7 +245,7 @@ class Trainer:
         self.sampler.set_template(mean.to(self.device))
 
     # ---------------------------------------------------------------------------------- steps
-    def sampler_step(self, b: dict, stage: Stage) -> dict[str, torch.Tensor]:
+    def sampler_step(self, b: dict, stage: Stage) -> StepResult:
         """One Eq. 5 step of the UV sampler (plus the auxiliary :func:`train.losses.grid_loss`, weight ``grid``)."""
         with self.autocast():
             uv_spl, grid = self.sampler_t(b["image"], out_size=stage.uv_out)
@@ -393,10 +265,8 @@ class Trainer:
         self.opt_s.zero_grad(set_to_none=True)
         self.scaler.scale(terms["loss"]).backward()
         self.scaler.step(self.opt_s)
-        self.scaler.update()
-        self._last = {"image": b["image"], "uv_spl": uv_spl.detach(), "uv_gt": uv_gt, "render0": render.detach(),
-                      "target": b["target"]}
-        return terms
+        return StepResult(terms, {"image": b["image"], "uv_spl": uv_spl.detach(), "uv_gt": uv_gt,
+                                  "render0": render.detach(), "target": b["target"]})
 
     def _fakes(self, b: dict, uv_pred: torch.Tensor, r0: torch.Tensor, r1: torch.Tensor) -> dict[str, torch.Tensor]:
         """The fake inputs of the three discriminators, masked like their real counterparts.
@@ -418,8 +288,8 @@ class Trainer:
         out["face"] = torch.cat([r0 * b["face"], r1 * face1.to(r1.dtype)])
         return out
 
-    def generator_step(self, b: dict) -> dict[str, torch.Tensor]:
-        """One step of the UV generator (Eq. 11-14) and of the three discriminators (Eq. 10)."""
+    def generator_step(self, b: dict) -> StepResult:
+        """One step of the UV generator (Eq. 11-14) against the discriminators as they stand."""
         w = self.cfg.weights
         with torch.no_grad(), self.autocast():
             uv_spl, grid = self.sampler(b["image"], out_size=self.uv_size)
@@ -430,7 +300,7 @@ class Trainer:
         r0 = render_lookup(uv_pred, b["grid0"], b["cover0"])
         r1 = render_lookup(uv_pred, b["grid1"], b["cover1"])
         terms = dict(reconstruction_loss(uv_pred, b["uv_bl"], self.uv_valid.expand_as(uv_pred[:, :1]), r0,
-                                         b["target"], b["face"] * b["cover0"], w.uv, w.face))
+                                         b["target"], b["face"] * b["cover0"], w))
         terms["loss_sym"] = symmetry_loss(uv_pred, self.mirror, self.uv_valid)
         terms["loss_tv"] = tv_loss(uv_pred)
         fakes = self._fakes(b, uv_pred, r0, r1)
@@ -448,13 +318,13 @@ class Trainer:
         self.opt_g.zero_grad(set_to_none=True)
         self.scaler.scale(terms["loss"]).backward()
         self.scaler.step(self.opt_g)
-        terms.update(self.discriminator_step(b, {k: v.detach() for k, v in fakes.items()}))
-        self.scaler.update()
-        self._last = {"image": b["image"], "uv_spl": uv_spl, "uv_pred": uv_pred.detach(), "uv_bl": b["uv_bl"],
-                      "render0": r0.detach(), "render1": r1.detach(), "target": b["target"],
-                      **{f"fake_{k}": v.detach() for k, v in fakes.items() if k != "face"},
-                      **{f"real_{k}": b[f"{k}_real"] for k in ("ctr", "sd") if f"{k}_real" in b}}
-        return terms
+        fakes = {k: v.detach() for k, v in fakes.items()}
+        images = {"image": b["image"], "uv_spl": uv_spl, "uv_pred": uv_pred.detach(), "uv_bl": b["uv_bl"],
+                  "render0": r0.detach(), "render1": r1.detach(), "target": b["target"]}
+        for k in ("ctr", "sd"):
+            if k in fakes:
+                images[f"fake_{k}"], images[f"real_{k}"] = fakes[k], b[f"{k}_real"]
+        return StepResult(terms, images, fakes)
 
     def discriminator_step(self, b: dict, fakes: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Eq. 10 for each discriminator with real data this batch: one forward over [real; fake]."""
@@ -480,97 +350,8 @@ class Trainer:
         self.scaler.step(self.opt_d)
         return terms
 
-    # ---------------------------------------------------------------------------------- logging
-    def log_terms(self, terms: dict[str, torch.Tensor]) -> None:
-        for k, v in terms.items():
-            self.accum[k] += float(v.detach())
-        self.accum_n += 1
-
-    def flush_log(self, stage: Stage, extra: dict[str, float], tb) -> dict[str, Any]:
-        row: dict[str, Any] = {"step": self.step, "phase": stage.name}
-        row.update({k: v / max(1, self.accum_n) for k, v in sorted(self.accum.items())})
-        row.update(extra)
-        self.accum, self.accum_n = defaultdict(float), 0
-        if self.world.main:
-            with open(self.rd / METRICS, "a") as f:
-                f.write(json.dumps(row) + "\n")
-            if tb is not None:
-                for k, v in row.items():
-                    if isinstance(v, float | int) and k != "step":
-                        tb.add_scalar(f"{stage.name}/{k}", v, self.step)
-        return row
-
-    def preview(self, stage: Stage, tb) -> Path | None:
-        """PNG (and TensorBoard image) of the last batch: input | UV_spl | UV_pred | UV_bl | I0 | I1 | I^m | crops."""
-        if not self.world.main or not getattr(self, "_last", None):
-            return None
-        last = self._last
-        keys = [k for k in ("image", "uv_spl", "uv_gt", "uv_pred", "uv_bl", "render0", "render1", "target",
-                            "fake_ctr", "real_ctr", "fake_sd", "real_sd") if k in last]
-        n = min(4, last["image"].shape[0])
-        rows = [[_np_image(last[k][i]) for k in keys] for i in range(n)]
-        labels = [keys if i == 0 else [""] * len(keys) for i in range(n)]
-        grid = image_grid(rows, labels=labels, height=max(96, self.cfg.image_size // 2))
-        path = write_png(self.rd / "previews" / f"{stage.name}_{self.step:07d}.png", grid)
-        if tb is not None:
-            tb.add_image(f"{stage.name}/preview", grid, self.step, dataformats="HWC")
-        return path
-
-
-def sampled_inside(grid: torch.Tensor) -> torch.Tensor:
-    """The generator's validity mask: texels whose sampling point lies inside the image, (B, U, U, 2) -> (B, 1, U, U).
-
-    The sampler needs no 3D shape, so this is all that is known at inference; texels it points outside the
-    image are 0 in UV_spl (``grid_sample`` zero padding) and marked empty.
-    """
-    return (grid.abs() <= 1.0).all(-1, keepdim=True).permute(0, 3, 1, 2).float()
-
-
-def _np_image(t: torch.Tensor) -> np.ndarray:
-    return t.detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy()
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop metrics lines logged after the checkpoint a run resumes from (they will be logged again)."""
-    if not path.exists():
-        return
-    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
-    _atomic_write_text(path, "".join(ln + "\n" for ln in keep))
-
-
-def _tensorboard(run: RunOptions, rd: Path, main: bool):
-    if not (run.tensorboard and main):
-        return None
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        return None
-    return SummaryWriter(str(rd / "tb"))
-
 
 # ------------------------------------------------------------------------------------------ driver
-def _stage_loader(tr: Trainer, stage: Stage):
-    cfg = tr.cfg
-    data = DataConfig(batch_size=cfg.batch_size, image_size=stage.image_size, seed=cfg.seed + 1000 * stage.start,
-                      shuffle_window=cfg.shuffle_window, with_targets=stage.with_targets,
-                      rotate_share=cfg.rotate_share, max_yaw=cfg.max_yaw, render_in_loader=tr.render_in_loader)
-    ds = StoreStream(cfg.store, data, tr.world.rank, tr.world.world_size, start_batch=tr.step - stage.start)
-    usable = ds.usable(cfg.workers)
-    if not usable["samples"]:
-        raise RunError(f"{cfg.store}: {len(ds.ok)} usable samples, fewer than the {ds.n_shards(cfg.workers)} "
-                       f"data shards (ranks x --workers); use fewer workers or a larger store")
-    if stage.with_targets:
-        for key, what in (("ctr", "centre"), ("sd", "side")):
-            if not usable[key]:
-                tr.notes.append(f"D_{key} is off: the store has {len(getattr(ds, key))} valid {what} crops, fewer "
-                                f"than the {ds.n_shards(cfg.workers)} data shards")
-    return make_loader(ds, cfg.workers, pin_memory=tr.device.type == "cuda")
-
-
-def _phase_end(cfg: TrainConfig, phase: str) -> int:
-    return cfg.sampler_steps if phase == "sampler" else cfg.total_steps
-
-
 def fit(cfg: TrainConfig, run: RunOptions, on_log=None, on_step=None) -> dict[str, Any]:
     """Train (or resume) the run in ``run.run_dir`` up to the end of ``run.phase``; returns a summary dict.
 
@@ -588,8 +369,7 @@ def fit(cfg: TrainConfig, run: RunOptions, on_log=None, on_step=None) -> dict[st
 def _fit(cfg: TrainConfig, run: RunOptions, on_log, on_step, signals: StopSignals) -> dict[str, Any]:
     world = Dist.from_env(run.device, run.dist_timeout)
     prepare_run_dir(cfg, run, write=world.main)
-    if world.world_size > 1:
-        dist.barrier()
+    world.barrier()
     tr = Trainer(cfg, run, world)
     if world.main:
         write_bundle(tr.rd, tr.reader, cfg.store)  # what infer / eval need without the store
@@ -601,29 +381,51 @@ def _fit(cfg: TrainConfig, run: RunOptions, on_log, on_step, signals: StopSignal
         tr.init_sampler_template()
     if tr.identity is None and cfg.weights.id > 0 and cfg.generator_steps > 0:
         tr.notes.append("identity loss (Eq. 13) is off: --identity none")
-    end = _phase_end(cfg, run.phase)
-    tb = _tensorboard(run, tr.rd, world.main)
+    end = cfg.sampler_steps if run.phase == "sampler" else cfg.total_steps
+    tr.log.open_tensorboard(run.tensorboard)
     rows: list[dict] = []
     try:
         for stage in schedule(cfg, tr.uv_size):
             if tr.step >= min(stage.stop, end):
                 continue
-            rows += _run_stage(tr, stage, min(stage.stop, end), tb, on_log, on_step, signals)
-            done = tr.step == stage.stop
-            if done and (stage.name == "finetune" or (stage.name == "sampler" and cfg.finetune_steps == 0)):
-                tr.save(stage, tr.rd / SAMPLER_CHECKPOINT)
+            rows += _run_stage(tr, stage, min(stage.stop, end), on_log, on_step, signals)
+            if stage.kind is StageKind.SAMPLER and tr.step == stage.stop == cfg.sampler_steps:
+                tr.save(stage, tr.rd / SAMPLER_CHECKPOINT)  # the sampler as its phase left it
             if signals.stopped:
                 break
     finally:
-        if tb is not None:
-            tb.close()
+        tr.log.close()
     preempted = (signals.received or "a signal to another rank") if signals.stopped else None
     return {"step": tr.step, "resumed": resumed, "rows": rows, "notes": tr.notes, "preempted": preempted}
 
 
-def _run_stage(tr: Trainer, stage: Stage, stop: int, tb, on_log, on_step, signals: StopSignals) -> list[dict]:
-    run = tr.run_opts
-    tr.sampler.train(not stage.with_targets).requires_grad_(not stage.with_targets)  # frozen in the generator phase
+def _stage_loader(tr: Trainer, stage: Stage):
+    cfg = tr.cfg
+    generator = stage.kind is StageKind.GENERATOR
+    data = DataConfig(batch_size=cfg.batch_size, image_size=stage.image_size, seed=cfg.seed + 1000 * stage.start,
+                      shuffle_window=cfg.shuffle_window, with_targets=generator,
+                      rotate_share=cfg.rotate_share, max_yaw=cfg.max_yaw, render_in_loader=tr.render_in_loader)
+    ds = StoreStream(cfg.store, data, tr.world.rank, tr.world.world_size, start_batch=tr.step - stage.start)
+    usable = ds.usable(cfg.workers)
+    if not usable["samples"]:
+        raise RunError(f"{cfg.store}: {len(ds.ok)} usable samples, fewer than the {ds.n_shards(cfg.workers)} "
+                       f"data shards (ranks x --workers); use fewer workers or a larger store")
+    if generator:
+        for key, what in (("ctr", "centre"), ("sd", "side")):
+            if not usable[key]:
+                tr.notes.append(f"D_{key} is off: the store has {len(getattr(ds, key))} valid {what} crops, fewer "
+                                f"than the {ds.n_shards(cfg.workers)} data shards")
+    return make_loader(ds, cfg.workers, pin_memory=tr.device.type == "cuda")
+
+
+def _to(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def _run_stage(tr: Trainer, stage: Stage, stop: int, on_log, on_step, signals: StopSignals) -> list[dict]:
+    """Steps ``tr.step`` .. ``stop`` of ``stage``: the metrics rows logged."""
+    run, generator = tr.run_opts, stage.kind is StageKind.GENERATOR
+    tr.sampler.train(not generator).requires_grad_(not generator)  # frozen in the generator phase
     loader = _stage_loader(tr, stage)
     it = iter(loader)
     rows = []
@@ -632,36 +434,44 @@ def _run_stage(tr: Trainer, stage: Stage, stop: int, tb, on_log, on_step, signal
     steps_in_window = 0
     try:
         while tr.step < stop:
+            # ---- data
             t0 = time.perf_counter()
             b = _to(next(it), tr.device)
             wait += time.perf_counter() - t0
             if tr.mesh is not None:
                 add_renders(b, tr.mesh, stage.image_size)
-            terms = tr.generator_step(b) if stage.with_targets else tr.sampler_step(b, stage)
+            # ---- step: the sampler, or the generator and then the discriminators on its fakes
+            if generator:
+                out = tr.generator_step(b)
+                terms = out.terms | tr.discriminator_step(b, out.fakes)
+            else:
+                out = tr.sampler_step(b, stage)
+                terms = out.terms
+            tr.scaler.update()  # once per step, after its optimiser steps (the fp16 loss scale)
             tr.step += 1
             steps_in_window += 1
-            tr.log_terms(terms)
+            tr.log.add(terms)
             if on_step is not None:
                 on_step(tr.step, stage.name)
+            # ---- log, preview, checkpoint
             if tr.step % run.log_every == 0 or tr.step == stop:
                 dt = time.perf_counter() - t_log
-                extra = {"lr": _lr(tr, stage), "steps_per_s": steps_in_window / dt,
-                         "data_wait_s": wait / steps_in_window}
-                row = tr.flush_log(stage, extra, tb)
-                rows.append(row)
+                extra = {"lr": float(tr.optimiser(stage.kind).param_groups[0]["lr"]),
+                         "steps_per_s": steps_in_window / dt, "data_wait_s": wait / steps_in_window}
+                rows.append(tr.log.flush(tr.step, stage.name, extra))
                 if on_log is not None:
-                    on_log(row, stop)
+                    on_log(rows[-1], stop)
                 t_log, wait, steps_in_window = time.perf_counter(), 0.0, 0
             if tr.step % every_preview == 0 or tr.step == stop:
-                tr.preview(stage, tb)
+                tr.log.preview(stage.name, tr.step, out.images, height=max(96, tr.cfg.image_size // 2))
             saved = tr.step % run.checkpoint_every == 0 or tr.step == stop
             if saved:
                 tr.save(stage)
+            # ---- preemption: every rank stops at the same step, after the checkpoint is written
             if signals.should_stop(tr.world, tr.device):
                 if not saved:
                     tr.save(stage)
-                if tr.world.world_size > 1:
-                    dist.barrier()  # no rank exits (torchrun then stops the rest) before the checkpoint is written
+                tr.world.barrier()  # no rank exits (torchrun then stops the rest) before the checkpoint is written
                 break
     except NonFiniteLoss as e:
         raise RunError(f"{e}; stopped without saving, the last good checkpoint ({tr.rd / CHECKPOINT}) is intact; "
@@ -671,44 +481,4 @@ def _run_stage(tr: Trainer, stage: Stage, stop: int, tb, on_log, on_step, signal
     return rows
 
 
-def _lr(tr: Trainer, stage: Stage) -> float:
-    opt = tr.opt_g if stage.with_targets else tr.opt_s
-    return float(opt.param_groups[0]["lr"])
-
-
-def load_run_config(run_dir: Path) -> TrainConfig:
-    """The :class:`TrainConfig` stored in a run directory."""
-    path = Path(run_dir) / CONFIG
-    if not path.is_file():
-        raise RunError(f"{run_dir}: not a uvtrain run directory (no {CONFIG})")
-    return TrainConfig.from_json(json.loads(path.read_text()))
-
-
-__all__ = ["RunError", "Stage", "Trainer", "atomic_save", "config_differences", "fit", "load_run_config",
-           "load_identity", "load_trained", "predict_uv", "prepare_run_dir", "schedule"]
-
-
-def load_trained(run_dir: Path, device: str = "cpu", bundle: InferenceBundle | None = None
-                 ) -> tuple[TrainConfig, UVSampler, UVGenerator, int]:
-    """(config, sampler, generator, step) of a run directory's last checkpoint, in eval mode on ``device``.
-
-    bundle: the run's :class:`train.bundle.InferenceBundle` when the caller has read it already (it sizes the
-    generator); read here otherwise."""
-    cfg = load_run_config(run_dir)
-    path = Path(run_dir) / CHECKPOINT
-    if not path.is_file():
-        raise RunError(f"{run_dir}: no {CHECKPOINT} (train with `uvtrain fit --run-dir {run_dir}` first)")
-    ck = torch.load(path, map_location="cpu", weights_only=True)
-    uv_size = (bundle or read_bundle(Path(run_dir), cfg.store)).uv_size
-    sampler, generator = UVSampler(cfg.sampler), UVGenerator(uv_size, cfg.generator)
-    sampler.load_state_dict(ck["models"]["sampler"])
-    generator.load_state_dict(ck["models"]["generator"])
-    return cfg, sampler.to(device).eval(), generator.to(device).eval(), int(ck["step"])
-
-
-@torch.no_grad()
-def predict_uv(sampler: UVSampler, generator: UVGenerator, image: torch.Tensor, uv_size: int
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-    """UV_spl and UV_pred of images (B, 3, S, S) in [0, 1]: ((B, 3, U, U), (B, 3, U, U)), as the generator phase."""
-    uv_spl, grid = sampler(image, out_size=uv_size)
-    return uv_spl, generator(uv_spl, sampled_inside(grid))
+__all__ = ["Stage", "StageKind", "StepResult", "Trainer", "fit", "load_identity", "schedule"]

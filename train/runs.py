@@ -1,0 +1,247 @@
+"""A training run's directory: the files :func:`train.loop.fit` writes, and loading a trained run back.
+
+Run directory ``R``: ``config.json`` (the :class:`TrainConfig`; a rerun with another config is refused),
+``checkpoint.pt`` (written atomically; models, optimisers, scaler, step, data position, RNG states, log
+accumulators), ``sampler.pt`` (the sampler at the end of its phase), ``metrics.jsonl`` (one row per log step),
+``previews/*.png`` and ``tb/`` (TensorBoard), and the inference bundle (:mod:`train.bundle`). Rerunning the same
+command resumes from ``checkpoint.pt``.
+
+``uvtrain infer`` and ``uvtrain eval`` load a run with :func:`load_trained` and apply it with :func:`predict_uv`
+(or the two networks directly), without the training loop.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from common.configdiff import dotted_differences
+from common.imageio import image_grid, write_png
+from train.bundle import InferenceBundle, read_bundle
+from train.config import RunOptions, TrainConfig
+from train.models import UVGenerator, UVSampler
+
+CHECKPOINT, SAMPLER_CHECKPOINT, CONFIG, METRICS = "checkpoint.pt", "sampler.pt", "config.json", "metrics.jsonl"
+PREVIEWS, TENSORBOARD = "previews", "tb"
+
+
+class RunError(RuntimeError):
+    """A problem the user fixes (bad run directory, config mismatch, missing CUDA...): printed as one line."""
+
+
+def resolve_device(name: str) -> torch.device:
+    """``--device`` as a torch device: cpu, cuda or cuda:N, the latter only where CUDA is available."""
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RunError(f"--device {name}: CUDA is not available on this machine (torch {torch.__version__}); "
+                       f"use --device cpu")
+    if dev.type not in ("cpu", "cuda"):
+        raise RunError(f"--device {name}: expected cpu, cuda or cuda:N")
+    return dev
+
+
+# ------------------------------------------------------------------------------------ run directory
+def prepare_run_dir(cfg: TrainConfig, run: RunOptions, write: bool) -> None:
+    """Create or check ``run.run_dir``: refuse a different config unless ``overwrite`` (which clears the state)."""
+    rd = Path(run.run_dir)
+    if not rd.parent.is_dir():
+        raise RunError(f"run directory {rd}: its parent {rd.parent} does not exist; create it first")
+    if rd.exists() and not rd.is_dir():
+        raise RunError(f"run directory {rd} exists and is not a directory")
+    cfg_path = rd / CONFIG
+    if cfg_path.exists() and not run.overwrite:
+        diffs = dotted_differences(json.loads(cfg_path.read_text()), cfg.to_json(), old_name="run dir")
+        if diffs:
+            raise RunError(f"{rd} holds a run with another config ({'; '.join(diffs)}); pass --overwrite to "
+                           f"restart it or choose another --run-dir")
+    if not write:
+        return
+    try:
+        rd.mkdir(exist_ok=True)
+        if run.overwrite:
+            for name in (CHECKPOINT, SAMPLER_CHECKPOINT, METRICS, CONFIG):
+                (rd / name).unlink(missing_ok=True)
+            for name in (PREVIEWS, TENSORBOARD):
+                shutil.rmtree(rd / name, ignore_errors=True)
+        (rd / PREVIEWS).mkdir(exist_ok=True)
+        if not cfg_path.exists():
+            atomic_write_text(cfg_path, json.dumps(cfg.to_json(), indent=2))
+    except PermissionError as e:
+        raise RunError(f"run directory {rd} is not writable ({e.strerror})") from None
+
+
+def load_run_config(run_dir: Path) -> TrainConfig:
+    """The :class:`TrainConfig` stored in a run directory."""
+    path = Path(run_dir) / CONFIG
+    if not path.is_file():
+        raise RunError(f"{run_dir}: not a uvtrain run directory (no {CONFIG})")
+    return TrainConfig.from_json(json.loads(path.read_text()))
+
+
+# ------------------------------------------------------------------------------------ checkpoints
+def _atomic_write(path: Path, write) -> None:
+    """``write(f)`` into a temporary file in the same folder, fsync, then rename over ``path``."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically (temporary file, fsync, rename)."""
+    _atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def atomic_save(obj: dict, path: Path) -> None:
+    """``torch.save`` a checkpoint atomically (temporary file, fsync, rename over ``path``)."""
+    _atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def load_checkpoint(path: Path) -> dict | None:
+    """A checkpoint written by :func:`atomic_save`, on the CPU (``weights_only=True``); None when there is none."""
+    if not path.exists():
+        return None
+    return torch.load(path, map_location="cpu", weights_only=True)  # RNG states must stay CPU tensors
+
+
+def rng_state() -> dict:
+    """The global torch (and CUDA) random states, for a checkpoint."""
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore what :func:`rng_state` saved."""
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ------------------------------------------------------------------------------------ logs
+class MetricsLog:
+    """The means of a run's loss terms over each log window, as rows of ``metrics.jsonl`` and TensorBoard scalars,
+    and its previews. Every rank keeps the running sums (they are part of the checkpoint, so a resumed run logs the
+    rows an unstopped one would); only rank 0 (``main``) writes."""
+
+    def __init__(self, rd: Path, main: bool) -> None:
+        self.rd, self.main = rd, main
+        self.sums: dict[str, float] = defaultdict(float)
+        self.n = 0
+        self.tb = None
+
+    def open_tensorboard(self, enabled: bool) -> None:
+        """Also write to TensorBoard (``R/tb``) when ``enabled``, on rank 0, where tensorboard is installed."""
+        if not (enabled and self.main):
+            return
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            return
+        self.tb = SummaryWriter(str(self.rd / TENSORBOARD))
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+    def add(self, terms: dict[str, torch.Tensor]) -> None:
+        """Add one step's terms (scalar tensors) to the window."""
+        for k, v in terms.items():
+            self.sums[k] += float(v.detach())
+        self.n += 1
+
+    def flush(self, step: int, phase: str, extra: dict[str, float]) -> dict[str, Any]:
+        """The window's means with ``extra`` as a row ``{"step", "phase", loss terms (sorted), extra}``; written by
+        rank 0 (tagged ``PHASE/KEY`` in TensorBoard); the window starts again."""
+        row: dict[str, Any] = {"step": step, "phase": phase}
+        row.update({k: v / max(1, self.n) for k, v in sorted(self.sums.items())})
+        row.update(extra)
+        self.sums, self.n = defaultdict(float), 0
+        if self.main:
+            with open(self.rd / METRICS, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            if self.tb is not None:
+                for k, v in row.items():
+                    if isinstance(v, float | int) and k != "step":
+                        self.tb.add_scalar(f"{phase}/{k}", v, step)
+        return row
+
+    def truncate(self, step: int) -> None:
+        """Drop rows logged after the checkpoint a run resumes from at ``step`` (they will be logged again)."""
+        path = self.rd / METRICS
+        if not (self.main and path.exists()):
+            return
+        keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+        atomic_write_text(path, "".join(ln + "\n" for ln in keep))
+
+    def state_dict(self) -> dict:
+        return {"accum": dict(self.sums), "accum_n": self.n}
+
+    def load_state_dict(self, ck: dict) -> None:
+        self.sums, self.n = defaultdict(float, ck["accum"]), int(ck["accum_n"])
+
+    def preview(self, phase: str, step: int, images: dict[str, torch.Tensor], height: int, rows: int = 4
+                ) -> Path | None:
+        """``previews/PHASE_STEP.png`` (and a TensorBoard image) on rank 0: up to ``rows`` samples of a batch, one
+        column per entry of ``images`` ((B, 3|1, H, W) in [0, 1], labelled by its key), tiles ``height`` px tall."""
+        if not self.main:
+            return None
+        keys = list(images)
+        n = min(rows, images[keys[0]].shape[0])
+        tiles = [[_np_image(images[k][i]) for k in keys] for i in range(n)]
+        labels = [keys if i == 0 else [""] * len(keys) for i in range(n)]
+        grid = image_grid(tiles, labels=labels, height=height)
+        path = write_png(self.rd / PREVIEWS / f"{phase}_{step:07d}.png", grid)
+        if self.tb is not None:
+            self.tb.add_image(f"{phase}/preview", grid, step, dataformats="HWC")
+        return path
+
+
+def _np_image(t: torch.Tensor) -> np.ndarray:
+    return t.detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy()
+
+
+# ------------------------------------------------------------------------------------ trained models
+def load_trained(run_dir: Path, device: str = "cpu", bundle: InferenceBundle | None = None
+                 ) -> tuple[TrainConfig, UVSampler, UVGenerator, int]:
+    """(config, sampler, generator, step) of a run directory's last checkpoint, in eval mode on ``device``.
+
+    bundle: the run's :class:`train.bundle.InferenceBundle` when the caller has read it already (it sizes the
+    generator); read here otherwise."""
+    cfg = load_run_config(run_dir)
+    path = Path(run_dir) / CHECKPOINT
+    if not path.is_file():
+        raise RunError(f"{run_dir}: no {CHECKPOINT} (train with `uvtrain fit --run-dir {run_dir}` first)")
+    ck = torch.load(path, map_location="cpu", weights_only=True)
+    uv_size = (bundle or read_bundle(Path(run_dir), cfg.store)).uv_size
+    sampler, generator = UVSampler(cfg.sampler), UVGenerator(uv_size, cfg.generator)
+    sampler.load_state_dict(ck["models"]["sampler"])
+    generator.load_state_dict(ck["models"]["generator"])
+    return cfg, sampler.to(device).eval(), generator.to(device).eval(), int(ck["step"])
+
+
+def sampled_inside(grid: torch.Tensor) -> torch.Tensor:
+    """The generator's validity mask: texels whose sampling point lies inside the image, (B, U, U, 2) -> (B, 1, U, U).
+
+    The sampler needs no 3D shape, so this is all that is known at inference; texels it points outside the
+    image are 0 in UV_spl (``grid_sample`` zero padding) and marked empty.
+    """
+    return (grid.abs() <= 1.0).all(-1, keepdim=True).permute(0, 3, 1, 2).float()
+
+
+@torch.no_grad()
+def predict_uv(sampler: UVSampler, generator: UVGenerator, image: torch.Tensor, uv_size: int
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """UV_spl and UV_pred of images (B, 3, S, S) in [0, 1]: ((B, 3, U, U), (B, 3, U, U)), as the generator phase."""
+    uv_spl, grid = sampler(image, out_size=uv_size)
+    return uv_spl, generator(uv_spl, sampled_inside(grid))
