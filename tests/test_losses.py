@@ -150,7 +150,7 @@ def test_reconstruction_loss_weights():
     assert terms["loss_rec_face"].item() == pytest.approx(0.1)
     assert terms["loss_rec"].item() == pytest.approx(0.25 + 10 * 0.1)
     terms = reconstruction_loss(uv_pred, uv_bl, torch.ones(2, 1, 4, 4), render, target, torch.ones(2, 1, 8, 8),
-                                w_uv=2.0, w_face=3.0)
+                                LossWeights(uv=2.0, face=3.0))
     assert terms["loss_rec"].item() == pytest.approx(2 * 0.25 + 3 * 0.1)
 
 

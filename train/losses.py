@@ -38,6 +38,30 @@ class NonFiniteLoss(ValueError):
     """A loss term is NaN or infinite."""
 
 
+@dataclass(frozen=True)
+class LossWeights:
+    """Weights of the generator's loss terms (Eq. 14) and of the discriminators' R1 penalty."""
+
+    face: float = 10.0
+    """Face reconstruction L1 ||I^R - I^m||_1 (Eq. 11)."""
+    uv: float = 1.0
+    """UV reconstruction L1 ||UV_pred - UV_bl||_1 (Eq. 11)."""
+    sym: float = 1.0
+    """lambda_2, symmetry loss (Eq. 12)."""
+    tv: float = 0.1
+    """lambda_4, total variation of UV_pred (Eq. 7)."""
+    id: float = 0.1
+    """lambda_3, identity loss (Eq. 13)."""
+    adv: float = 0.01
+    """lambda_1, adversarial loss (Eq. 10), summed over D_ctr, D_sd and D_face."""
+    side: float = 0.5
+    """Extra factor on D_sd's adversarial term (on top of ``adv``): it sees two crops per map."""
+    grid: float = 1.0
+    """Auxiliary sampler term :func:`grid_loss` (not in the paper; 0 turns it off)."""
+    r1_gamma: float = 0.0
+    """R1 penalty weight gamma of the discriminators (gamma / 2 * r1_penalty); 0: off."""
+
+
 def masked_l1(a: Tensor, b: Tensor, mask: Tensor) -> Tensor:
     """Mean |a - b| over the masked elements and all channels; 0 (keeping the graph) when the mask is empty.
 
@@ -135,17 +159,18 @@ def r1_penalty(real_logits: Tensor, real_inputs: Tensor) -> Tensor:
 
 
 def reconstruction_loss(uv_pred: Tensor, uv_bl: Tensor, uv_mask: Tensor, render: Tensor, target: Tensor,
-                        face_mask: Tensor, w_uv: float = 1.0, w_face: float = 10.0) -> dict[str, Tensor]:  # Eq. 11
+                        face_mask: Tensor, weights: LossWeights = LossWeights()) -> dict[str, Tensor]:  # Eq. 11
     """Reconstruction loss, Eq. 11: "L_rec = ||UV_pred - UV_bl||_1 + ||I^R - I^m||_1".
 
     uv_pred, uv_bl: (B, 3, U, U); uv_mask: (B, 1, U, U), the texels where UV_bl is defined; render: I^R,
     rendered from UV_pred with the input's shape and pose, target: I^m, both (B, 3, H, W); face_mask:
     (B, 1, H, W), where the two are compared.
 
-    Returns {"loss_rec_uv", "loss_rec_face", "loss_rec"}, loss_rec = w_uv * loss_rec_uv + w_face * loss_rec_face.
+    Returns {"loss_rec_uv", "loss_rec_face", "loss_rec"}, loss_rec = weights.uv * loss_rec_uv + weights.face *
+    loss_rec_face.
     """
     terms = {"loss_rec_uv": masked_l1(uv_pred, uv_bl, uv_mask), "loss_rec_face": masked_l1(render, target, face_mask)}
-    terms["loss_rec"] = w_uv * terms["loss_rec_uv"] + w_face * terms["loss_rec_face"]
+    terms["loss_rec"] = weights.uv * terms["loss_rec_uv"] + weights.face * terms["loss_rec_face"]
     return terms
 
 
@@ -192,30 +217,6 @@ def grid_loss(grid: Tensor, target: Tensor, mask: Tensor) -> Tensor:
     expect_shape("grid", grid, ("B", "U", "U", 2))
     expect_shape("target", target, ("B", "U", "U", 2))
     return masked_l1(grid.permute(0, 3, 1, 2), torch.nan_to_num(target).permute(0, 3, 1, 2), mask)
-
-
-@dataclass(frozen=True)
-class LossWeights:
-    """Weights of the generator's loss terms (Eq. 14) and of the discriminators' R1 penalty."""
-
-    face: float = 10.0
-    """Face reconstruction L1 ||I^R - I^m||_1 (Eq. 11)."""
-    uv: float = 1.0
-    """UV reconstruction L1 ||UV_pred - UV_bl||_1 (Eq. 11)."""
-    sym: float = 1.0
-    """lambda_2, symmetry loss (Eq. 12)."""
-    tv: float = 0.1
-    """lambda_4, total variation of UV_pred (Eq. 7)."""
-    id: float = 0.1
-    """lambda_3, identity loss (Eq. 13)."""
-    adv: float = 0.01
-    """lambda_1, adversarial loss (Eq. 10), summed over D_ctr, D_sd and D_face."""
-    side: float = 0.5
-    """Extra factor on D_sd's adversarial term (on top of ``adv``): it sees two crops per map."""
-    grid: float = 1.0
-    """Auxiliary sampler term :func:`grid_loss` (not in the paper; 0 turns it off)."""
-    r1_gamma: float = 0.0
-    """R1 penalty weight gamma of the discriminators (gamma / 2 * r1_penalty); 0: off."""
 
 
 GENERATOR_TERMS = ("loss_rec_uv", "loss_rec_face", "loss_adv_ctr", "loss_adv_sd", "loss_adv_face",
