@@ -23,13 +23,16 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 import zarr
 
 from common.store import (
+    ARRAY_DOCS,
     MODEL_GROUP,
     OK,
     SCHEMA_VERSION,
@@ -37,11 +40,12 @@ from common.store import (
     StoreLayout,
     StoreMismatch,
     acquire_build_lock,
-    add_sample_array,
+    array_specs,
     completed_chunks,
-    finish_upgrade,
+    create_schema_array,
+    location_of,
     open_store,
-    rename_array,
+    package_version,
     store_exists,
     store_location,
     validate_store,
@@ -147,6 +151,45 @@ def _model(stages: StageConfig, cache: dict | None):
     if key not in cache:
         cache[key] = build_face_model(stages)
     return cache[key]
+
+
+# ------------------------------------------------------------------- schema helpers (only the upgrade uses them)
+def add_sample_array(group: zarr.Group, layout: StoreLayout, name: str) -> zarr.Array:
+    """Create the schema's sample-aligned array ``name`` (all fill values) in an existing store, replacing
+    one of that name (an interrupted earlier attempt). For upgrading a store to a schema that added it."""
+    if name not in array_specs(layout):
+        raise KeyError(f"{name} is not an array of store schema version {SCHEMA_VERSION}")
+    if name in group:
+        del group[name]
+    return create_schema_array(group, layout, name)
+
+
+def rename_array(group: zarr.Group, old: str, new: str) -> None:
+    """Rename an array (zarr v3 has no rename): create ``new`` with the same shape, dtype, chunks, codecs and
+    fill value, copy it chunk by chunk along the first axis, then delete ``old``. A ``new`` left by an
+    interrupted rename is replaced; nothing happens when ``old`` is gone and ``new`` exists (already renamed)."""
+    if old not in group:
+        if new in group:
+            return
+        raise KeyError(f"{location_of(group)}: neither {old} nor {new} exists")
+    a = group[old]
+    if new in group:
+        del group[new]
+    b = group.create_array(new, shape=a.shape, dtype=a.dtype, chunks=a.chunks, fill_value=a.fill_value,
+                           compressors=a.compressors, filters=a.filters, serializer=a.serializer,
+                           attributes={**dict(a.attrs), "description": ARRAY_DOCS.get(new, a.attrs.get("description"))})
+    step = a.chunks[0]
+    for start in range(0, a.shape[0], step):
+        b[start:start + step] = a[start:start + step]
+    del group[old]
+
+
+def finish_upgrade(group: zarr.Group, from_version: int, attrs: Mapping) -> None:
+    """Last step of a schema upgrade: set ``attrs`` (JSON-able), an ``upgraded`` record (from, to, when, by
+    which package version) and ``schema_version`` in one metadata write."""
+    record = {"from": int(from_version), "to": SCHEMA_VERSION, "package_version": package_version(),
+              "at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    group.attrs.update({**json.loads(json.dumps(dict(attrs))), "upgraded": record, "schema_version": SCHEMA_VERSION})
 
 
 def upgrade_store(options: UpgradeOptions) -> UpgradeReport:

@@ -16,7 +16,7 @@ import threading
 import time
 from pathlib import Path
 
-import common.store as store
+import common.store.chunks as store
 
 DIR = Path(os.environ["UVTEX_HOLD_DIR"]) if os.environ.get("UVTEX_HOLD_DIR") else None
 HOLD_LIMIT = 300.0
@@ -50,4 +50,4 @@ def check_generation(path_or_group, group, generation, chunk_index):
     (DIR / f"timeout-{chunk_index}").write_text(str(os.getpid()))
 
 
-store._check_generation = check_generation  # write_chunk calls it through common.store's namespace
+store._check_generation = check_generation  # write_chunk calls it through common.store.chunks' namespace

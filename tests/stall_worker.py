@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-import common.store as store
+import common.store.chunks as store
 import preprocess.build as build
 
 MODE = os.environ.get("UVTEX_STALL", "")
@@ -93,4 +93,4 @@ def check_generation(path_or_group, group, generation, chunk_index):
 
 
 build.write_chunk = write_chunk  # process_chunk calls it through preprocess.build's namespace
-store._check_generation = check_generation  # write_chunk calls it through common.store's namespace
+store._check_generation = check_generation  # write_chunk calls it through common.store.chunks' namespace

@@ -462,7 +462,7 @@ def test_a_write_fenced_after_its_data_went_out_marks_its_chunk_pending(clean_st
     the chunk already, so the chunk must not stay marked done (a plain rerun redoes it)."""
     import shutil
 
-    import common.store as store
+    import common.store.chunks as store  # write_chunk calls _check_generation there
 
     out = tmp_path / "s.zarr"
     shutil.copytree(clean_store, out)

@@ -18,6 +18,7 @@ from common import store as S
 from common.facemodel import REGION_NAMES, FaceModel
 from common.store import FAILED, OK, Reason, StoreLayout
 from common.uvlayout import CropConfig, CropLayout
+from preprocess.upgrade import rename_array
 
 
 def _tiny_model() -> FaceModel:
@@ -381,7 +382,7 @@ def test_version_1_store_is_refused_naming_what_is_missing_and_the_fix(store):
     eroded = g["face_mask_eroded"][...]
     for name in ("model", "uv_layout", "face_region"):
         del g[name]
-    S.rename_array(g, "face_mask_eroded", "face_mask")  # what a version-1 store looks like
+    rename_array(g, "face_mask_eroded", "face_mask")  # what a version-1 store looks like
     a = g["face_mask"]
     assert "face_mask_eroded" not in g and np.array_equal(a[...], eroded) and a.chunks == (4, 16, 16)
     assert a.compressors == g["uv_gt_mask"].compressors and a.attrs["description"] == S.ARRAY_DOCS["face_mask_eroded"]

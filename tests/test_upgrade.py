@@ -17,7 +17,7 @@ import pytest
 import zarr
 from typer.testing import CliRunner
 
-from common.store import StoreLocked, StoreMismatch, StoreReader, acquire_build_lock, rename_array
+from common.store import StoreLocked, StoreMismatch, StoreReader, acquire_build_lock
 from preprocess import upgrade as up
 from preprocess.build import build_store
 from preprocess.buildcli import BuildArgs, make_config
@@ -47,7 +47,7 @@ def _make_v1(src: Path, dst: Path) -> Path:
     g = zarr.open_group(str(dst), mode="r+")
     for name in ("model", "uv_layout", "face_region"):
         del g[name]
-    rename_array(g, "face_mask_eroded", "face_mask")
+    up.rename_array(g, "face_mask_eroded", "face_mask")
     attrs = dict(g.attrs)
     del attrs["face_region_source"]
     g.attrs.put({**attrs, "schema_version": 1})
