@@ -11,7 +11,7 @@ is built five ways, on the same inputs, in this order:
 
 Per build: wall time (min / median over ``--repeats``), CPU seconds of this process (the client; with a local
 cluster its scheduler too), of the scheduler process and of every worker process (psutil), and the build's own
-profile (:class:`preprocess.build.BuildProfile`: this process's phases, every task's CPU). A CPU-only control
+profile (:class:`preprocess.executor.BuildProfile`: this process's phases, every task's CPU). A CPU-only control
 (pure-Python tasks, nothing shared) on the same 2-worker cluster shows what the cores give two processes right now:
 on a busy machine every wall-clock ratio is bounded by it, the CPU-time terms below are not.
 

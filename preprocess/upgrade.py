@@ -53,7 +53,8 @@ from common.store import (
 )
 from common.uvlayout import CropConfig, crop_layout
 from common.uvtools import model_uv_fragments, texel_mirror_index
-from preprocess.build import RunOptions, _Runner, _worker_cache, set_compute_threads
+from preprocess.build import RunOptions
+from preprocess.executor import Runner, set_compute_threads, worker_cache
 from preprocess.stages import StageConfig, build_face_model
 
 FACE_REGION_SOURCE = "upgrade: projected mesh only"
@@ -137,7 +138,7 @@ def face_region_chunk(out: str, chunk_index: int, stages: StageConfig, threads: 
     ok = (group["status"][start:stop] == OK) & np.isfinite(params).all(1)
     region = np.zeros((stop - start, layout.image_size, layout.image_size), bool)
     if ok.any():
-        model = _model(stages, cache if cache is not None else _worker_cache())
+        model = _model(stages, cache if cache is not None else worker_cache())
         s = layout.image_size
         region[ok] = projected_face_region(mesh_in_image(model, params[ok], s), model, s)
     group["face_region"][start:stop] = region
@@ -268,7 +269,7 @@ def _face_regions(group: zarr.Group, layout: StoreLayout, stages: StageConfig, o
     todo = [(str(options.store), int(c), stages) for c in np.flatnonzero(completed_chunks(group)) if c not in finished]
     run = RunOptions(out=str(options.store), workers=options.workers, threads=options.threads,
                      scheduler=options.scheduler, progress=options.progress)
-    runner = _Runner(run)
+    runner = Runner(run)
     n_ok = 0
     try:
         with BuildProgress(enabled=options.progress) as progress:

@@ -40,9 +40,10 @@ from common.store import (
     read_build_lock,
     read_texture_basis,
 )
-from preprocess.build import BuildConfig, RunOptions, _learn_basis, _Runner, build_store, prepass_batch
+from preprocess.build import BuildConfig, RunOptions, _learn_basis, build_store, prepass_batch
 from preprocess.buildcli import BuildArgs, make_config
 from preprocess.cli import app
+from preprocess.executor import Runner
 from preprocess.progress import BuildProgress
 from preprocess.sources import FolderSource
 from preprocess.stages import StageConfig, build_face_model
@@ -181,7 +182,7 @@ def test_rerun_skips_every_chunk_and_changes_nothing(store, tmp_path):
     assert read_build_lock(out) is None
 
 
-class _ReversedRunner(_Runner):
+class _ReversedRunner(Runner):
     """Eager, but hands results back last-first, as Dask's as_completed may."""
 
     def map(self, fn, arg_list, key):
@@ -206,7 +207,7 @@ def test_eager_runner_uses_the_worker_thread_count():
 
     torch.set_num_threads(2)
     try:
-        runner = _Runner(RunOptions(out="unused", workers=0, threads=1))
+        runner = Runner(RunOptions(out="unused", workers=0, threads=1))
         assert [res for _, res in runner.map(lambda *_: torch.get_num_threads(), [()], "x")] == [1]
         runner.close()
         assert torch.get_num_threads() == 2
@@ -484,7 +485,7 @@ def test_a_stage_that_raises_fails_only_its_sample(monkeypatch):
 # ------------------------------------------------------------------------------------------ worker memory
 _FAULTS = """
 import resource, numpy as np
-from preprocess.build import _heap_allocations_for_arrays
+from preprocess.executor import _heap_allocations_for_arrays
 
 def faults():
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
