@@ -11,12 +11,22 @@ from pathlib import Path
 
 from rich.console import Console
 
+from common.faces.fit import FitConfig
+from common.options import field_default
 from common.signals import signal_handlers
+from common.uvlayout import CropConfig
+from preprocess.blend import BlendConfig
+from preprocess.build import BuildConfig, RunOptions
+from preprocess.sources import SyntheticSource
+from preprocess.stages import StageConfig
+from preprocess.texture import MaskedPCAConfig
+from preprocess.unwrap import UVGTConfig
 
 
 @dataclass(frozen=True)
 class BuildArgs:
-    """The command line, as typed (see ``uvprep build --help``)."""
+    """The command line, as typed (see ``uvprep build --help``). A default that a stage config also has is read from
+    that config's field (one source for each default; ``tests/test_defaults.py`` holds the map)."""
 
     out: Path | str
     """The store: a local path, ``file://PATH`` or an fsspec URL (``s3://bucket/store.zarr``)."""
@@ -24,10 +34,10 @@ class BuildArgs:
     images: Path | None = None
     params: Path | None = None
     count: int = 256
-    seed: int = 0
-    image_size: int = 256
-    uv_size: int = 256
-    chunk: int = 64
+    seed: int = field_default(SyntheticSource, "seed")
+    image_size: int = field_default(FitConfig, "image_size")
+    uv_size: int = field_default(UVGTConfig, "uv_size")
+    chunk: int = field_default(BuildConfig, "chunk")
     fitter: str | None = None
     face_model: str | None = None
     bfm_v1_dir: Path | None = None
@@ -39,17 +49,17 @@ class BuildArgs:
     max_bytes: int | None = None
     max_pixels: int | None = None
     occlusion: bool | None = None
-    erosion: float = 0.03
-    texture_model: str = "pca"
-    n_tex: int = 40
-    pca_samples: int = 1024
-    ridge_lambda: float = 1.0
-    blend_mode: str = "fill"
+    erosion: float = field_default(UVGTConfig, "erosion_frac")
+    texture_model: str = field_default(StageConfig, "texture_model")
+    n_tex: int = field_default(MaskedPCAConfig, "n_components")
+    pca_samples: int = field_default(StageConfig, "pca_samples")
+    ridge_lambda: float = field_default(StageConfig, "ridge_lambda")
+    blend_mode: str = field_default(BlendConfig, "mode")
     fill_mode: str = "relit"
-    frontal_yaw: float = 10.0
-    profile_yaw: float = 30.0
+    frontal_yaw: float = field_default(CropConfig, "frontal_yaw_max")
+    profile_yaw: float = field_default(CropConfig, "profile_yaw_min")
     workers: int | None = None
-    threads: int = 1
+    threads: int = field_default(RunOptions, "threads")
     scheduler: str | None = None
     cluster: str | None = None
     slurm_cores: int | None = None
@@ -63,9 +73,9 @@ class BuildArgs:
     slurm_max_jobs: int | None = None
     slurm_local_directory: str | None = None
     slurm_log_directory: str | None = None
-    overwrite: bool = False
-    verify: bool = False
-    lock: bool = True
+    overwrite: bool = field_default(RunOptions, "overwrite")
+    verify: bool = field_default(RunOptions, "verify")
+    lock: bool = field_default(RunOptions, "lock")
 
 
 def validate_args(a: BuildArgs) -> None:

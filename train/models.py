@@ -30,6 +30,7 @@ from torch.nn.utils.parametrizations import spectral_norm
 from train.uvops import expect_shape
 
 __all__ = [
+    "BASE_CHANNELS",
     "SamplerConfig",
     "GeneratorConfig",
     "DiscriminatorConfig",
@@ -42,6 +43,10 @@ __all__ = [
     "auto_n_down",
     "count_parameters",
 ]
+
+
+BASE_CHANNELS = 64
+"""Full-size width of every network's first stage (``uvtrain fit --channels``: one flag sets all three)."""
 
 
 def count_parameters(module: nn.Module) -> int:
@@ -77,7 +82,7 @@ class SamplerConfig:
 
     grid_size: int = 152
     """Side S of the predicted sampling grid S_att (the paper's 152; resized to other UV sizes in forward)."""
-    channels: int = 64
+    channels: int = BASE_CHANNELS
     """Width of the first feature-extractor stage; doubles at every halving up to ``max_channels``."""
     max_channels: int = 512
     """Widest feature-extractor stage."""
@@ -236,7 +241,7 @@ class UVSampler(nn.Module):
 class GeneratorConfig:
     """UV inpainting U-Net."""
 
-    channels: int = 64
+    channels: int = BASE_CHANNELS
     """Width at full resolution; doubles at every halving up to ``max_channels``."""
     max_channels: int = 512
     """Widest level."""
@@ -351,7 +356,7 @@ class UVGenerator(nn.Module):
 class DiscriminatorConfig:
     """PatchGAN discriminator (used as D_ctr, D_sd and D_face)."""
 
-    channels: int = 64
+    channels: int = BASE_CHANNELS
     """Width of the first layer; doubles per halving up to 8x."""
     n_layers: int = 3
     """Stride-2 4x4 convolutions; inputs need sides >= 2**(n_layers + 1)."""
