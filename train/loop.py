@@ -28,7 +28,6 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from common.identity import load_identity as common_load_identity
 from common.store import StoreReader
 from train.bundle import layout_valid, write_bundle
 from train.config import RunOptions, TrainConfig
@@ -57,6 +56,7 @@ from train.runs import (
     RunError,
     atomic_save,
     load_checkpoint,
+    load_identity,
     prepare_run_dir,
     resolve_device,
     rng_state,
@@ -108,17 +108,6 @@ class StepResult:
     terms: dict[str, torch.Tensor]
     images: dict[str, torch.Tensor]
     fakes: dict[str, torch.Tensor] = field(default_factory=dict)
-
-
-def load_identity(spec: str, device: torch.device) -> torch.nn.Module | None:
-    """The frozen face-recognition network of Eq. 13 (:func:`common.identity.load_identity`): None for ``none``.
-
-    It maps (B, 3, H, W) images in [0, 1] and their (B, 68, 2) landmarks to (B, D) identity features.
-    """
-    try:
-        return common_load_identity(spec, device)
-    except (FileNotFoundError, ValueError) as e:
-        raise RunError(str(e)) from None
 
 
 # ------------------------------------------------------------------------------------------ trainer
@@ -481,4 +470,4 @@ def _run_stage(tr: Trainer, stage: Stage, stop: int, on_log, on_step, signals: S
     return rows
 
 
-__all__ = ["Stage", "StageKind", "StepResult", "Trainer", "fit", "load_identity", "schedule"]
+__all__ = ["Stage", "StageKind", "StepResult", "Trainer", "fit", "schedule"]

@@ -7,7 +7,8 @@ accumulators), ``sampler.pt`` (the sampler at the end of its phase), ``metrics.j
 command resumes from ``checkpoint.pt``.
 
 ``uvtrain infer`` and ``uvtrain eval`` load a run with :func:`load_trained` and apply it with :func:`predict_uv`
-(or the two networks directly), without the training loop.
+(or the two networks directly), without the training loop; :func:`resolve_device` and :func:`load_identity` turn
+the flags all three commands share into a device and a network, or a one-line :class:`RunError`.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import numpy as np
 import torch
 
 from common.configdiff import dotted_differences
+from common.identity import load_identity as common_load_identity
 from common.imageio import image_grid, write_png
 from train.bundle import InferenceBundle, read_bundle
 from train.config import RunOptions, TrainConfig
@@ -45,6 +47,18 @@ def resolve_device(name: str) -> torch.device:
     if dev.type not in ("cpu", "cuda"):
         raise RunError(f"--device {name}: expected cpu, cuda or cuda:N")
     return dev
+
+
+def load_identity(spec: str, device: torch.device) -> torch.nn.Module | None:
+    """The frozen face-recognition network of Eq. 13 (:func:`common.identity.load_identity`): None for ``none``;
+    a missing or unknown network is a :class:`RunError`.
+
+    It maps (B, 3, H, W) images in [0, 1] and their (B, 68, 2) landmarks to (B, D) identity features.
+    """
+    try:
+        return common_load_identity(spec, device)
+    except (FileNotFoundError, ValueError) as e:
+        raise RunError(str(e)) from None
 
 
 # ------------------------------------------------------------------------------------ run directory
