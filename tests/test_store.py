@@ -95,6 +95,16 @@ def test_specs_and_layout_roundtrip():
     assert Reason.from_short("no_face") is Reason.NO_FACE and "detector" in Reason.NO_FACE.description
 
 
+def test_one_array_table_gives_the_specs_the_descriptions_and_the_docstring():
+    full = StoreLayout(10, 16, 8, (4, 5), (3, 4), 6, chunk=4, has_truth=True, has_occlusion=True, chunk_records=True)
+    names = [a.name for a in S.ARRAYS]
+    assert [*S.array_specs(full), *S.manifest_specs(full)] == names == list(S.ARRAY_DOCS)
+    assert S.ARRAY_DOCS["image"] == "photo at the working resolution, (N, H, W, 3) uint8 RGB"
+    table = S.schema_table()
+    assert table in S.__doc__ and all(f"\n{n} " in table for n in names)
+    assert S.reason_name(Reason.NO_FACE) == "no_face" and S.reason_name(99) == "unknown_99"
+
+
 def test_create_attrs_and_manifest_roundtrip(tmp_path):
     paths = ["a/ü.png", "b/" + "x" * 300 + ".jpg", "c d/日本.jpeg", "synthetic://0/3"]
     layout = StoreLayout(4, 16, 8, (4, 5), (3, 4), 6, chunk=2)

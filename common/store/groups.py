@@ -76,7 +76,7 @@ def _put_arrays(group: zarr.Group, arrays: Mapping[str, np.ndarray]) -> None:
 
 def write_face_model(path_or_group, layout: StoreLayout, model: FaceModel, crop_layout: CropLayout,
                      mirror_index: np.ndarray, crop_config: CropConfig) -> None:
-    """Write (or rewrite) the ``model/`` and ``uv_layout/`` groups (module docstring) of a store with ``layout``.
+    """Write (or rewrite) the ``model/`` and ``uv_layout/`` groups (see :mod:`common.store`) of a store with ``layout``.
 
     model: the :class:`common.facemodel.FaceModel` (arrays stored exactly as held, float32 / int64);
     crop_layout: :func:`common.uvlayout.crop_layout` at ``layout.uv_size`` with ``crop_config``;
