@@ -1,7 +1,7 @@
 """Trainer throughput: data loader samples/s vs the trainer's consumption, steps/s per phase, shares of a step.
 
 Baselines measured in the same run: single-sample store reads (what a map-style dataset does) against the
-stream's whole-chunk reads, and the loader's delivery against one training step's consumption at batch 6.
+stream's whole-chunk reads, and the loader's delivery against one training step's consumption at the default batch.
 
     python benchmarks/bench_train.py                         # builds a 64-sample synthetic store at 256² first
     python benchmarks/bench_train.py --store S --device cuda # on a GPU (full-size models)
@@ -26,6 +26,10 @@ from train.data import DataConfig, StoreStream, make_loader
 from train.loop import StageKind, Trainer, schedule
 from train.render import PosedMesh
 
+DEFAULT = TrainConfig(store="")
+"""What ``uvtrain fit`` trains without options: the schedule, sizes and batch these measurements are taken at."""
+BATCH = DEFAULT.batch_size
+
 
 def build_store(out: Path, size: int, count: int) -> str:
     from preprocess.build import build_store as build
@@ -39,14 +43,14 @@ def build_store(out: Path, size: int, count: int) -> str:
 
 def loader_rate(store: str, workers: int, image_size: int, batches: int, render: bool = True) -> float:
     """Samples/s of a generator-phase loader (with its rasterising when ``render``)."""
-    ds = StoreStream(store, DataConfig(batch_size=6, image_size=image_size, render_in_loader=render))
+    ds = StoreStream(store, DataConfig(batch_size=BATCH, image_size=image_size, render_in_loader=render))
     loader = make_loader(ds, workers)
     it = iter(loader)
     next(it)  # start-up (worker spawn, model load)
     t0 = time.perf_counter()
     for _ in range(batches):
         next(it)
-    rate = 6 * batches / (time.perf_counter() - t0)
+    rate = BATCH * batches / (time.perf_counter() - t0)
     del it, loader
     gc.collect()  # stop the persistent workers before the next measurement
     return rate
@@ -72,21 +76,22 @@ def raster_share(store: str, image_size: int) -> float:
     """Seconds per sample spent rasterising (two lookups: I0 and I1) in the loader."""
     reader = StoreReader(store)
     mesh = PosedMesh(reader.face_model())
-    params = torch.from_numpy(reader.batch(reader.ok_indices()[:6], ["params"])["params"])
+    params = torch.from_numpy(reader.batch(reader.ok_indices()[:BATCH], ["params"])["params"])
     verts = mesh.verts(params, reader.layout.image_size, image_size)
     times = []
     for _ in range(3):
         t0 = time.perf_counter()
         mesh.lookup(verts, image_size)
         times.append(time.perf_counter() - t0)
-    return 2 * min(times) / 6
+    return 2 * min(times) / BATCH
 
 
 def phase_steps(store: str, device: str, image_size: int, small: bool = False):
     """A Trainer on ``store`` and, per training phase, ``(stage, step)``: ``step(i)`` runs one optimiser step of
-    that phase at batch 6 on one of two pre-loaded batches (alternating) and returns nothing."""
-    cfg = TrainConfig(store=store, sampler_steps=10, sampler_finetune_steps=5, generator_steps=10,
-                      image_size=image_size, sampler_image_size=min(128, image_size), workers=0)
+    that phase at the default batch on one of two pre-loaded batches (alternating) and returns nothing."""
+    cfg = dataclasses.replace(DEFAULT, store=store, sampler_steps=10, sampler_finetune_steps=5, generator_steps=10,
+                              image_size=image_size, sampler_image_size=min(DEFAULT.sampler_image_size, image_size),
+                              workers=0)
     if small:
         from train.models import DiscriminatorConfig, GeneratorConfig, SamplerConfig
 
@@ -99,8 +104,8 @@ def phase_steps(store: str, device: str, image_size: int, small: bool = False):
     phases = []
     for stage in schedule(cfg, tr.uv_size):
         generator = stage.kind is StageKind.GENERATOR
-        ds = StoreStream(store, DataConfig(batch_size=6, image_size=stage.image_size, with_targets=generator,
-                                           rotate_share=0.25))
+        ds = StoreStream(store, DataConfig(batch_size=BATCH, image_size=stage.image_size, with_targets=generator,
+                                           rotate_share=cfg.rotate_share))
         it = iter(ds)
         batches = [{k: v.to(tr.device) if isinstance(v, torch.Tensor) else v for k, v in next(it).items()}
                    for _ in range(2)]
@@ -128,17 +133,19 @@ def step_rates(store: str, device: str, image_size: int, steps: int, small: bool
             step(s)
             times.append(time.perf_counter() - t0)
         t = statistics.median(times[1:])
-        out[stage.name] = {"s_per_step": t, "steps_per_s": 1 / t, "samples_per_s": 6 / t, "min": min(times[1:])}
+        out[stage.name] = {"s_per_step": t, "steps_per_s": 1 / t, "samples_per_s": BATCH / t, "min": min(times[1:])}
     return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--store", default=None)
-    ap.add_argument("--size", type=int, default=256, help="image/UV size of the store built when --store is absent")
+    ap.add_argument("--size", type=int, default=DEFAULT.image_size, help="image/UV size of the store built when "
+                    "--store is absent")
     ap.add_argument("--count", type=int, default=64)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--train-size", type=int, default=128, help="image size of the step timings")
+    ap.add_argument("--train-size", type=int, default=DEFAULT.sampler_image_size, help="image size of the step "
+                    "timings")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--batches", type=int, default=8)
     ap.add_argument("--workers", default="0,2,4")
@@ -159,8 +166,9 @@ def main() -> None:
             print(f"loader at {h}², {w} workers: {rates[w]:.1f} samples/s rasterising in the loader, "
                   f"{bare:.1f} samples/s without (--render-on device)")
         steps = step_rates(store, args.device, args.train_size, args.steps, args.small)
-        print(f"\nsteps at batch 6 on {args.device} (image {args.train_size}², sampler grid 152, UV {h}² after the "
-              f"first stage, {'small' if args.small else 'full-size'} networks):")
+        print(f"\nsteps at batch {BATCH} on {args.device} (image {args.train_size}², sampler grid "
+              f"{DEFAULT.sampler.grid_size}, UV {h}² after the first stage, {'small' if args.small else 'full-size'} "
+              f"networks):")
         print(f"{'phase':<10} {'s/step':>8} {'steps/s':>8} {'samples/s':>10} {'loader(best)/step':>18}")
         best = max(rates.values())
         for name, r in steps.items():
@@ -168,11 +176,13 @@ def main() -> None:
                   f"{best / r['samples_per_s']:>17.1f}x")
         gen = steps.get("generator", {}).get("s_per_step")
         if gen:
-            total = 30_000 * steps["sampler"]["s_per_step"] + 100_000 * gen
-            print(f"\nprojected paper schedule (30k sampler + 100k generator steps) at these rates: "
-                  f"{total / 3600:.1f} h")
+            n = {"sampler": DEFAULT.sampler_steps - DEFAULT.finetune_steps, "finetune": DEFAULT.finetune_steps,
+                 "generator": DEFAULT.generator_steps}
+            total = sum(n[k] * steps[k]["s_per_step"] for k in n if k in steps)
+            print(f"\nprojected default schedule ({n['sampler']:,} sampler + {n['finetune']:,} fine-tune + "
+                  f"{n['generator']:,} generator steps) at these rates: {total / 3600:.1f} h")
         print(f"rasterising share if done in the step instead of the loader: "
-              f"{100 * 6 * rs / (6 * rs + (gen or 1)):.0f}% of a generator step")
+              f"{100 * BATCH * rs / (BATCH * rs + (gen or 1)):.0f}% of a generator step")
         np.set_printoptions(precision=3)
 
 

@@ -5,11 +5,12 @@ generator 256²): the floating-point operations of one optimiser step (forward +
 ``torch.utils.flop_counter``), the seconds per step on this machine's device, the bytes DDP all-reduces per step
 (the trained parameters' gradients, float32), and the loader's samples/s per worker process (reads + rasterising).
 
-Projected: the schedule of Sec. 4 (30k sampler steps of which ``--finetune`` at 256², then 100k generator steps,
-batch 6 per GPU) on N GPUs, as compute (FLOPs / the sustained throughput given by ``--gpu-tflops``) plus a ring
-all-reduce of the gradients (2 (N-1)/N x bytes / bandwidth; not overlapped, so an upper bound), and the loader
-processes each GPU needs. The sustained throughput is an assumption, not a measurement: the paper's own "about
-100 hours on two Titan X Pascal" is turned into the throughput it implies for our FLOP count, as a calibration.
+Projected: the schedule ``uvtrain fit`` trains by default (:class:`train.config.TrainConfig`, Sec. 4's: 30k sampler
+steps of which the last ``--finetune`` at 256², then 100k generator steps, batch 6 per GPU) on N GPUs, as compute
+(FLOPs / the sustained throughput given by ``--gpu-tflops``) plus a ring all-reduce of the gradients (2 (N-1)/N x
+bytes / bandwidth; not overlapped, so an upper bound), and the loader processes each GPU needs. The sustained
+throughput is an assumption, not a measurement: the paper's own "about 100 hours on two Titan X Pascal" is turned
+into the throughput it implies for our FLOP count, as a calibration.
 
     python benchmarks/train_projection.py                    # builds a 24-sample synthetic 256² store first
     python benchmarks/train_projection.py --device cuda      # on a GPU: the measured s/step replaces the assumption
@@ -26,16 +27,17 @@ import time
 from pathlib import Path
 
 import torch
-from bench_train import build_store, loader_rate, phase_steps
+from bench_train import BATCH, DEFAULT, build_store, loader_rate, phase_steps
 from torch.utils.flop_counter import FlopCounterMode
 
-PAPER = {"sampler": 30_000, "generator": 100_000, "hours": 100.0, "gpus": 2, "tflops_peak": 11.0}
-"""Sec. 4: 30k sampler steps, 100k generator steps, ~100 h on two Titan X Pascal (11 TFLOP/s fp32 peak each)."""
+PAPER = {"hours": 100.0, "gpus": 2, "tflops_peak": 11.0}
+"""Sec. 4: ~100 h on two Titan X Pascal (11 TFLOP/s fp32 peak each) for its 30k sampler and 100k generator steps,
+the schedule :data:`bench_train.DEFAULT` holds."""
 
 
 def measure(store: str, device: str, steps: int) -> dict[str, dict[str, float]]:
     """Per phase: ``flops`` per step, ``s`` median seconds per step, ``bytes`` all-reduced per step."""
-    tr, phases = phase_steps(store, device, 256)
+    tr, phases = phase_steps(store, device, DEFAULT.image_size)
     trained = {"sampler": [tr.sampler], "finetune": [tr.sampler], "generator": [tr.generator, tr.discs]}
     out = {}
     for stage, step in phases:
@@ -54,8 +56,10 @@ def measure(store: str, device: str, steps: int) -> dict[str, dict[str, float]]:
     return out
 
 
-def schedule_steps(finetune: int) -> dict[str, int]:
-    return {"sampler": PAPER["sampler"] - finetune, "finetune": finetune, "generator": PAPER["generator"]}
+def schedule_steps(finetune: int | None = None) -> dict[str, int]:
+    """Steps per phase of the default schedule; ``finetune`` None: the default fine-tune length."""
+    finetune = DEFAULT.finetune_steps if finetune is None else finetune
+    return {"sampler": DEFAULT.sampler_steps - finetune, "finetune": finetune, "generator": DEFAULT.generator_steps}
 
 
 def allreduce_s(nbytes: float, gpus: int, per_node: int, nvlink_gbs: float, net_gbs: float) -> float:
@@ -71,8 +75,9 @@ def main() -> None:
     ap.add_argument("--store", default=None)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--steps", type=int, default=2, help="timed steps per phase (after one warm-up and one counted)")
-    ap.add_argument("--finetune", type=int, default=5000, help="of the 30k sampler steps, those at 256² (paper: "
-                    "'fine-tuning needed', no count given)")
+    ap.add_argument("--finetune", type=int, default=None, help=f"of the {DEFAULT.sampler_steps:,} sampler steps, "
+                    f"those at {DEFAULT.image_size}² (default {DEFAULT.finetune_steps:,}, uvtrain fit's; paper: "
+                    f"'fine-tuning needed', no count given)")
     ap.add_argument("--gpu-tflops", type=float, default=20.0, help="sustained TFLOP/s per GPU assumed for the "
                     "projection (an A100/H100 with AMP on these conv nets: tens; the paper's Titan X: see the "
                     "calibration line)")
@@ -90,15 +95,15 @@ def main() -> None:
         cost, per_worker, args.device = saved["cost"], saved["loader"], saved["device"]
     else:
         with tempfile.TemporaryDirectory() as tmp:
-            store = args.store or build_store(Path(tmp) / "proj.zarr", 256, 24)
+            store = args.store or build_store(Path(tmp) / "proj.zarr", DEFAULT.image_size, 24)
             cost = measure(store, args.device, args.steps)
-            per_worker = {"loader": loader_rate(store, 0, 256, 4),  # rasterising I0/I1 in the loader (the default)
-                          "device": loader_rate(store, 0, 256, 4, render=False)}  # --render-on device
+            per_worker = {"loader": loader_rate(store, 0, DEFAULT.image_size, 4),  # rasterising in the loader
+                          "device": loader_rate(store, 0, DEFAULT.image_size, 4, render=False)}  # --render-on device
         if args.save:
             Path(args.save).write_text(json.dumps({"cost": cost, "loader": per_worker, "device": args.device}))
     n = schedule_steps(args.finetune)
 
-    print(f"measured per step at batch 6 on {args.device}:")
+    print(f"measured per step at batch {BATCH} on {args.device}:")
     print(f"{'phase':<10} {'GFLOP/step':>11} {'s/step':>8} {'GFLOP/s':>8} {'all-reduce MB':>14} {'steps':>8}")
     for name, c in cost.items():
         print(f"{name:<10} {c['flops'] / 1e9:>11.1f} {c['s']:>8.2f} {c['flops'] / c['s'] / 1e9:>8.1f} "
@@ -111,12 +116,14 @@ def main() -> None:
     print(f"calibration: 'about 100 hours on two Titan X Pascal' implies {implied:.2f} TFLOP/s sustained per GPU for "
           f"this FLOP count, {100 * implied / PAPER['tflops_peak']:.0f}% of its {PAPER['tflops_peak']:.0f} TFLOP/s "
           f"fp32 peak")
-    print(f"loader, per worker process at 256² on this machine: {per_worker['loader']:.1f} samples/s rasterising "
-          f"in the loader (default), {per_worker['device']:.1f} samples/s with --render-on device")
+    print(f"loader, per worker process at {DEFAULT.image_size}² on this machine: {per_worker['loader']:.1f} "
+          f"samples/s rasterising in the loader (default), {per_worker['device']:.1f} samples/s with --render-on "
+          f"device")
 
     measured_gpu = args.device == "cuda"
     basis = "measured s/step" if measured_gpu else f"{args.gpu_tflops:g} TFLOP/s sustained (assumed)"
-    print(f"\nprojection, batch 6 per GPU, the same samples seen as the paper (steps / N, global batch 6 N), "
+    print(f"\nprojection, batch {BATCH} per GPU, the same samples seen as the paper (steps / N, global batch "
+          f"{BATCH} N), "
           f"compute at {basis}, all-reduce not overlapped ({args.gpus_per_node} GPUs/node, "
           f"NVLink {args.nvlink_gbs:g} GB/s, network {args.net_gbs:g} GB/s):")
     k = args.loader_workers
@@ -132,8 +139,8 @@ def main() -> None:
             comp += steps * t
             comm += steps * a
             for mode in need:
-                need[mode] = max(need[mode], 6 / (t + a) / per_worker[mode])
-            bound += steps * max(t + a, 6 / (k * per_worker["device"]))  # a step waits for its batch
+                need[mode] = max(need[mode], BATCH / (t + a) / per_worker[mode])
+            bound += steps * max(t + a, BATCH / (k * per_worker["device"]))  # a step waits for its batch
         nodes = -(-g // args.gpus_per_node)
         print(f"{g:>5} {nodes:>6} {comp / 3600:>10.2f} {comm / 3600:>13.2f} {(comp + comm) / 3600:>8.2f} "
               f"{need['loader']:>12.0f} / {need['device']:>4.1f} (dev) {bound / 3600:>28.2f}")
