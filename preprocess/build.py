@@ -75,8 +75,8 @@ class BuildConfig:
     """A source from :mod:`preprocess.sources` (a frozen dataclass)."""
     stages: StageConfig = field(default_factory=StageConfig)
     """Stage settings."""
-    chunk: int = 64
-    """Samples per chunk and per task."""
+    chunk: int = StoreLayout.chunk
+    """Samples per chunk and per task (the store schema's default)."""
     compressor: str = "zstd"
     """Store compressor (zstd | blosc-zstd | blosc-lz4 | none)."""
 
