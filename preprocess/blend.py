@@ -72,7 +72,7 @@ class BlendConfig:
     are the unknowns, guided by their own gradients, with UV_bfm as the boundary; observed colours shift by the
     harmonic correction UV_bfm imposes at the boundary. ``fill``: the same equation with the roles swapped -- the
     model texels are the unknowns, guided by UV_bfm's gradients, with the observed/mirrored texels as the boundary:
-    photo texels stay exact and the model part is shifted to meet them without seams (see README, "Eq. 9")."""
+    photo texels stay exact and the model part is shifted to meet them without seams (see docs/method/blend.md)."""
 
     fill_mode: str = "relit"
     """Values of the mirrored texels. ``mirror``: the observed mirror texel's colour (Fig. 5h, as the paper).

@@ -2,7 +2,7 @@
 
 UV_gt holds albedo x shading as the camera saw it. The symmetric fill of Eq. 9 (Fig. 5h) copies a texel's colour
 to its mirror texel, which faces the light differently: copied verbatim, the lit side lands on the side facing
-away from the light (on the synthetic world +37.6/255 too bright, README "Eq. 9"). The relit fill instead
+away from the light (on the synthetic world +37.6/255 too bright, docs/method/blend.md). The relit fill instead
 divides the observed colour by the shading at its own normal and multiplies by the shading at the mirror
 texel's normal. Only the *ratio* of shadings enters, so the albedo's overall level is never needed and is
 absorbed into the fitted lighting: ``colour ~ shading(n)`` is fitted over all observed texels, robustly (skin

@@ -76,7 +76,7 @@ def build_face_model(cfg: StageConfig) -> FaceModel:
     if cfg.face_model == "bfm-public":
         if cfg.bfm_v1_dir is None or cfg.bfm_v2_dir is None:
             raise ValueError("face model 'bfm-public' needs --bfm-v1-dir and --bfm-v2-dir (3DDFA / 3DDFA_V2 asset "
-                             "folders; see README, 'Real photos')")
+                             "folders; see docs/real-photos.md)")
         from common.loaders import load_tddfa_dense_public
 
         return load_tddfa_dense_public(cfg.bfm_v1_dir, cfg.bfm_v2_dir)

@@ -116,7 +116,7 @@ def recorded_stages(config: dict, options: UpgradeOptions) -> StageConfig:
             raise FileNotFoundError(
                 f"the store was built with face model bfm-public, whose asset folders are needed to rebuild it, but "
                 f"{' and '.join(gone)} {'is' if len(gone) == 1 else 'are'} missing; pass the folders' new places "
-                f"(uvprep upgrade STORE --bfm-v1-dir DIR --bfm-v2-dir DIR; see README, 'Real photos')")
+                f"(uvprep upgrade STORE --bfm-v1-dir DIR --bfm-v2-dir DIR; see docs/real-photos.md)")
     return StageConfig(face_model=kind, bfm_v1_dir=v1, bfm_v2_dir=v2, crops=crops)
 
 

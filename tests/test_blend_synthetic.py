@@ -6,7 +6,7 @@ literal Eq. 9, plain mirror) 12.7, fill 8.2, fill with the relit, blended mirror
 (directional shading baked into the true UV) -- UV_bfm 34.5, paste 36.0, fill 29.5, relit fill 14.2. `paste`
 carries UV_bfm's error at the far rim into the observed and mirrored texels; `fill` keeps them and adapts the
 model part, hence the default; the plain mirror copies lit colour onto the side facing away from the light, the
-relit one mirrors albedo (README, "Eq. 9").
+relit one mirrors albedo (docs/method/blend.md).
 """
 
 import numpy as np

@@ -229,7 +229,7 @@ class ShapeFitter:
             missing = [n for n in ("tddfa_weights", "param_stats") if getattr(config, n) is None]
             if missing:
                 raise ValueError(f"fitter 'tddfa' needs {missing}: the 3DDFA_V2 regressor weights and parameter "
-                                 f"statistics (see README, 'Real photos')")
+                                 f"statistics (see docs/real-photos.md)")
             if config.refine is not None and (config.landmarks_dir is None or config.refine_landmarks is None):
                 raise ValueError("refine needs the 68-landmark bases (landmarks_dir: 3DDFA's c++/weights) and "
                                  "refine_landmarks (dlib's shape_predictor_68_face_landmarks.dat)")
