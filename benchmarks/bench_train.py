@@ -93,7 +93,7 @@ def phase_steps(store: str, device: str, image_size: int, small: bool = False):
                               image_size=image_size, sampler_image_size=min(DEFAULT.sampler_image_size, image_size),
                               workers=0)
     if small:
-        from train.models import DiscriminatorConfig, GeneratorConfig, SamplerConfig
+        from train.config import DiscriminatorConfig, GeneratorConfig, SamplerConfig
 
         cfg = dataclasses.replace(cfg, sampler=SamplerConfig(channels=16, head_hidden=256),
                                   generator=GeneratorConfig(channels=16),

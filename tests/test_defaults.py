@@ -44,11 +44,17 @@ from preprocess.unwrap import UVGTConfig
 from preprocess.upgrade import UpgradeOptions
 from train import console
 from train.cli import app as uvtrain
-from train.config import OptimConfig, RunOptions, TrainConfig
-from train.evaluate import EvalConfig
-from train.infer import InferConfig
-from train.losses import LossWeights
-from train.models import DiscriminatorConfig, GeneratorConfig, SamplerConfig
+from train.config import (
+    DiscriminatorConfig,
+    EvalConfig,
+    GeneratorConfig,
+    InferConfig,
+    LossWeights,
+    OptimConfig,
+    RunOptions,
+    SamplerConfig,
+    TrainConfig,
+)
 
 REQUIRED = ...
 """A required option (no default)."""

@@ -12,7 +12,8 @@ from typer.testing import CliRunner
 
 from common.store import OK, StoreReader
 from train.cli import app
-from train.evaluate import EvalConfig, completion_errors, evaluate, reconstruction_metrics
+from train.config import EvalConfig
+from train.evaluate import completion_errors, evaluate, reconstruction_metrics
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -17,7 +17,8 @@ from common.imageio import read_image, write_png
 from common.store import StoreReader
 from train.bundle import BUNDLE_DIR, read_bundle
 from train.cli import app
-from train.infer import InferConfig, infer
+from train.config import InferConfig
+from train.infer import infer
 from train.runs import RunError, load_trained, predict_uv
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from train.config import LossWeights
 from train.losses import (
-    LossWeights,
     NonFiniteLoss,
     check_finite,
     d_loss,

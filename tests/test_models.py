@@ -11,11 +11,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
+from train.config import DiscriminatorConfig, GeneratorConfig, SamplerConfig
 from train.models import (
-    DiscriminatorConfig,
-    GeneratorConfig,
     PatchDiscriminator,
-    SamplerConfig,
     UVGenerator,
     UVSampler,
     auto_n_down,

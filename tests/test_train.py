@@ -13,9 +13,8 @@ import torch
 from typer.testing import CliRunner
 
 from train.cli import app
-from train.config import RunOptions, TrainConfig
+from train.config import DiscriminatorConfig, GeneratorConfig, RunOptions, SamplerConfig, TrainConfig
 from train.loop import StageKind, Trainer, fit, schedule
-from train.models import DiscriminatorConfig, GeneratorConfig, SamplerConfig
 from train.runs import CHECKPOINT, CONFIG, METRICS, RunError
 
 

@@ -7,11 +7,18 @@ from pathlib import Path
 import typer
 
 from common.options import field_default, given, option
-from train.config import OptimConfig, RunOptions, TrainConfig
-from train.evaluate import METHODS, EvalConfig
-from train.infer import InferConfig
-from train.losses import LossWeights
-from train.models import DiscriminatorConfig, GeneratorConfig, SamplerConfig
+from train.config import (
+    METHODS,
+    DiscriminatorConfig,
+    EvalConfig,
+    GeneratorConfig,
+    InferConfig,
+    LossWeights,
+    OptimConfig,
+    RunOptions,
+    SamplerConfig,
+    TrainConfig,
+)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Train the UV sampler and UV generator on a store built by `uvprep build`.")

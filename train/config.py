@@ -1,5 +1,11 @@
-"""Configuration of a training run: what decides the result (:class:`TrainConfig`, stored in the run directory and
-compared on every rerun) and how this invocation runs (:class:`RunOptions`, free to change between reruns)."""
+"""Configuration of the trainer's commands, as frozen dataclasses: what decides a training run's result
+(:class:`TrainConfig` with its network, loss and optimiser parts, stored in the run directory and compared on every
+rerun), how an invocation runs (:class:`RunOptions`, free to change between reruns), and ``uvtrain infer`` /
+``uvtrain eval`` (:class:`InferConfig`, :class:`EvalConfig`).
+
+Standard library only, so that ``uvtrain --help`` reads every default without importing torch; the modules that
+implement a config import it from here (``train.models``, ``train.losses``, ``train.infer``, ``train.evaluate``).
+"""
 
 from __future__ import annotations
 
@@ -9,10 +15,99 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from train.losses import LossWeights
-from train.models import DiscriminatorConfig, GeneratorConfig, SamplerConfig
-
 PHASES = ("sampler", "generator", "all")
+"""``RunOptions.phase``'s choices."""
+
+
+# --------------------------------------------------------------------------------------------------------- networks
+BASE_CHANNELS = 64
+"""Full-size width of every network's first stage (``uvtrain fit --channels``: one flag sets all three)."""
+
+
+@dataclass(frozen=True)
+class SamplerConfig:
+    """UV attention sampler: residual feature extractor + fully connected sampler head."""
+
+    grid_size: int = 152
+    """Side S of the predicted sampling grid S_att (the paper's 152; resized to other UV sizes in forward)."""
+    channels: int = BASE_CHANNELS
+    """Width of the first feature-extractor stage; doubles at every halving up to ``max_channels``."""
+    max_channels: int = 512
+    """Widest feature-extractor stage."""
+    n_down: int = 5
+    """Residual blocks, each halving H and W (avg-pool); input sides must be >= 2**n_down."""
+    feature_dim: int = 512
+    """Length of the image feature (the paper's 512-d feature)."""
+    pool_size: int = 4
+    """The last feature map is average-pooled to ``pool_size``² cells (any input size) and flattened before the
+    projection to ``feature_dim``. 1 is global average pooling, which throws away where things are in the image:
+    measured at init on 6 synthetic faces, its features varied by 1.5e-4 (std over the batch) against a mean of
+    0.01, and the grid could not learn the pose."""
+    head_hidden: int = 1024
+    """Width of the sampler head's hidden fully connected layers."""
+    head_layers: int = 2
+    """Hidden Linear + ReLU layers of the head before its output layer (0: the feature maps straight to the grid)."""
+    template_weight_scale: float = 1e-2
+    """``set_template`` multiplies the output layer's weights by this, so the first grids stay near the template."""
+    control_size: int | None = 19
+    """The head predicts offsets from the template on a ``control_size``² grid of control points, bilinearly
+    upsampled to S (a smooth sampling map by construction). None: the head outputs all 2 S² coordinates, as the
+    paper's text. With per-texel outputs every coordinate follows its own noisy colour gradient and the grid
+    scrambles into face-coloured noise within tens of steps on the synthetic world; a control point pools the
+    gradients of the ~64 texels around it."""
+
+
+@dataclass(frozen=True)
+class GeneratorConfig:
+    """UV inpainting U-Net."""
+
+    channels: int = BASE_CHANNELS
+    """Width at full resolution; doubles at every halving up to ``max_channels``."""
+    max_channels: int = 512
+    """Widest level."""
+    n_down: int | None = None
+    """Stride-2 halvings; None: as many as keep U divisible with a bottleneck >= ``min_bottleneck`` (auto_n_down)."""
+    n_res: int = 4
+    """Residual blocks at the bottleneck."""
+    min_bottleneck: int = 8
+    """Smallest bottleneck side the automatic ``n_down`` allows."""
+
+
+@dataclass(frozen=True)
+class DiscriminatorConfig:
+    """PatchGAN discriminator (used as D_ctr, D_sd and D_face)."""
+
+    channels: int = BASE_CHANNELS
+    """Width of the first layer; doubles per halving up to 8x."""
+    n_layers: int = 3
+    """Stride-2 4x4 convolutions; inputs need sides >= 2**(n_layers + 1)."""
+    in_channels: int = 3
+    """Input channels (3: RGB in [0, 1])."""
+
+
+# ------------------------------------------------------------------------------------------------ losses, optimiser
+@dataclass(frozen=True)
+class LossWeights:
+    """Weights of the generator's loss terms (Eq. 14) and of the discriminators' R1 penalty."""
+
+    face: float = 10.0
+    """Face reconstruction L1 ||I^R - I^m||_1 (Eq. 11)."""
+    uv: float = 1.0
+    """UV reconstruction L1 ||UV_pred - UV_bl||_1 (Eq. 11)."""
+    sym: float = 1.0
+    """lambda_2, symmetry loss (Eq. 12)."""
+    tv: float = 0.1
+    """lambda_4, total variation of UV_pred (Eq. 7)."""
+    id: float = 0.1
+    """lambda_3, identity loss (Eq. 13)."""
+    adv: float = 0.01
+    """lambda_1, adversarial loss (Eq. 10), summed over D_ctr, D_sd and D_face."""
+    side: float = 0.5
+    """Extra factor on D_sd's adversarial term (on top of ``adv``): it sees two crops per map."""
+    grid: float = 1.0
+    """Auxiliary sampler term :func:`train.losses.grid_loss` (not in the paper; 0 turns it off)."""
+    r1_gamma: float = 0.0
+    """R1 penalty weight gamma of the discriminators (gamma / 2 * r1_penalty); 0: off."""
 
 
 @dataclass(frozen=True)
@@ -31,6 +126,7 @@ class OptimConfig:
     """Adam beta2."""
 
 
+# ------------------------------------------------------------------------------------------------------------ a run
 @dataclass(frozen=True)
 class TrainConfig:
     """Everything that decides a run's weights (written to ``RUN/config.json``; a rerun must match it)."""
@@ -153,3 +249,95 @@ class RunOptions:
             raise ValueError("log_every and checkpoint_every must be >= 1")
         if not self.dist_timeout > 0:
             raise ValueError(f"dist_timeout: expected seconds > 0, found {self.dist_timeout}")
+
+
+# ---------------------------------------------------------------------------------------------------- uvtrain infer
+FRAMINGS = ("detect", "aligned", "none")
+FITTERS = ("auto", "tddfa", "given", "none")
+"""``InferConfig.framing`` and ``InferConfig.fitter``'s choices."""
+
+
+@dataclass(frozen=True)
+class InferConfig:
+    checkpoint: Path
+    """A ``uvtrain fit`` run directory, or its ``checkpoint.pt``."""
+    images: Path
+    """A photo, or a folder of photos (not recursive)."""
+    out: Path
+    """Output folder (created)."""
+    device: str = "cpu"
+    """Torch device of the networks and the fitter."""
+    batch_size: int = 8
+    """Photos per network batch."""
+    framing: str = "detect"
+    """detect | aligned (FFHQ / CelebA-HQ portraits) | none (the photo is the frame)."""
+    fitter: str = "auto"
+    """auto (given with --params, else tddfa when its weights are known, else none) | tddfa | given | none."""
+    params: Path | None = None
+    """Known 62 parameters per photo for the ``given`` fitter (``.npz``: keys, params; or ``.csv``)."""
+    bfm_v2_dir: Path | None = None
+    """3DDFA_V2 checkout: its weights, parameter statistics and FaceBoxes weights."""
+    tddfa_weights: Path | None = None
+    """mb1_120x120.pth / mb05_120x120.pth (overrides --bfm-v2-dir and the training store's)."""
+    param_stats: Path | None = None
+    """param_mean_std_62d_120x120.pkl (same)."""
+    detector_weights: Path | None = None
+    """FaceBoxesProd.pth (same); without it, OpenCV's Haar cascade frames faces."""
+    views: tuple[float, ...] = (-60.0, -30.0, 0.0, 30.0, 60.0)
+    """Yaw angles (degrees) of NAME_views.png."""
+    view_size: int = 256
+    """Side of each rendered view."""
+    progress: bool = True
+    """Show a progress bar and the summary."""
+
+    def __post_init__(self) -> None:
+        if self.framing not in FRAMINGS:
+            raise ValueError(f"--framing {self.framing!r}: expected one of {' | '.join(FRAMINGS)}")
+        if self.fitter not in FITTERS:
+            raise ValueError(f"--fitter {self.fitter!r}: expected one of {' | '.join(FITTERS)}")
+        if self.fitter == "given" and self.params is None:
+            raise ValueError("--fitter given needs --params FILE (.npz with keys/params, or .csv key,p0..p61)")
+        if self.batch_size < 1 or self.view_size < 16:
+            raise ValueError(f"--batch-size >= 1 and --view-size >= 16 expected, found {self.batch_size}, "
+                             f"{self.view_size}")
+        if any(not -90.0 <= y <= 90.0 for y in self.views):
+            raise ValueError(f"--views: yaw angles in [-90, 90] expected, found {list(self.views)}")
+
+
+# ----------------------------------------------------------------------------------------------------- uvtrain eval
+METHODS = ("bfm", "bl", "sampler", "generator")
+"""What ``uvtrain eval`` can evaluate: the store's own textures (``bfm``, ``bl``) or a trained run's."""
+NEEDS_CHECKPOINT = ("sampler", "generator")
+"""The methods that need ``--checkpoint``."""
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    store: str
+    """Store to evaluate on (any ``uvprep build`` store; ``--src aflw2000`` for the paper's protocol)."""
+    out: Path
+    """metrics.json to write."""
+    checkpoint: Path | None = None
+    """A ``uvtrain fit`` run directory (or its checkpoint.pt); needed by ``sampler`` and ``generator``."""
+    methods: tuple[str, ...] = ("generator",)
+    """Subset of bfm | bl | sampler | generator, evaluated on the same samples."""
+    identity: str = "dlib"
+    """Identity network of the Recon / Front columns (``none`` skips them)."""
+    batch_size: int = 8
+    """Samples per batch."""
+    device: str = "cpu"
+    """Torch device (``cpu``, ``cuda`` or ``cuda:N``)."""
+    limit: int = 0
+    """Evaluate only the first N usable samples (0: all)."""
+    progress: bool = True
+    """Show a progress bar and the tables."""
+
+    def __post_init__(self) -> None:
+        bad = [m for m in self.methods if m not in METHODS]
+        if bad or not self.methods:
+            raise ValueError(f"--method {bad or '(none)'}: expected some of {' | '.join(METHODS)}")
+        if self.checkpoint is None and any(m in NEEDS_CHECKPOINT for m in self.methods):
+            raise ValueError(f"methods {[m for m in self.methods if m in NEEDS_CHECKPOINT]} need --checkpoint; "
+                             f"without one evaluate --method bfm or bl")
+        if self.batch_size < 1 or self.limit < 0:
+            raise ValueError(f"--batch-size >= 1 and --limit >= 0 expected, found {self.batch_size}, {self.limit}")

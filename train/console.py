@@ -14,10 +14,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from common.store import StoreMismatch
-from train.config import RunOptions, TrainConfig
+from train.config import EvalConfig, InferConfig, RunOptions, TrainConfig
 from train.data import NoUsableSamples
-from train.evaluate import YAW_BANDS, EvalConfig, evaluate
-from train.infer import InferConfig, InferSummary, infer
+from train.evaluate import YAW_BANDS, evaluate
+from train.infer import InferSummary, infer
 from train.loop import CHECKPOINT, RunError, fit
 
 USER_ERRORS = (RunError, StoreMismatch, NoUsableSamples)

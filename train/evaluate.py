@@ -28,7 +28,7 @@ import hashlib
 import json
 import time
 from collections import defaultdict
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -39,46 +39,16 @@ from common.files import sha256_file
 from common.identity import load_identity
 from common.store import OK, Reason, StoreReader
 from train.bundle import layout_valid, read_bundle
+from train.config import EvalConfig
 from train.data import images_to_tensor, resize_images
 from train.render import PosedMesh, render_lookup, rotated_params
 from train.runs import CHECKPOINT, RunError, load_run_config, load_trained, resolve_device, sampled_inside
 
-__all__ = ["METHODS", "EvalConfig", "evaluate", "reconstruction_metrics", "YAW_BANDS"]
+__all__ = ["evaluate", "reconstruction_metrics", "YAW_BANDS"]
 
-METHODS = ("bfm", "bl", "sampler", "generator")
-NEEDS_CHECKPOINT = ("sampler", "generator")
 YAW_BANDS = (("|yaw|<30", 0.0, 30.0), ("30-60", 30.0, 60.0), (">60", 60.0, 90.01))
 SSIM_SETTINGS = {"implementation": "pytorch_msssim.ssim", "win_size": 11, "win_sigma": 1.5, "data_range": 1.0,
                  "K": [0.01, 0.03]}
-
-
-@dataclass(frozen=True)
-class EvalConfig:
-    store: str
-    """Store to evaluate on (any ``uvprep build`` store; ``--src aflw2000`` for the paper's protocol)."""
-    out: Path
-    """metrics.json to write."""
-    checkpoint: Path | None = None
-    """A ``uvtrain fit`` run directory (or its checkpoint.pt); needed by ``sampler`` and ``generator``."""
-    methods: tuple[str, ...] = ("generator",)
-    """Subset of bfm | bl | sampler | generator, evaluated on the same samples."""
-    identity: str = "dlib"
-    """Identity network of the Recon / Front columns (``none`` skips them)."""
-    batch_size: int = 8
-    device: str = "cpu"
-    limit: int = 0
-    """Evaluate only the first N usable samples (0: all)."""
-    progress: bool = True
-
-    def __post_init__(self) -> None:
-        bad = [m for m in self.methods if m not in METHODS]
-        if bad or not self.methods:
-            raise ValueError(f"--method {bad or '(none)'}: expected some of {' | '.join(METHODS)}")
-        if self.checkpoint is None and any(m in NEEDS_CHECKPOINT for m in self.methods):
-            raise ValueError(f"methods {[m for m in self.methods if m in NEEDS_CHECKPOINT]} need --checkpoint; "
-                             f"without one evaluate --method bfm or bl")
-        if self.batch_size < 1 or self.limit < 0:
-            raise ValueError(f"--batch-size >= 1 and --limit >= 0 expected, found {self.batch_size}, {self.limit}")
 
 
 # ------------------------------------------------------------------------------------------ metrics

@@ -34,61 +34,14 @@ from common.geometry import split_params
 from common.imageio import image_grid, read_image, resize_image, to_uint8, write_png
 from common.meshio import write_textured_obj
 from train.bundle import InferenceBundle, read_bundle
+from train.config import InferConfig
 from train.data import images_to_tensor, resize_images
 from train.render import PosedMesh, render_lookup, rotated_params
 from train.runs import CHECKPOINT, RunError, load_run_config, load_trained, resolve_device, sampled_inside
 
-__all__ = ["IMAGE_SUFFIXES", "InferConfig", "InferSummary", "Inferencer", "infer", "list_images"]
+__all__ = ["IMAGE_SUFFIXES", "InferSummary", "Inferencer", "infer", "list_images"]
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
-FRAMINGS = ("detect", "aligned", "none")
-FITTERS = ("auto", "tddfa", "given", "none")
-
-
-@dataclass(frozen=True)
-class InferConfig:
-    checkpoint: Path
-    """A ``uvtrain fit`` run directory, or its ``checkpoint.pt``."""
-    images: Path
-    """A photo, or a folder of photos (not recursive)."""
-    out: Path
-    """Output folder (created)."""
-    device: str = "cpu"
-    """Torch device of the networks and the fitter."""
-    batch_size: int = 8
-    """Photos per network batch."""
-    framing: str = "detect"
-    """detect | aligned (FFHQ / CelebA-HQ portraits) | none (the photo is the frame)."""
-    fitter: str = "auto"
-    """auto (given with --params, else tddfa when its weights are known, else none) | tddfa | given | none."""
-    params: Path | None = None
-    """Known 62 parameters per photo for the ``given`` fitter (``.npz``: keys, params; or ``.csv``)."""
-    bfm_v2_dir: Path | None = None
-    """3DDFA_V2 checkout: its weights, parameter statistics and FaceBoxes weights."""
-    tddfa_weights: Path | None = None
-    """mb1_120x120.pth / mb05_120x120.pth (overrides --bfm-v2-dir and the training store's)."""
-    param_stats: Path | None = None
-    """param_mean_std_62d_120x120.pkl (same)."""
-    detector_weights: Path | None = None
-    """FaceBoxesProd.pth (same); without it, OpenCV's Haar cascade frames faces."""
-    views: tuple[float, ...] = (-60.0, -30.0, 0.0, 30.0, 60.0)
-    """Yaw angles (degrees) of NAME_views.png."""
-    view_size: int = 256
-    """Side of each rendered view."""
-    progress: bool = True
-
-    def __post_init__(self) -> None:
-        if self.framing not in FRAMINGS:
-            raise ValueError(f"--framing {self.framing!r}: expected one of {' | '.join(FRAMINGS)}")
-        if self.fitter not in FITTERS:
-            raise ValueError(f"--fitter {self.fitter!r}: expected one of {' | '.join(FITTERS)}")
-        if self.fitter == "given" and self.params is None:
-            raise ValueError("--fitter given needs --params FILE (.npz with keys/params, or .csv key,p0..p61)")
-        if self.batch_size < 1 or self.view_size < 16:
-            raise ValueError(f"--batch-size >= 1 and --view-size >= 16 expected, found {self.batch_size}, "
-                             f"{self.view_size}")
-        if any(not -90.0 <= y <= 90.0 for y in self.views):
-            raise ValueError(f"--views: yaw angles in [-90, 90] expected, found {list(self.views)}")
 
 
 @dataclass

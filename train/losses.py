@@ -8,17 +8,16 @@ texels/pixels and channels, so the weights do not depend on image size or on how
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from train.config import LossWeights
 from train.uvops import expect_shape, mirror
 
 __all__ = [
     "NonFiniteLoss",
-    "LossWeights",
     "masked_l1",
     "tv_loss",
     "sampler_loss",
@@ -37,29 +36,6 @@ __all__ = [
 class NonFiniteLoss(ValueError):
     """A loss term is NaN or infinite."""
 
-
-@dataclass(frozen=True)
-class LossWeights:
-    """Weights of the generator's loss terms (Eq. 14) and of the discriminators' R1 penalty."""
-
-    face: float = 10.0
-    """Face reconstruction L1 ||I^R - I^m||_1 (Eq. 11)."""
-    uv: float = 1.0
-    """UV reconstruction L1 ||UV_pred - UV_bl||_1 (Eq. 11)."""
-    sym: float = 1.0
-    """lambda_2, symmetry loss (Eq. 12)."""
-    tv: float = 0.1
-    """lambda_4, total variation of UV_pred (Eq. 7)."""
-    id: float = 0.1
-    """lambda_3, identity loss (Eq. 13)."""
-    adv: float = 0.01
-    """lambda_1, adversarial loss (Eq. 10), summed over D_ctr, D_sd and D_face."""
-    side: float = 0.5
-    """Extra factor on D_sd's adversarial term (on top of ``adv``): it sees two crops per map."""
-    grid: float = 1.0
-    """Auxiliary sampler term :func:`grid_loss` (not in the paper; 0 turns it off)."""
-    r1_gamma: float = 0.0
-    """R1 penalty weight gamma of the discriminators (gamma / 2 * r1_penalty); 0: off."""
 
 
 def masked_l1(a: Tensor, b: Tensor, mask: Tensor) -> Tensor:

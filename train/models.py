@@ -20,20 +20,16 @@ Parameter counts of the default configurations (``count_parameters``):
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.parametrizations import spectral_norm
 
+from train.config import DiscriminatorConfig, GeneratorConfig, SamplerConfig
 from train.uvops import expect_shape
 
 __all__ = [
-    "BASE_CHANNELS",
-    "SamplerConfig",
-    "GeneratorConfig",
-    "DiscriminatorConfig",
     "SNConv2d",
     "UVSampler",
     "UVGenerator",
@@ -44,9 +40,6 @@ __all__ = [
     "count_parameters",
 ]
 
-
-BASE_CHANNELS = 64
-"""Full-size width of every network's first stage (``uvtrain fit --channels``: one flag sets all three)."""
 
 
 def count_parameters(module: nn.Module) -> int:
@@ -74,39 +67,6 @@ class SNConv2d(nn.Conv2d):
 
 # ---------------------------------------------------------------------------------------------------------------
 # UV sampler (Section 3.1)
-
-
-@dataclass(frozen=True)
-class SamplerConfig:
-    """UV attention sampler: residual feature extractor + fully connected sampler head."""
-
-    grid_size: int = 152
-    """Side S of the predicted sampling grid S_att (the paper's 152; resized to other UV sizes in forward)."""
-    channels: int = BASE_CHANNELS
-    """Width of the first feature-extractor stage; doubles at every halving up to ``max_channels``."""
-    max_channels: int = 512
-    """Widest feature-extractor stage."""
-    n_down: int = 5
-    """Residual blocks, each halving H and W (avg-pool); input sides must be >= 2**n_down."""
-    feature_dim: int = 512
-    """Length of the image feature (the paper's 512-d feature)."""
-    pool_size: int = 4
-    """The last feature map is average-pooled to ``pool_size``² cells (any input size) and flattened before the
-    projection to ``feature_dim``. 1 is global average pooling, which throws away where things are in the image:
-    measured at init on 6 synthetic faces, its features varied by 1.5e-4 (std over the batch) against a mean of
-    0.01, and the grid could not learn the pose."""
-    head_hidden: int = 1024
-    """Width of the sampler head's hidden fully connected layers."""
-    head_layers: int = 2
-    """Hidden Linear + ReLU layers of the head before its output layer (0: the feature maps straight to the grid)."""
-    template_weight_scale: float = 1e-2
-    """``set_template`` multiplies the output layer's weights by this, so the first grids stay near the template."""
-    control_size: int | None = 19
-    """The head predicts offsets from the template on a ``control_size``² grid of control points, bilinearly
-    upsampled to S (a smooth sampling map by construction). None: the head outputs all 2 S² coordinates, as the
-    paper's text. With per-texel outputs every coordinate follows its own noisy colour gradient and the grid
-    scrambles into face-coloured noise within tens of steps on the synthetic world; a control point pools the
-    gradients of the ~64 texels around it."""
 
 
 def identity_grid(size: int, device: torch.device | str | None = None) -> Tensor:
@@ -237,22 +197,6 @@ class UVSampler(nn.Module):
 # UV generator (Section 3.2)
 
 
-@dataclass(frozen=True)
-class GeneratorConfig:
-    """UV inpainting U-Net."""
-
-    channels: int = BASE_CHANNELS
-    """Width at full resolution; doubles at every halving up to ``max_channels``."""
-    max_channels: int = 512
-    """Widest level."""
-    n_down: int | None = None
-    """Stride-2 halvings; None: as many as keep U divisible with a bottleneck >= ``min_bottleneck`` (auto_n_down)."""
-    n_res: int = 4
-    """Residual blocks at the bottleneck."""
-    min_bottleneck: int = 8
-    """Smallest bottleneck side the automatic ``n_down`` allows."""
-
-
 def auto_n_down(uv_size: int, min_bottleneck: int = 8) -> int:
     """Most halvings of ``uv_size`` that stay integer and leave a side >= ``min_bottleneck`` (256 -> 5, 152 -> 3)."""
     k = 0
@@ -350,18 +294,6 @@ class UVGenerator(nn.Module):
 
 # ---------------------------------------------------------------------------------------------------------------
 # Discriminators (Section 3.2.2)
-
-
-@dataclass(frozen=True)
-class DiscriminatorConfig:
-    """PatchGAN discriminator (used as D_ctr, D_sd and D_face)."""
-
-    channels: int = BASE_CHANNELS
-    """Width of the first layer; doubles per halving up to 8x."""
-    n_layers: int = 3
-    """Stride-2 4x4 convolutions; inputs need sides >= 2**(n_layers + 1)."""
-    in_channels: int = 3
-    """Input channels (3: RGB in [0, 1])."""
 
 
 class PatchDiscriminator(nn.Module):
