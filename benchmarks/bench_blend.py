@@ -17,7 +17,8 @@ import numpy as np
 import scipy.sparse as sp
 import scipy.sparse.linalg as spla
 
-from preprocess.blend import BlendConfig, blend_uv, poisson_blend, symmetric_fill
+from preprocess.blend import blend_uv, poisson_blend, symmetric_fill
+from preprocess.config import BlendConfig
 
 
 def make_inputs(size: int, profile: bool, seed: int = 0):

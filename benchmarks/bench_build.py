@@ -79,7 +79,8 @@ def time_decode(paths: list[Path], repeats: int) -> list[float]:
 
 def _build(cfg, out: Path, workers: int = 0, scheduler: str | None = None):
     from common.store import StoreReader
-    from preprocess.build import RunOptions, build_store
+    from preprocess.build import build_store
+    from preprocess.config import RunOptions
 
     shutil.rmtree(out, ignore_errors=True)
     t0 = time.perf_counter()
@@ -92,7 +93,8 @@ def _build(cfg, out: Path, workers: int = 0, scheduler: str | None = None):
 
 
 def synthetic_config(n: int, size: int, uv: int, chunk: int, texture_model: str = "pca", n_tex: int = 8):
-    from preprocess.buildcli import BuildArgs, make_config
+    from preprocess.buildcli import make_config
+    from preprocess.config import BuildArgs
 
     cfg, _ = make_config(BuildArgs(out=Path("unused"), count=n, image_size=size, uv_size=uv, chunk=chunk,
                                    pca_samples=n, n_tex=n_tex, texture_model=texture_model, workers=0))
@@ -100,7 +102,8 @@ def synthetic_config(n: int, size: int, uv: int, chunk: int, texture_model: str 
 
 
 def ffhq_config(folder: Path, n_pca: int, size: int, uv: int, chunk: int):
-    from preprocess.buildcli import BuildArgs, make_config
+    from preprocess.buildcli import make_config
+    from preprocess.config import BuildArgs
 
     cfg, _ = make_config(BuildArgs(out=Path("unused"), src="ffhq", images=folder, fitter="tddfa",
                                    face_model="bfm-public", bfm_v1_dir=ASSETS / "3ddfa_v1",

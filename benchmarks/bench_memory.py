@@ -78,7 +78,8 @@ def write_photos(root: Path, n: int, sizes: dict[str, tuple[int, int]], face_siz
 def _config(images: Path, out: Path, image_size: int, uv_size: int, texture_model: str, chunk: int):
     import dataclasses
 
-    from preprocess.buildcli import BuildArgs, make_config
+    from preprocess.buildcli import make_config
+    from preprocess.config import BuildArgs
 
     cfg, run = make_config(BuildArgs(out=out, src="folder", images=images, params=images / "params.npz",
                                      fitter="given", face_model="procedural", image_size=image_size,

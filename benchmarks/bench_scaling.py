@@ -77,7 +77,8 @@ class Mode:
 
 
 def make_cfg(n: int, size: int, chunk: int, n_tex: int, pca_samples: int | None = None):
-    from preprocess.buildcli import BuildArgs, make_config
+    from preprocess.buildcli import make_config
+    from preprocess.config import BuildArgs
 
     cfg, _ = make_config(BuildArgs(out=Path("unused"), count=n, image_size=size, uv_size=size, chunk=chunk,
                                    n_tex=n_tex, pca_samples=pca_samples or n, workers=0))
@@ -99,7 +100,8 @@ def _cpu(procs: dict[str, list[psutil.Process]]) -> dict[str, float]:
 def build_once(cfg, out: Path, procs: dict[str, list[psutil.Process]], **run_kw) -> Run:
     """One build from scratch; CPU seconds of this process and of ``procs`` (a running cluster's) over it. A local
     cluster's workers come and go with the build: their tasks' CPU is in the build's profile."""
-    from preprocess.build import RunOptions, build_store
+    from preprocess.build import build_store
+    from preprocess.config import RunOptions
 
     shutil.rmtree(out, ignore_errors=True)
     c0, p0, t0 = _cpu(procs), time.process_time(), time.perf_counter()

@@ -33,7 +33,8 @@ BATCH = DEFAULT.batch_size
 
 def build_store(out: Path, size: int, count: int) -> str:
     from preprocess.build import build_store as build
-    from preprocess.buildcli import BuildArgs, make_config
+    from preprocess.buildcli import make_config
+    from preprocess.config import BuildArgs
 
     cfg, run = make_config(BuildArgs(out=out, count=count, image_size=size, uv_size=size, chunk=16,
                                      pca_samples=count, n_tex=16))

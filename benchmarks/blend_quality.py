@@ -22,15 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
-from preprocess.blend import (
-    SOURCE_MIRRORED,
-    SOURCE_MODEL,
-    SOURCE_OBSERVED,
-    BlendConfig,
-    blend_uv,
-    seam_gradient_ratio,
-)
-from preprocess.shading import ShadingConfig, uv_normals
+from preprocess.blend import SOURCE_MIRRORED, SOURCE_MODEL, SOURCE_OBSERVED, blend_uv, seam_gradient_ratio
+from preprocess.config import BlendConfig, ShadingConfig
+from preprocess.shading import uv_normals
 
 BANDS = (("all", 0, 91), ("|yaw|<30", 0, 30), ("30-60", 30, 60), (">60", 60, 91))
 VARIANTS = {
@@ -45,7 +39,8 @@ VARIANTS = {
 
 def _synthetic_store(path: Path, count: int, seed: int) -> Path:
     from common.synthetic import SyntheticConfig
-    from preprocess.build import BuildConfig, RunOptions, build_store
+    from preprocess.build import build_store
+    from preprocess.config import BuildConfig, RunOptions
     from preprocess.sources import SyntheticSource
 
     if not (path / "zarr.json").exists():
@@ -121,14 +116,14 @@ def synthetic_table(store: Path, variants: dict[str, BlendConfig]) -> None:
 
 
 def real_photos(variants: dict[str, BlendConfig], assets: Path) -> None:
+    from common.config import FitConfig
     from common.faces.assets import TDDFAAssets
-    from common.faces.fit import FitConfig
     from common.imageio import read_image
     from common.uvtools import region_uv_mask
+    from preprocess.config import MaskedPCAConfig, StageConfig, UVGTConfig
     from preprocess.sources import SampleInput
-    from preprocess.stages import StageConfig, StageContext, Timer, run_geometry
-    from preprocess.texture import MaskedPCAConfig, learn_masked_pca, match_greyscale, ridge_texture_fit
-    from preprocess.unwrap import UVGTConfig
+    from preprocess.stages import StageContext, Timer, run_geometry
+    from preprocess.texture import learn_masked_pca, match_greyscale, ridge_texture_fit
 
     if not (assets / "3ddfa_v2").exists():
         print(f"\nReal photos: skipped ({assets / '3ddfa_v2'} is absent)")

@@ -96,8 +96,9 @@ def _image_landmarks(lm_model, params: np.ndarray, frame: float) -> np.ndarray:
 
 def _build_path(a: Path, samples: list[Sample], det, refine_on: bool) -> dict[str, list[np.ndarray]]:
     """``ShapeFitter`` as ``uvprep build`` runs it (256-px working crop), its 68 landmarks mapped to the photo."""
+    from common.config import FitConfig
     from common.faces.dlib68 import dlib68_model_path
-    from common.faces.fit import FitConfig, ShapeFitter, frame_face
+    from common.faces.fit import ShapeFitter, frame_face
     from common.loaders import load_tddfa_dense_public
 
     v2 = TDDFAAssets.from_dir(a / "3ddfa_v2")

@@ -34,13 +34,15 @@ import cv2
 import numpy as np
 import torch
 
+from common.config import FitConfig
 from common.faces.assets import TDDFAAssets
-from common.faces.fit import FitConfig, mesh_in_image
+from common.faces.fit import mesh_in_image
 from common.imageio import image_grid
 from common.procedural import build_procedural_model
 from common.synthetic import SyntheticConfig, generate_batch
-from preprocess.occlusion import OcclusionConfig, occluders_from_fit, part_labels
-from preprocess.unwrap import UVGTConfig, erode, erosion_radius, layout_cache, projected_face_region, uv_gt_from_images
+from preprocess.config import OcclusionConfig, UVGTConfig
+from preprocess.occlusion import occluders_from_fit, part_labels
+from preprocess.unwrap import erode, erosion_radius, layout_cache, projected_face_region, uv_gt_from_images
 
 ROOT = Path(__file__).resolve().parents[1]
 ASSETS = ROOT.parent / "shared" / "assets"
@@ -128,8 +130,9 @@ def print_synthetic(res: dict, per_sample: bool) -> None:
 def real_photos(image_size: int, out: Path, config: OcclusionConfig) -> None:
     """FaceBoxes + 3DDFA_V2 on the example photos and the AFLW2000-3D samples -> the overlay figure."""
     from common.imageio import read_image
+    from preprocess.config import StageConfig
     from preprocess.sources import SampleInput
-    from preprocess.stages import StageConfig, StageContext, Timer, run_geometry
+    from preprocess.stages import StageContext, Timer, run_geometry
 
     v1, v2 = ASSETS / "3ddfa_v1", ASSETS / "3ddfa_v2"
     if not (v1.exists() and v2.exists()):

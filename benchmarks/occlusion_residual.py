@@ -25,9 +25,10 @@ from common.faces.fit import mesh_in_image
 from common.procedural import build_procedural_model
 from common.synthetic import SyntheticConfig, generate_batch
 from common.uvtools import model_uv_fragments, region_uv_mask
-from preprocess.occlusion import OcclusionConfig, occluders_from_fit, part_labels
-from preprocess.texture import MaskedPCAConfig, learn_masked_pca, ridge_texture_fit
-from preprocess.unwrap import UVGTConfig, layout_cache, uv_gt_from_images
+from preprocess.config import MaskedPCAConfig, OcclusionConfig, UVGTConfig
+from preprocess.occlusion import occluders_from_fit, part_labels
+from preprocess.texture import learn_masked_pca, ridge_texture_fit
+from preprocess.unwrap import layout_cache, uv_gt_from_images
 
 
 def residual_reject(uv: np.ndarray, mask: np.ndarray, fit: np.ndarray, keep: np.ndarray, t: float,

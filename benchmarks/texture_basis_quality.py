@@ -48,15 +48,15 @@ import numpy as np
 import scipy.sparse as sp
 import scipy.sparse.linalg as spla
 
-from common.faces.fit import FitConfig
+from common.config import FitConfig
 from common.procedural import build_procedural_model
 from common.synthetic import SyntheticConfig, generate_batch
 from common.uvtools import region_uv_mask
 from preprocess.blend import SOURCE_MIRRORED, SOURCE_MODEL, blend_uv, poisson_system, symmetric_fill
+from preprocess.config import MaskedPCAConfig, StageConfig, UVGTConfig
 from preprocess.sources import SampleInput
-from preprocess.stages import StageConfig, StageContext, Timer, run_geometry
-from preprocess.texture import MaskedPCAConfig, UVTextureBasis, learn_masked_pca, ridge_texture_fit
-from preprocess.unwrap import UVGTConfig
+from preprocess.stages import StageContext, Timer, run_geometry
+from preprocess.texture import UVTextureBasis, learn_masked_pca, ridge_texture_fit
 
 PROFILE_YAW = 45.0
 """|yaw| (degrees) from which a held-out face counts as a profile for the ``hidden`` columns."""

@@ -17,17 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-
-@dataclass(frozen=True)
-class CropConfig:
-    frontal_yaw_max: float = 10.0
-    """|yaw| (degrees) at or below which a face counts as frontal and yields a centre crop."""
-    profile_yaw_min: float = 30.0
-    """|yaw| (degrees) at or above which a face counts as a profile and yields a side crop."""
-    min_coverage: float = 0.6
-    """A crop is valid only if at least this fraction of its region (minus the masked part) is observed."""
-    margin: int = 2
-    """Texels added around each region's bounding box."""
+from common.config import CropConfig
 
 
 @dataclass(frozen=True, eq=False)

@@ -22,14 +22,13 @@ Discretisation (shared by every solver, so they all solve the *same* linear syst
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import cv2
 import numpy as np
 import scipy.sparse as sp
 import scipy.sparse.linalg as spla
 
-from preprocess.shading import ShadingConfig, estimate_shading
+from preprocess.config import BlendConfig, ShadingConfig
+from preprocess.shading import estimate_shading
 
 SOURCE_MODEL = 0
 """``source_map`` code: texel comes from the model texture UV_bfm (via the Poisson solution)."""
@@ -39,83 +38,6 @@ SOURCE_MIRRORED = 2
 """``source_map`` code: texel was missing in UV_gt and filled from its mirror texel."""
 SOURCE_OUTSIDE = 255
 """``source_map`` code: texel lies outside the face layout (only when a face mask is given)."""
-
-SOLVERS = ("auto", "mgcg", "direct", "amg")
-BLEND_MODES = ("paste", "fill")
-FILL_MODES = ("mirror", "relit")
-
-
-@dataclass(frozen=True)
-class BlendConfig:
-    """How UV_gt is blended into UV_bfm."""
-
-    solver: str = "auto"
-    """One of ``SOLVERS``: "mgcg" (geometric-multigrid-preconditioned CG, fastest), "direct" (sparse
-    LU, exact reference), "amg" (pyamg Ruge-Stuben + CG), "auto" ("direct" for small systems)."""
-    tol: float = 0.1 / 255
-    """Iterative solvers stop when the largest texel update of an iteration is below this (8-bit units)."""
-    max_iter: int = 100
-    """Iteration cap of the iterative solvers; reaching it raises (the system is SPD, so it never should)."""
-    direct_below: int = 2048
-    """``solver="auto"`` uses the direct solver when Omega has fewer texels than this."""
-    symmetric_fill: bool = True
-    """Fill missing texels from their observed mirror texel before blending (Fig. 5h)."""
-    erode_px: int = 0
-    """Erode the UV_gt mask by this many texels first (drops unreliable silhouette texels)."""
-    smoothing_steps: int = 2
-    """Weighted-Jacobi pre- and post-smoothing steps per multigrid level."""
-    coarsest_size: int = 400
-    """The multigrid hierarchy stops coarsening below this many unknowns (solved densely)."""
-
-    mode: str = "fill"
-    """``paste``: Eq. 9 as in the paper -- UV_gt (after the symmetric fill) is pasted into UV_bfm: the filled texels
-    are the unknowns, guided by their own gradients, with UV_bfm as the boundary; observed colours shift by the
-    harmonic correction UV_bfm imposes at the boundary. ``fill``: the same equation with the roles swapped -- the
-    model texels are the unknowns, guided by UV_bfm's gradients, with the observed/mirrored texels as the boundary:
-    photo texels stay exact and the model part is shifted to meet them without seams (see docs/method/blend.md)."""
-
-    fill_mode: str = "relit"
-    """Values of the mirrored texels. ``mirror``: the observed mirror texel's colour (Fig. 5h, as the paper).
-    ``relit`` (beyond the paper): that colour divided by the shading at the source texel's normal and multiplied
-    by the shading at the texel's own normal, the lighting fitted on the observed texels (:mod:`preprocess.shading`;
-    needs ``normals``). :meth:`paper_mirror` is today's plain fill (no cuts, no blend of the mirrored half)."""
-    mirror_blend: bool = True
-    """Blend the mirrored texels by Eq. 9 too ("this step is also based on Equation 9"): they keep the mirror's
-    gradients and take their values at the boundary from the observed texels (Dirichlet there, Neumann towards
-    the model part)."""
-    mirror_min_facing: float | None = 0.5
-    """Do not mirror from a source texel seen more obliquely than this cos(view angle) (the ``n_z`` of its
-    camera-frame normal; needs ``normals``). None = no cut."""
-    nose_strip: float = 0.03
-    """Do not mirror nose texels (``nose_mask``) closer than this to the symmetry line (fraction of U): there small
-    fit errors double the nose. 0 = no cut."""
-    shading: ShadingConfig = field(default_factory=ShadingConfig)
-    """Lighting estimate of the relit fill."""
-    pad_px: int = 4
-    """Texels past the layout's edge filled by extending the texture outwards (texture padding): bilinear reads at
-    the mesh's rim then never mix in black, and the stair-stepped layout edge disappears from the UV image.
-    0 = black outside, as before."""
-
-    @classmethod
-    def paper_mirror(cls, **kw) -> BlendConfig:
-        """The plain symmetric fill as the paper and earlier builds: colours copied verbatim, no cuts, no blend."""
-        return cls(fill_mode="mirror", mirror_blend=False, mirror_min_facing=None, nose_strip=0.0, **kw)
-
-    def __post_init__(self) -> None:
-        if self.mode not in BLEND_MODES:
-            raise ValueError(f"BlendConfig.mode must be one of {BLEND_MODES}, got {self.mode!r}")
-        if self.fill_mode not in FILL_MODES:
-            raise ValueError(f"BlendConfig.fill_mode must be one of {FILL_MODES}, got {self.fill_mode!r}")
-        if self.nose_strip < 0:
-            raise ValueError(f"BlendConfig.nose_strip must be >= 0, got {self.nose_strip}")
-        if self.solver not in SOLVERS:
-            raise ValueError(f"BlendConfig.solver must be one of {SOLVERS}, got {self.solver!r}")
-        if not self.tol > 0:
-            raise ValueError(f"BlendConfig.tol must be > 0, got {self.tol}")
-        if self.erode_px < 0:
-            raise ValueError(f"BlendConfig.erode_px must be >= 0, got {self.erode_px}")
-        if self.pad_px < 0:
-            raise ValueError(f"BlendConfig.pad_px must be >= 0, got {self.pad_px}")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -23,7 +23,6 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -51,10 +50,10 @@ from common.store import (
 from common.texbasis import UVTextureBasis
 from common.uvlayout import crop_layout
 from common.uvtools import model_uv_fragments, texel_mirror_index
-from pipelines.dask_slurm import SlurmConfig
+from preprocess.config import BuildConfig, RunOptions, StageConfig
 from preprocess.executor import BuildProfile, Runner, set_compute_threads, worker_cache
 from preprocess.sources import ManifestEntry
-from preprocess.stages import StageConfig, StageContext, Timer, build_face_model, run_geometry, run_stages
+from preprocess.stages import StageContext, Timer, build_face_model, run_geometry, run_stages
 from preprocess.texture import downsample_maps, learn_masked_pca
 
 FACE_REGION_SEGMENTED = "build: projected mesh & the source's segmentation"
@@ -65,47 +64,6 @@ FACE_REGION_OCCLUSION = "build: projected mesh minus detected occluders"
 """... of a store whose source has no segmentation, with occluders rejected (:mod:`preprocess.occlusion`)."""
 FACE_REGION_SEGMENTED_OCCLUSION = "build: projected mesh & the source's segmentation, minus detected occluders"
 """... of a synthetic store built with ``--occlusion`` forced on (for measuring the detector)."""
-
-
-@dataclass(frozen=True)
-class BuildConfig:
-    """What goes into a store (recorded in it): the source, the stage settings, the storage layout."""
-
-    source: Any
-    """A source from :mod:`preprocess.sources` (a frozen dataclass)."""
-    stages: StageConfig = field(default_factory=StageConfig)
-    """Stage settings."""
-    chunk: int = StoreLayout.chunk
-    """Samples per chunk and per task (the store schema's default)."""
-    compressor: str = "zstd"
-    """Store compressor (zstd | blosc-zstd | blosc-lz4 | none)."""
-
-
-@dataclass(frozen=True)
-class RunOptions:
-    """How this run executes (not recorded: changing these never invalidates a store)."""
-
-    out: str
-    """Store: a local path or an fsspec URL (``s3://bucket/store.zarr``; see :func:`common.store.store_location`)."""
-    workers: int = 0
-    """Local Dask worker processes; 0 runs every chunk in this process (eager)."""
-    threads: int = 1
-    """Threads per worker (torch intra-op threads are set to this)."""
-    scheduler: str | None = None
-    """Address of a running Dask scheduler to join instead of starting a local cluster."""
-    slurm: SlurmConfig | None = None
-    """Run the workers as SLURM jobs (dask-jobqueue) instead of a local cluster; exclusive with ``scheduler``."""
-    overwrite: bool = False
-    """Delete and rebuild an existing store built differently."""
-    retries: int = 2
-    """Dask retries of a failing chunk task before it is reported as failed."""
-    progress: bool = True
-    """Show a progress bar and the summary table."""
-    verify: bool = False
-    """Before resuming, re-read every completed chunk and rebuild those that fail their SHA-256 record."""
-    lock: bool = True
-    """Hold the store's build lock (:func:`common.store.acquire_build_lock`). False only where the store has no
-    trusted exclusive create (URL schemes other than s3://) and the user guarantees one build per store."""
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""Flags of ``uvprep build`` -> the frozen :class:`preprocess.build.BuildConfig` and :class:`RunOptions`."""
+"""Flags of ``uvprep build`` (:class:`preprocess.config.BuildArgs`) -> the frozen
+:class:`preprocess.config.BuildConfig` and :class:`preprocess.config.RunOptions`, and the build run with them."""
 
 from __future__ import annotations
 
@@ -6,76 +7,23 @@ import contextlib
 import math
 import os
 import signal
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 from rich.console import Console
 
-from common.faces.fit import FitConfig
-from common.options import field_default
+from common.config import CropConfig, FitConfig
 from common.signals import signal_handlers
-from common.uvlayout import CropConfig
-from preprocess.blend import BlendConfig
-from preprocess.build import BuildConfig, RunOptions
-from preprocess.sources import SyntheticSource
-from preprocess.stages import StageConfig
-from preprocess.texture import MaskedPCAConfig
-from preprocess.unwrap import UVGTConfig
-
-
-@dataclass(frozen=True)
-class BuildArgs:
-    """The command line, as typed (see ``uvprep build --help``). A default that a stage config also has is read from
-    that config's field (one source for each default; ``tests/test_defaults.py`` holds the map)."""
-
-    out: Path | str
-    """The store: a local path, ``file://PATH`` or an fsspec URL (``s3://bucket/store.zarr``)."""
-    src: str = "synthetic"
-    images: Path | None = None
-    params: Path | None = None
-    count: int = 256
-    seed: int = field_default(SyntheticSource, "seed")
-    image_size: int = field_default(FitConfig, "image_size")
-    uv_size: int = field_default(UVGTConfig, "uv_size")
-    chunk: int = field_default(BuildConfig, "chunk")
-    fitter: str | None = None
-    face_model: str | None = None
-    bfm_v1_dir: Path | None = None
-    bfm_v2_dir: Path | None = None
-    tddfa_weights: Path | None = None
-    detector_weights: Path | None = None
-    second_pass: bool = True
-    refine: str | None = None
-    max_bytes: int | None = None
-    max_pixels: int | None = None
-    occlusion: bool | None = None
-    erosion: float = field_default(UVGTConfig, "erosion_frac")
-    texture_model: str = field_default(StageConfig, "texture_model")
-    n_tex: int = field_default(MaskedPCAConfig, "n_components")
-    pca_samples: int = field_default(StageConfig, "pca_samples")
-    ridge_lambda: float = field_default(StageConfig, "ridge_lambda")
-    blend_mode: str = field_default(BlendConfig, "mode")
-    fill_mode: str = "relit"
-    frontal_yaw: float = field_default(CropConfig, "frontal_yaw_max")
-    profile_yaw: float = field_default(CropConfig, "profile_yaw_min")
-    workers: int | None = None
-    threads: int = field_default(RunOptions, "threads")
-    scheduler: str | None = None
-    cluster: str | None = None
-    slurm_cores: int | None = None
-    slurm_memory: str | None = None
-    slurm_walltime: str | None = None
-    slurm_partition: str | None = None
-    slurm_account: str | None = None
-    slurm_job_extra: tuple[str, ...] | list[str] | None = None
-    slurm_prologue: tuple[str, ...] | list[str] | None = None
-    slurm_min_jobs: int | None = None
-    slurm_max_jobs: int | None = None
-    slurm_local_directory: str | None = None
-    slurm_log_directory: str | None = None
-    overwrite: bool = field_default(RunOptions, "overwrite")
-    verify: bool = field_default(RunOptions, "verify")
-    lock: bool = field_default(RunOptions, "lock")
+from preprocess.config import (
+    BlendConfig,
+    BuildArgs,
+    BuildConfig,
+    MaskedPCAConfig,
+    OcclusionConfig,
+    RunOptions,
+    StageConfig,
+    UVGTConfig,
+)
 
 
 def validate_args(a: BuildArgs) -> None:
@@ -131,16 +79,8 @@ def make_config(a: BuildArgs):
     validate_args(a)
     slurm = slurm_config(a)
     from common.faces.assets import TDDFAAssets
-    from common.faces.fit import FitConfig
     from common.synthetic import SyntheticConfig
-    from common.uvlayout import CropConfig
-    from preprocess.blend import BlendConfig
-    from preprocess.build import BuildConfig, RunOptions
-    from preprocess.occlusion import OcclusionConfig
     from preprocess.sources import SyntheticSource, make_source
-    from preprocess.stages import StageConfig
-    from preprocess.texture import MaskedPCAConfig
-    from preprocess.unwrap import UVGTConfig
 
     synthetic = a.src == "synthetic"
     if synthetic:

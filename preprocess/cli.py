@@ -9,11 +9,7 @@ import typer
 
 from common.options import field_default, given, option, shown
 from pipelines.dask_slurm import SlurmConfig
-from preprocess.buildcli import BuildArgs
-from preprocess.demo import DemoConfig
-from preprocess.report import ShowConfig
-from preprocess.sources import MAX_BYTES, MAX_PIXELS
-from preprocess.upgrade import UpgradeOptions
+from preprocess.config import MAX_BYTES, MAX_PIXELS, BuildArgs, DemoConfig, ShowConfig, UpgradeOptions
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Build face-texture training stores from photo collections (Yin et al.).")

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from common.uvlayout import CropConfig, CropLayout, mirror_uv
+from common.config import CropConfig
+from common.uvlayout import CropLayout, mirror_uv
 
 
 @dataclass(frozen=True, eq=False)

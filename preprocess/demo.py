@@ -3,26 +3,12 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 from rich.progress import Progress
 
-
-@dataclass(frozen=True)
-class DemoConfig:
-    out: Path
-    """Output folder (created)."""
-    count: int = 8
-    """Number of synthetic faces."""
-    seed: int = 0
-    """World seed."""
-    image_size: int = 256
-    """Image side in pixels."""
-    uv_size: int = 256
-    """UV map side in texels."""
-    occluder_prob: float = 0.3
-    """Chance of an occluder per face."""
+from preprocess.config import DemoConfig
 
 
 def run_demo(cfg: DemoConfig) -> Path:

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 from common.signals import signal_handlers
 
 if TYPE_CHECKING:
-    from preprocess.build import RunOptions
+    from preprocess.config import RunOptions
 
 
 @dataclass
@@ -129,7 +129,7 @@ def _timed(fn, *args):
 class Runner:
     """Maps a function over argument tuples, eagerly or on Dask; yields results as they complete.
 
-    ``run`` (a :class:`preprocess.build.RunOptions`) says where: ``workers`` 0 with no ``scheduler`` or ``slurm``
+    ``run`` (a :class:`preprocess.config.RunOptions`) says where: ``workers`` 0 with no ``scheduler`` or ``slurm``
     runs each task in this process. A task is called as ``fn(*args, None, cache)`` here (threads already set, the
     runner's own cache) and as ``fn(*args, threads)`` on a Dask worker (it then takes :func:`worker_cache`).
     ``profile`` (a :class:`BuildProfile`) collects each finished task's CPU and wall seconds under its ``key``.

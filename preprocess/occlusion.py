@@ -28,7 +28,8 @@ import torch
 
 from common.facemodel import FaceModel
 from common.render import Fragments, rasterize
-from preprocess.unwrap import UVGTConfig, UVLayoutCache, erode, erosion_radius, face_pixels, face_weight
+from preprocess.config import OcclusionConfig, UVGTConfig
+from preprocess.unwrap import UVLayoutCache, erode, erosion_radius, face_pixels, face_weight
 
 # iBUG-68 landmark groups (0-based): what is never rejected, and where the skin model is learned
 _BROWS = (tuple(range(17, 22)), tuple(range(22, 27)))
@@ -40,46 +41,6 @@ _LIPS = tuple(range(48, 60))
 _PATCHES = {"right_cheek": ((1, 2, 3, 4, 48, 31, 40, 41), 1.0), "left_cheek": ((15, 14, 13, 12, 54, 35, 47, 46), 1.0),
             "nose": ((27, 31, 32, 33, 34, 35), 1.0), "chin": ((6, 7, 8, 9, 10, 56, 57, 58), 0.7)}
 _FOREHEAD_WEIGHT = 0.5
-
-
-@dataclass(frozen=True)
-class OcclusionConfig:
-    """How occluders are told from skin (distances in units of the skin model's robust spread)."""
-
-    chroma_space: str = "logrgb"
-    """``logrgb`` (log R/G, log B/G: unchanged by shading) or ``lab`` (CIE a*, b*); see :func:`colour_features`."""
-    chroma_threshold: float = 4.0
-    """Mahalanobis distance in the chroma plane beyond which a pixel's colour is not this face's skin."""
-    dark_threshold: float = 4.0
-    """A pixel darker than the skin's median L* by more than this many robust standard deviations is rejected."""
-    bright_threshold: float = 6.0
-    """... brighter by more than this many (highlights are skin: looser than ``dark_threshold``)."""
-    min_lightness_spread: float = 6.0
-    """Floor of the L* spread (L* units, 0..100) so an evenly lit core does not reject every shadow."""
-    min_chroma_spread: float = 1.5
-    """Floor of the chroma spread along each axis (chroma units of :func:`colour_features`), for a very uniform
-    core."""
-    agree_distance: float = 10.0
-    """Two skin patches agree when their median colours are this close (chroma units, L* weighted as below)."""
-    lightness_weight: float = 0.25
-    """Weight of L* in the patch agreement (shading changes lightness across a face far more than chroma)."""
-    trim_iterations: int = 3
-    """Re-estimations of the skin Gaussian, each on the core pixels within ``chroma_threshold`` of the last."""
-    open_frac: float = 0.012
-    """Radius of the opening (removes specks) as a fraction of the face size (sqrt of the mask area)."""
-    close_frac: float = 0.025
-    """Radius of the closing (fills pinholes inside an occluder), same units."""
-    min_area_frac: float = 0.004
-    """Connected occluder components smaller than this fraction of the eroded mask's area are dropped."""
-    protect_margin: float = 0.05
-    """Eyes and lips are protected with this margin around their landmark polygons (fraction of the
-    outer-eye-corner distance D)."""
-    brow_width: float = 0.12
-    """Brows are protected as a band of this width along their landmarks (fraction of D)."""
-    forehead_range: tuple[float, float] = (0.12, 0.45)
-    """The forehead patch spans this far above the brow landmarks (fraction of the outer-eye-corner distance)."""
-    min_core_pixels: int = 30
-    """With fewer visible skin-patch pixels there is no colour model and nothing is rejected."""
 
 
 @dataclass(frozen=True, eq=False)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
@@ -23,6 +22,7 @@ from common.store import (
     validate_store,
     verify_chunks,
 )
+from preprocess.config import ShowConfig
 
 
 def print_info(store: str | Path, console: Console | None = None) -> None:
@@ -126,38 +126,7 @@ def sample_row(s: dict) -> list[np.ndarray]:
     return row
 
 
-OVERLAYS = ("mesh", "landmarks", "occlusion", "mask")
 MESH_RGB, LANDMARK_RGB, OCCLUSION_RGB, MASK_RGB = (60, 255, 90), (255, 220, 0), (255, 0, 0), (0, 190, 255)
-
-
-@dataclass(frozen=True)
-class ShowConfig:
-    """What ``uvprep show`` draws."""
-
-    overlays: tuple[str, ...] = OVERLAYS
-    """Drawn over a copy of the photo (a column after it), a subset of :data:`OVERLAYS`; () drops the column."""
-    height: int = 192
-    """Tile height in pixels: every tile is resized to it, and the overlays are drawn at this resolution."""
-    mesh_lines: int = 16
-    """The fitted mesh is drawn as a grid of this many iso-u and as many iso-v lines of its UV coordinates."""
-    mesh_alpha: float = 0.5
-    """Opacity of the wireframe; the occlusion overlay is blended at the same opacity."""
-
-    def __post_init__(self) -> None:
-        bad = [o for o in self.overlays if o not in OVERLAYS]
-        if bad:
-            raise ValueError(f"unknown overlay(s) {bad}; expected a subset of {', '.join(OVERLAYS)} (or all / none)")
-        if self.height < 16 or self.mesh_lines < 1 or not 0.0 < self.mesh_alpha <= 1.0:
-            raise ValueError(f"expected height >= 16, mesh_lines >= 1 and mesh_alpha in (0, 1], found "
-                             f"{self.height}, {self.mesh_lines}, {self.mesh_alpha}")
-
-    @classmethod
-    def parse_overlays(cls, text: str) -> tuple[str, ...]:
-        """``"mesh,landmarks"`` / ``"all"`` / ``"none"`` -> overlay names (validated by the constructor)."""
-        names = tuple(t.strip() for t in text.split(",") if t.strip())
-        if names in (("all",), ()):
-            return OVERLAYS if names else ()
-        return () if names == ("none",) else names
 
 
 def _blend(out: np.ndarray, where: np.ndarray, rgb, alpha: float) -> None:

@@ -23,46 +23,12 @@ the cosine of the view angle of the (orthographic) camera.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 
 from common.facemodel import FaceModel
 from common.geometry import split_params
 from common.render import Fragments
-
-LIGHT_MODELS = ("directional", "sh9", "sh4")
-
-
-@dataclass(frozen=True)
-class ShadingConfig:
-    """How the lighting is estimated from UV_gt and the normals."""
-
-    model: str = "directional"
-    """One of ``LIGHT_MODELS``: ``directional`` (ambient + one clamped Lambertian light), ``sh9``, ``sh4``."""
-    huber: float = 2.0
-    """Huber threshold in robust standard deviations (1.4826 x median absolute residual)."""
-    irls_iters: int = 6
-    """Reweighting rounds of the SH fits."""
-    sh_ridge: float = 0.003
-    """Ridge weight on the second-order SH coefficients (relative to the number of texels)."""
-    max_fit_texels: int = 2000
-    """The fit uses at most this many observed texels (an even stride over them): enough for <= 9 unknowns."""
-    min_shading: float = 0.1
-    """Shading is floored at this fraction of its median over the observed texels (keeps ratios finite)."""
-    min_gain: float = 0.2
-    """The fitted lighting is used only when it lowers the robust (median absolute) residual of a constant shading
-    by this fraction; otherwise the shading is constant (the plain mirror): a light fitted to albedo variation
-    that happens to correlate with the normals would otherwise darken or brighten the unseen half."""
-    min_texels: int = 50
-    """Fewer observed texels than this: no lighting is estimated (constant shading, i.e. the plain mirror)."""
-
-    def __post_init__(self) -> None:
-        if self.model not in LIGHT_MODELS:
-            raise ValueError(f"ShadingConfig.model must be one of {LIGHT_MODELS}, got {self.model!r}")
-        if not 0 < self.min_shading < 1:
-            raise ValueError(f"ShadingConfig.min_shading must be in (0, 1), got {self.min_shading}")
-
+from preprocess.config import ShadingConfig
 
 # ----------------------------------------------------------------------------------------------
 # Normals in UV space

@@ -38,14 +38,11 @@ import numpy as np
 
 from common.faces.fit import read_given_params
 from common.store import Reason, manifest_sha256
+from preprocess.config import MAX_BYTES, MAX_PIXELS, SYNTHETIC_SEED
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 GREY = 128
 """Background that transparent pixels are composited over (mid-grey: neutral for detection and fitting)."""
-MAX_BYTES = 512 << 20
-"""Default read limit per file or zip member (bytes, uncompressed): larger ones fail with ``too_large``."""
-MAX_PIXELS = 100_000_000
-"""Default limit of width x height read from an image's header before decoding (100 MP)."""
 _ZIP_METHODS = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA)
 
 
@@ -602,7 +599,7 @@ class SyntheticSource:
 
     count: int
     """Number of faces."""
-    seed: int = 0
+    seed: int = SYNTHETIC_SEED
     """World seed (overrides ``config.seed``)."""
     config: Any = field(default_factory=_default_synthetic_config)
     """:class:`common.synthetic.SyntheticConfig`."""

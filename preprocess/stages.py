@@ -17,54 +17,23 @@ import time
 import traceback
 from collections import defaultdict
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
 from common.facemodel import FaceModel
-from common.faces.fit import FitConfig, ShapeFitter
+from common.faces.fit import ShapeFitter
 from common.imageio import to_uint8
 from common.store import FAILED, OK, Reason
 from common.texbasis import UVTextureBasis
-from common.uvlayout import CropConfig, CropLayout, crop_layout
+from common.uvlayout import CropLayout, crop_layout
 from common.uvtools import region_uv_mask, texel_mirror_index
-from preprocess.blend import BlendConfig, blend_uv
+from preprocess.blend import blend_uv
+from preprocess.config import StageConfig
 from preprocess.crops import cut_partial_crops
-from preprocess.occlusion import OcclusionConfig, occluders_from_fit, part_labels
+from preprocess.occlusion import occluders_from_fit, part_labels
 from preprocess.shading import uv_normals
-from preprocess.texture import MaskedPCAConfig, match_greyscale, ridge_texture_fit
-from preprocess.unwrap import UVGTConfig, UVLayoutCache, layout_cache, uv_gt_from_images
-
-
-@dataclass(frozen=True)
-class StageConfig:
-    """Everything that decides the content of a store (recorded in it; a mismatch refuses a resume)."""
-
-    face_model: str = "procedural"
-    """``procedural`` (built in) or ``bfm-public`` (3DDFA's public BFM files; needs bfm_v1_dir / bfm_v2_dir)."""
-    bfm_v1_dir: Path | None = None
-    """3DDFA (v1) asset folder (``train.configs``, ``visualize``, ``derived``) for ``bfm-public``."""
-    bfm_v2_dir: Path | None = None
-    """3DDFA_V2 asset folder (``configs``) for ``bfm-public``."""
-    fit: FitConfig = field(default_factory=FitConfig)
-    """Crop/align and shape-fit settings (``fit.image_size`` is the working resolution)."""
-    uvgt: UVGTConfig = field(default_factory=UVGTConfig)
-    """UV_gt settings (``uvgt.uv_size`` is U)."""
-    texture_model: str = "pca"
-    """``pca`` (learned from this store's UV_gt), ``model`` (the face model's own basis) or a saved basis .npz."""
-    pca: MaskedPCAConfig = field(default_factory=MaskedPCAConfig)
-    """Masked-PCA settings for ``texture_model = pca``."""
-    pca_samples: int = 1024
-    """UV_gt maps (spread evenly over the manifest) the PCA basis is learned from."""
-    ridge_lambda: float = 1.0
-    """Eq. 8 ridge weight."""
-    blend: BlendConfig = field(default_factory=BlendConfig)
-    """Eq. 9 blend settings."""
-    crops: CropConfig = field(default_factory=CropConfig)
-    """Partial-crop thresholds."""
-    occlusion: OcclusionConfig | None = None
-    """Occluder rejection inside the face mask (:mod:`preprocess.occlusion`); None = off (``uvprep build`` turns
-    it on for photo sources: ``--occlusion/--no-occlusion``)."""
+from preprocess.texture import match_greyscale, ridge_texture_fit
+from preprocess.unwrap import UVLayoutCache, layout_cache, uv_gt_from_images
 
 
 def build_face_model(cfg: StageConfig) -> FaceModel:

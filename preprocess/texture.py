@@ -16,12 +16,12 @@ Pure functions: arrays in, arrays out, no I/O, except :meth:`UVTextureBasis.save
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from common.texbasis import UVTextureBasis  # re-exported: preprocess.texture.UVTextureBasis stays valid
+from preprocess.config import MaskedPCAConfig
 
 
 def basis_from_model_file(kind: str, path: str | Path, uv_size: int, v1_dir: str | Path, v2_dir: str | Path,
@@ -103,23 +103,6 @@ def ridge_texture_fit(uv_gt: np.ndarray, mask: np.ndarray, basis: UVTextureBasis
         except np.linalg.LinAlgError:  # lam = 0 and too few texels to pin every component
             out[i] = np.linalg.lstsq(gram, a.T @ r, rcond=None)[0]
     return out
-
-
-@dataclass(frozen=True)
-class MaskedPCAConfig:
-    n_components: int = 40
-    """K, the number of basis vectors kept."""
-    iterations: int = 15
-    """EM iterations (fill missing with the current model, refit)."""
-    symmetric: bool = True
-    """Also use each map's mirror image (column flip or ``mirror_index``) as an extra sample."""
-    fit_size: int | None = 64
-    """Learn at this UV resolution (area-downsampled) and upsample the basis; None = full size."""
-    min_observed: float = 0.02
-    """Texels observed in fewer than this fraction of the maps (the rim, seen only at grazing angles) are not
-    learned: the mean and components there are extended smoothly from the learned texels instead."""
-    seed: int = 0
-    """Seed of the randomised SVD."""
 
 
 def learn_masked_pca(uv_maps: np.ndarray, masks: np.ndarray, valid: np.ndarray,

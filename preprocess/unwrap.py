@@ -24,22 +24,7 @@ import torch
 from common.facemodel import FaceModel
 from common.render import Fragments, rasterize, unwrap_to_uv
 from common.uvtools import model_uv_fragments, region_uv_mask
-
-
-@dataclass(frozen=True)
-class UVGTConfig:
-    uv_size: int = 256
-    """U, the UV map side in texels."""
-    erosion_frac: float = 0.03
-    """Erosion radius as a fraction of the face size (sqrt of the projected face-mask area)."""
-    erosion_px: int | None = None
-    """Absolute erosion radius in pixels; overrides ``erosion_frac`` when set."""
-    max_view_angle_deg: float | None = 80.0
-    """Drop texels whose surface normal is more than this from the view direction; None = no cut."""
-    depth_tol: float | None = None
-    """Z-buffer tolerance in depth units; None = 1% of the mesh's depth extent."""
-    exclude_regions: tuple[str, ...] = ("mouth",)
-    """Named UV regions never taken from photos (the mouth interior)."""
+from preprocess.config import UVGTConfig
 
 
 @dataclass(frozen=True, eq=False)

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import zarr
 
+from common.config import CropConfig
 from common.store import (
     ARRAY_DOCS,
     MODEL_GROUP,
@@ -51,35 +52,15 @@ from common.store import (
     validate_store,
     write_face_model,
 )
-from common.uvlayout import CropConfig, crop_layout
+from common.uvlayout import crop_layout
 from common.uvtools import model_uv_fragments, texel_mirror_index
-from preprocess.build import RunOptions
+from preprocess.config import RunOptions, StageConfig, UpgradeOptions
 from preprocess.executor import Runner, set_compute_threads, worker_cache
-from preprocess.stages import StageConfig, build_face_model
+from preprocess.stages import build_face_model
 
 FACE_REGION_SOURCE = "upgrade: projected mesh only"
 """Root attribute ``face_region_source`` of an upgraded store."""
 _DONE_ATTR = "upgrade_chunks_done"  # on face_region while the upgrade runs: chunks already computed
-
-
-@dataclass(frozen=True)
-class UpgradeOptions:
-    """What to upgrade and how to run it (nothing here is recorded in the store)."""
-
-    store: str
-    """The store: a local path or an fsspec URL (:func:`common.store.store_location`)."""
-    bfm_v1_dir: Path | None = None
-    """3DDFA (v1) asset folder, replacing the recorded one (``bfm-public`` stores whose assets moved)."""
-    bfm_v2_dir: Path | None = None
-    """3DDFA_V2 asset folder, replacing the recorded one."""
-    workers: int = 0
-    """Local Dask workers for the face_region pass; 0 runs it in this process."""
-    threads: int = 1
-    """Threads per worker."""
-    scheduler: str | None = None
-    """Address of a running Dask scheduler to join instead."""
-    progress: bool = True
-    """Show a progress bar."""
 
 
 @dataclass

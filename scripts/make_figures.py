@@ -22,19 +22,20 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from common.config import FitConfig
 from common.facemodel import FaceModel
 from common.faces.assets import TDDFAAssets
-from common.faces.fit import FitConfig, mesh_in_image
+from common.faces.fit import mesh_in_image
 from common.imageio import image_grid, read_image, write_png
 from common.procedural import build_procedural_model
 from common.synthetic import SyntheticConfig, generate
 from common.uvlayout import crop_layout
 from common.uvtools import region_uv_mask, uv_vertex_attribute_image
+from preprocess.config import MaskedPCAConfig, StageConfig, UVGTConfig
 from preprocess.report import sample_row
 from preprocess.sources import SampleInput
-from preprocess.stages import StageConfig, StageContext, Timer, run_geometry, run_stages
-from preprocess.texture import MaskedPCAConfig, UVTextureBasis, learn_masked_pca
-from preprocess.unwrap import UVGTConfig
+from preprocess.stages import StageContext, Timer, run_geometry, run_stages
+from preprocess.texture import UVTextureBasis, learn_masked_pca
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 COLUMNS = ["photo + mesh", "UV_gt", "UV_bfm", "UV_bl", "source", "ctr crop", "side crop"]
@@ -126,7 +127,8 @@ def real_before_after(assets: Path, workdir: Path) -> tuple[list, list]:
 
     from common.store import OK, StoreReader
     from preprocess.build import build_store
-    from preprocess.buildcli import BuildArgs, make_config
+    from preprocess.buildcli import make_config
+    from preprocess.config import BuildArgs
 
     photos = workdir / "photos"
     photos.mkdir(parents=True, exist_ok=True)

@@ -48,7 +48,8 @@ def train_store(tmp_path_factory) -> str:
     import dataclasses
 
     from preprocess.build import build_store
-    from preprocess.buildcli import BuildArgs, make_config
+    from preprocess.buildcli import make_config
+    from preprocess.config import BuildArgs
 
     out = tmp_path_factory.mktemp("train") / "store.zarr"
     cfg, run = make_config(BuildArgs(out=out, **TRAIN_STORE_FLAGS))

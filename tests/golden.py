@@ -29,7 +29,8 @@ def build(out: Path) -> dict[str, np.ndarray]:
     import zarr
 
     from preprocess.build import build_store
-    from preprocess.buildcli import BuildArgs, make_config
+    from preprocess.buildcli import make_config
+    from preprocess.config import BuildArgs
 
     cfg, run = make_config(BuildArgs(out=out, **BUILD_FLAGS))
     summary = build_store(cfg, dataclasses.replace(run, workers=0, progress=False))

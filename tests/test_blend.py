@@ -11,12 +11,12 @@ from preprocess.blend import (
     SOURCE_MODEL,
     SOURCE_OBSERVED,
     SOURCE_OUTSIDE,
-    BlendConfig,
     blend_uv,
     poisson_blend,
     poisson_system,
     symmetric_fill,
 )
+from preprocess.config import BlendConfig
 
 DIRECT = BlendConfig(solver="direct")
 FAST = BlendConfig(solver="mgcg")

@@ -16,10 +16,11 @@ from common.geometry import project_to_image, split_params
 from common.procedural import build_procedural_model
 from common.synthetic import SyntheticConfig, generate, layout_raster
 from common.uvtools import region_uv_mask, texel_mirror_index
-from preprocess.blend import BlendConfig, blend_uv
+from preprocess.blend import blend_uv
+from preprocess.config import BlendConfig, MaskedPCAConfig, UVGTConfig
 from preprocess.shading import uv_normals
-from preprocess.texture import MaskedPCAConfig, learn_masked_pca, ridge_texture_fit
-from preprocess.unwrap import UVGTConfig, layout_cache, uv_gt_from_images
+from preprocess.texture import learn_masked_pca, ridge_texture_fit
+from preprocess.unwrap import layout_cache, uv_gt_from_images
 
 U, N_TRAIN, N_TEST = 32, 20, 12
 

@@ -24,7 +24,7 @@ import zarr
 from conftest import ROOT, asset_path
 from typer.testing import CliRunner
 
-from common.faces.fit import FitConfig
+from common.config import FitConfig
 from common.store import (
     FAILED,
     OK,
@@ -40,14 +40,14 @@ from common.store import (
     read_build_lock,
     read_texture_basis,
 )
-from preprocess.build import BuildConfig, RunOptions, _learn_basis, build_store, prepass_batch
-from preprocess.buildcli import BuildArgs, make_config
+from preprocess.build import _learn_basis, build_store, prepass_batch
+from preprocess.buildcli import make_config
 from preprocess.cli import app
+from preprocess.config import BuildArgs, BuildConfig, RunOptions, StageConfig, UVGTConfig
 from preprocess.executor import Runner
 from preprocess.progress import BuildProgress
 from preprocess.sources import FolderSource
-from preprocess.stages import StageConfig, build_face_model
-from preprocess.unwrap import UVGTConfig
+from preprocess.stages import build_face_model
 
 # The reference build: 2 chunks of 4 samples (the same flags drive the in-process and the CLI builds).
 SMALL = {"count": 8, "image_size": 64, "uv_size": 32, "chunk": 4, "pca_samples": 8, "n_tex": 4}
@@ -453,16 +453,17 @@ def test_cli_build_help_and_refusal_exit_code(store, tmp_path):
 
 def test_a_stage_that_raises_fails_only_its_sample(monkeypatch):
     """An unexpected exception in a per-sample stage marks that sample stage_error (rows reset), the rest go on."""
+    from common.config import FitConfig
     from common.store import FAILED, OK, Reason
     from common.synthetic import SyntheticConfig
     from preprocess import stages
+    from preprocess.config import StageConfig, UVGTConfig
     from preprocess.sources import SyntheticSource
     from preprocess.texture import UVTextureBasis
-    from preprocess.unwrap import UVGTConfig
 
     src = SyntheticSource(count=3, config=SyntheticConfig(image_size=64, uv_size=32, occluder_prob=0.0))
     inputs = src.load_many(range(3), src.manifest())
-    cfg = stages.StageConfig(fit=stages.FitConfig(image_size=64), uvgt=UVGTConfig(uv_size=32))
+    cfg = StageConfig(fit=FitConfig(image_size=64), uvgt=UVGTConfig(uv_size=32))
     ctx = stages.StageContext.build(cfg)
     ctx.basis = UVTextureBasis.from_face_model(ctx.model, 32)
     real_blend = stages.blend_uv

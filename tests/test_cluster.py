@@ -19,7 +19,8 @@ from test_build import SMALL, _assert_same_arrays
 
 from pipelines.dask_slurm import make_slurm_cluster
 from preprocess.build import build_store
-from preprocess.buildcli import BuildArgs, make_config, run_build, slurm_config
+from preprocess.buildcli import make_config, run_build, slurm_config
+from preprocess.config import BuildArgs
 
 TEMPLATE = ROOT / "pipelines" / "slurm" / "build.sbatch"
 

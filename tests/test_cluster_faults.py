@@ -42,7 +42,8 @@ HOLD = ROOT / "tests" / "hold_worker.py"
 def reference(tmp_path_factory) -> Path:
     """A clean in-process build with the same flags."""
     from preprocess.build import build_store
-    from preprocess.buildcli import BuildArgs, make_config
+    from preprocess.buildcli import make_config
+    from preprocess.config import BuildArgs
 
     out = tmp_path_factory.mktemp("reference") / "s.zarr"
     cfg, run = make_config(BuildArgs(out=out, count=COUNT, chunk=CHUNK, image_size=64, uv_size=32, pca_samples=8,

@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from common.uvlayout import CropConfig, crop_layout_from_regions, mirror_uv
+from common.config import CropConfig
+from common.uvlayout import crop_layout_from_regions, mirror_uv
 from preprocess.crops import cut_partial_crops
 
 U = 32

@@ -25,23 +25,24 @@ import pytest
 import typer.main
 from typer.testing import CliRunner
 
-from common.faces.fit import FitConfig
+from common.config import CropConfig, FitConfig
 from common.options import field_default, shown
 from common.store import StoreLayout
-from common.uvlayout import CropConfig
 from preprocess import buildcli, demo, report, upgrade
-from preprocess.blend import BlendConfig
-from preprocess.build import BuildConfig
-from preprocess.build import RunOptions as BuildRunOptions
-from preprocess.buildcli import BuildArgs
 from preprocess.cli import app as uvprep
-from preprocess.demo import DemoConfig
-from preprocess.report import ShowConfig
+from preprocess.config import (
+    BlendConfig,
+    BuildArgs,
+    BuildConfig,
+    DemoConfig,
+    MaskedPCAConfig,
+    ShowConfig,
+    StageConfig,
+    UpgradeOptions,
+    UVGTConfig,
+)
+from preprocess.config import RunOptions as BuildRunOptions
 from preprocess.sources import SyntheticSource
-from preprocess.stages import StageConfig
-from preprocess.texture import MaskedPCAConfig
-from preprocess.unwrap import UVGTConfig
-from preprocess.upgrade import UpgradeOptions
 from train import console
 from train.cli import app as uvtrain
 from train.config import (

@@ -163,7 +163,8 @@ def test_tddfa_assets_name_every_file_and_what_is_missing(tmp_path):
 
 
 def test_build_takes_the_tddfa_files_from_the_asset_folder(tmp_path):
-    from preprocess.buildcli import BuildArgs, make_config
+    from preprocess.buildcli import make_config
+    from preprocess.config import BuildArgs
 
     v2 = TDDFAAssets.from_dir(tmp_path / "v2")
     v2.mb05.parent.mkdir(parents=True)
@@ -376,7 +377,8 @@ def test_second_pass_lowers_the_nme_on_aflw2000_samples(detector, regressor):
 
 
 def test_build_runs_the_second_pass_by_default(tmp_path):
-    from preprocess.buildcli import BuildArgs, make_config
+    from preprocess.buildcli import make_config
+    from preprocess.config import BuildArgs
 
     v1, v2 = asset_path("3ddfa_v1"), asset_path("3ddfa_v2")
     flags = dict(out=tmp_path / "s.zarr", src="folder", images=asset_path("faces"), bfm_v1_dir=v1, bfm_v2_dir=v2)
@@ -436,7 +438,8 @@ def test_dlib68_refinement_lowers_the_nme_on_aflw2000_samples(detector):
 
 def test_build_refines_only_when_asked(tmp_path):
     from common.faces.fit import describe_fit
-    from preprocess.buildcli import BuildArgs, make_config
+    from preprocess.buildcli import make_config
+    from preprocess.config import BuildArgs
 
     _dlib68_or_skip()
     v1, v2 = asset_path("3ddfa_v1"), asset_path("3ddfa_v2")

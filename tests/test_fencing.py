@@ -41,7 +41,8 @@ def cluster(tmp_path):
 def reference(tmp_path_factory):
     """A clean in-process build with the rebuild's config (erosion 0.05)."""
     from preprocess.build import build_store
-    from preprocess.buildcli import BuildArgs, make_config
+    from preprocess.buildcli import make_config
+    from preprocess.config import BuildArgs
 
     out = tmp_path_factory.mktemp("reference") / "s.zarr"
     cfg, run = make_config(BuildArgs(out=out, count=COUNT, chunk=CHUNK, image_size=64, uv_size=32, pca_samples=8,

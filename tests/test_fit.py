@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from common.faces.fit import FitConfig, ShapeFitter, crop_params_to_image, mesh_in_image
+from common.config import FitConfig
+from common.faces.fit import ShapeFitter, crop_params_to_image, mesh_in_image
 from common.faces.tddfa import params_to_image_vertices
 from common.geometry import make_pose, project_to_image, split_params
 
@@ -127,7 +128,8 @@ def test_folder_photos_with_a_parameter_file_build_with_the_given_fitter(procedu
     from common.store import StoreReader
     from common.synthetic import SyntheticConfig, generate
     from preprocess.build import build_store
-    from preprocess.buildcli import BuildArgs, make_config
+    from preprocess.buildcli import make_config
+    from preprocess.config import BuildArgs
 
     photos = tmp_path / "photos"
     faces = [generate(i, SyntheticConfig(image_size=120, uv_size=32, occluder_prob=0.0), procedural) for i in range(3)]

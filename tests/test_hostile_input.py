@@ -20,7 +20,8 @@ import zarr
 
 from common.store import Reason
 from preprocess.build import build_store, config_record
-from preprocess.buildcli import BuildArgs, make_config, run_build
+from preprocess.buildcli import make_config, run_build
+from preprocess.config import BuildArgs
 from preprocess.sources import FolderSource, decode_image, read_regular_file
 
 pytestmark = pytest.mark.timeout(60)  # a read that hangs fails the test instead of the suite

@@ -154,7 +154,8 @@ def bfm_run(tmp_path_factory):
     """A run trained for a few steps on a store of the four AFLW2000-3D samples (the public BFM, their official
     fits): a run whose face model 3DDFA_V2 can fit."""
     from preprocess.build import build_store
-    from preprocess.buildcli import BuildArgs, make_config
+    from preprocess.buildcli import make_config
+    from preprocess.config import BuildArgs
     from tests.conftest import asset_path
     from tests.test_train import tiny
     from train.config import RunOptions

@@ -13,14 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from common.faces.fit import FitConfig
+from common.config import FitConfig
 from common.store import OK, Reason
 from common.texbasis import UVTextureBasis
 from preprocess.build import LazyInputs
-from preprocess.occlusion import OcclusionConfig
+from preprocess.config import OcclusionConfig, StageConfig, UVGTConfig
 from preprocess.sources import FolderSource
-from preprocess.stages import StageConfig, StageContext, run_stages
-from preprocess.unwrap import UVGTConfig
+from preprocess.stages import StageContext, run_stages
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from bench_memory import measure, write_photos  # noqa: E402

@@ -8,7 +8,8 @@ import dataclasses
 import numpy as np
 
 from preprocess.build import build_store
-from preprocess.buildcli import BuildArgs, make_config
+from preprocess.buildcli import make_config
+from preprocess.config import BuildArgs
 from preprocess.texture import match_greyscale
 
 

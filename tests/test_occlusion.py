@@ -25,8 +25,9 @@ from common.procedural import build_procedural_model
 from common.render import rasterize
 from common.store import StoreReader
 from common.synthetic import SyntheticConfig, generate_batch
-from preprocess.occlusion import OcclusionConfig, detect_occluders, face_cues, occluders_from_fit, part_labels
-from preprocess.unwrap import UVGTConfig, erode, erosion_radius, projected_face_region, uv_gt_from_images
+from preprocess.config import OcclusionConfig, UVGTConfig
+from preprocess.occlusion import detect_occluders, face_cues, occluders_from_fit, part_labels
+from preprocess.unwrap import erode, erosion_radius, projected_face_region, uv_gt_from_images
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 S, N = 128, 16
@@ -106,9 +107,9 @@ def test_inputs_are_checked(world, model):
 
 # ----------------------------------------------------------------------------------------------- the build
 def _build(tmp_path, name: str, occlusion: bool | None, occluder_prob: float = 1.0, count: int = 4):
-    from preprocess.blend import BlendConfig
     from preprocess.build import build_store
-    from preprocess.buildcli import BuildArgs, make_config
+    from preprocess.buildcli import make_config
+    from preprocess.config import BlendConfig, BuildArgs
 
     cfg, run = make_config(BuildArgs(out=tmp_path / name, count=count, image_size=S, uv_size=32, chunk=4,
                                      pca_samples=count, n_tex=4, occlusion=occlusion))
@@ -146,7 +147,8 @@ def test_build_writes_occlusion_and_uv_gt_excludes_it(tmp_path, model):
 def test_occlusion_defaults_and_old_stores(tmp_path):
     import zarr
 
-    from preprocess.buildcli import BuildArgs, make_config
+    from preprocess.buildcli import make_config
+    from preprocess.config import BuildArgs
 
     # defaults: on for photo sources, off for synthetic (its exact mask), forced either way by the flag
     photos, _ = make_config(BuildArgs(out=tmp_path / "p.zarr", src="folder", images=tmp_path))

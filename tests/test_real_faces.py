@@ -28,18 +28,19 @@ import numpy as np
 import pytest
 from conftest import SHARED_ASSETS, asset_path
 
+from common.config import FitConfig
 from common.faces.assets import TDDFAAssets
-from common.faces.fit import FitConfig, mesh_in_image
+from common.faces.fit import mesh_in_image
 from common.faces.tddfa import TDDFARegressor
 from common.imageio import read_image, to_uint8
 from common.loaders import load_param_stats
 from common.uvtools import region_uv_mask
-from preprocess.blend import SOURCE_MIRRORED, SOURCE_OBSERVED, BlendConfig, blend_uv, symmetric_fill
+from preprocess.blend import SOURCE_MIRRORED, SOURCE_OBSERVED, blend_uv, symmetric_fill
+from preprocess.config import BlendConfig, MaskedPCAConfig, StageConfig, UVGTConfig
 from preprocess.shading import uv_normals
 from preprocess.sources import SampleInput
-from preprocess.stages import StageConfig, StageContext, Timer, run_geometry, run_stages
-from preprocess.texture import MaskedPCAConfig, learn_masked_pca, ridge_texture_fit
-from preprocess.unwrap import UVGTConfig
+from preprocess.stages import StageContext, Timer, run_geometry, run_stages
+from preprocess.texture import learn_masked_pca, ridge_texture_fit
 
 U, S = 128, 256
 NAMES = ("JianzhuGuo", "emma_profile")

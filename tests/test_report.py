@@ -14,10 +14,10 @@ from common.faces.fit import mesh_in_image
 from common.imageio import image_grid
 from common.store import FAILED, Reason, StoreReader
 from preprocess.cli import app
+from preprocess.config import ShowConfig
 from preprocess.report import (
     LANDMARK_RGB,
     MASK_RGB,
-    ShowConfig,
     draw_overlays,
     fit_label,
     iso_segments,

@@ -37,7 +37,8 @@ from common.store import (  # noqa: E402
     read_build_lock,
 )
 from preprocess.build import build_store  # noqa: E402
-from preprocess.buildcli import BuildArgs, make_config  # noqa: E402
+from preprocess.buildcli import make_config
+from preprocess.config import BuildArgs
 
 SECRET = "s3-test-secret-9f2c61d0e4"
 KEY_ID = "AKIATESTUVTEX"

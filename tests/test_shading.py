@@ -13,7 +13,6 @@ from preprocess.blend import (
     SOURCE_MIRRORED,
     SOURCE_MODEL,
     SOURCE_OBSERVED,
-    BlendConfig,
     blend_mirrored,
     blend_uv,
     mirror_exclusion,
@@ -21,15 +20,9 @@ from preprocess.blend import (
     seam_gradient_ratio,
     symmetric_fill,
 )
-from preprocess.shading import (
-    ShadingConfig,
-    estimate_shading,
-    fit_directional_lighting,
-    fit_sh_lighting,
-    sh_basis,
-    uv_normals,
-)
-from preprocess.unwrap import UVGTConfig, layout_cache, uv_gt_from_images
+from preprocess.config import BlendConfig, ShadingConfig, UVGTConfig
+from preprocess.shading import estimate_shading, fit_directional_lighting, fit_sh_lighting, sh_basis, uv_normals
+from preprocess.unwrap import layout_cache, uv_gt_from_images
 
 
 def _hemisphere(n=40, min_z=0.15):

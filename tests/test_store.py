@@ -15,9 +15,10 @@ import pytest
 import zarr
 
 from common import store as S
+from common.config import CropConfig
 from common.facemodel import REGION_NAMES, FaceModel
 from common.store import FAILED, OK, Reason, StoreLayout
-from common.uvlayout import CropConfig, CropLayout
+from common.uvlayout import CropLayout
 from preprocess.upgrade import rename_array
 
 

@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from preprocess.texture import MaskedPCAConfig, UVTextureBasis, learn_masked_pca, ridge_texture_fit
+from preprocess.config import MaskedPCAConfig
+from preprocess.texture import UVTextureBasis, learn_masked_pca, ridge_texture_fit
 
 
 def _random_basis(u=24, k=6, seed=0):

@@ -7,7 +7,8 @@ from common.geometry import project_to_image, split_params
 from common.procedural import build_procedural_model
 from common.synthetic import SyntheticConfig, generate
 from common.uvtools import region_uv_mask
-from preprocess.unwrap import UVGTConfig, erode, layout_cache, projected_face_region, uv_gt_from_images
+from preprocess.config import UVGTConfig
+from preprocess.unwrap import erode, layout_cache, projected_face_region, uv_gt_from_images
 
 
 @pytest.fixture(scope="module")

@@ -20,8 +20,9 @@ from typer.testing import CliRunner
 from common.store import StoreLocked, StoreMismatch, StoreReader, acquire_build_lock
 from preprocess import upgrade as up
 from preprocess.build import build_store
-from preprocess.buildcli import BuildArgs, make_config
+from preprocess.buildcli import make_config
 from preprocess.cli import app
+from preprocess.config import BuildArgs
 
 SMALL = {"count": 8, "image_size": 64, "uv_size": 32, "chunk": 4, "pca_samples": 8, "n_tex": 4}
 

@@ -28,8 +28,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from common.config import FitConfig
 from common.faces.assets import TDDFAAssets
-from common.faces.fit import FitConfig, FitResult, ShapeFitter, frame_face, read_given_params
+from common.faces.fit import FitResult, ShapeFitter, frame_face, read_given_params
 from common.geometry import split_params
 from common.imageio import image_grid, read_image, resize_image, to_uint8, write_png
 from common.meshio import write_textured_obj

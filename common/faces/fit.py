@@ -17,48 +17,15 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import cv2
 import numpy as np
 
+from common.config import FitConfig
 from common.facemodel import FaceModel
 from common.faces.refine import RefineConfig
 from common.geometry import N_PARAMS, params_to_euler, project_to_image, split_params
 from common.imageio import resize_image
-
-Fitter = Literal["given", "tddfa"]
-
-
-@dataclass(frozen=True)
-class FitConfig:
-    fitter: Fitter = "given"
-    """``given`` (parameters supplied by the source) or ``tddfa`` (3DDFA_V2 regressor)."""
-    image_size: int = 256
-    """Working resolution S: the stored image is S x S."""
-    tddfa_weights: Path | None = None
-    """mb1_120x120.pth / mb05_120x120.pth (3DDFA_V2 ``weights/``); needed for ``tddfa``."""
-    param_stats: Path | None = None
-    """param_mean_std_62d_120x120.pkl (3DDFA_V2 ``configs/``); needed for ``tddfa``."""
-    detector_weights: Path | None = None
-    """FaceBoxesProd.pth; needed for ``tddfa`` on in-the-wild photos."""
-    landmarks_dir: Path | None = None
-    """3DDFA's ``c++/weights`` (sparse 68-landmark basis); needed for ``second_pass`` and ``refine``."""
-    second_pass: bool = False
-    """Re-crop from the first fit's landmarks and regress again (3DDFA_V2's landmark crop policy)."""
-    refine: RefineConfig | None = None
-    """Refine the regressed fit against 2D landmarks from dlib's 68-point predictor (:mod:`common.faces.refine`;
-    needs ``landmarks_dir`` and ``refine_landmarks``); None: off."""
-    refine_landmarks: Path | None = None
-    """dlib's shape_predictor_68_face_landmarks.dat (iBUG 300-W: non-commercial); needed for ``refine``."""
-    context: float = 1.25
-    """In-the-wild crops: side of the working crop relative to 3DDFA's ROI box around the detection."""
-    min_face_px: float = 24.0
-    """Detections smaller than this (box side, photo pixels) count as no face."""
-    max_outside: float = 0.25
-    """A fit whose projected vertices fall outside the working image more than this fraction is diverged."""
-    device: str = "cpu"
-    """Torch device for the detector and the regressor."""
 
 
 @dataclass(frozen=True, eq=False)

@@ -34,7 +34,7 @@ attributes has them), read back by :class:`StoreReader`:
   ``ctr_region`` (hc, wc) bool, ``sd_region`` (hs, ws) bool, ``mirror_index`` (U*U,) int64
   (``common.uvtools.texel_mirror_index``, -1 where a texel has no mirror). Attributes: ``uv_size``,
   ``ctr_box``, ``sd_box`` (row0, row1, col0, col1, half-open), ``crop_config`` (the
-  :class:`~common.uvlayout.CropConfig` values: frontal_yaw_max, profile_yaw_min, min_coverage, margin)
+  :class:`~common.config.CropConfig` values: frontal_yaw_max, profile_yaw_min, min_coverage, margin)
   and ``face_model`` (the fingerprint it was computed from). :meth:`StoreReader.crop_layout`,
   :meth:`StoreReader.mirror_index`, :meth:`StoreReader.crop_config`.
 * ``texture/`` -- the linear UV texture basis of Eq. 8 (written by the build before any chunk):

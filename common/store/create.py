@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import zarr
 
+from common.config import CropConfig
 from common.configdiff import dotted_differences
 from common.store.groups import check_model_inputs, model_differences, write_face_model
 from common.store.location import local_path, open_store, quiet_listing, store_exists, store_location, url_fs
@@ -32,7 +33,7 @@ from common.store.schema import (
     create_schema_array,
     manifest_sha256,
 )
-from common.uvlayout import CropConfig, CropLayout
+from common.uvlayout import CropLayout
 
 if TYPE_CHECKING:  # common.facemodel imports torch; reading arrays from a store should not need it
     from common.facemodel import FaceModel

@@ -15,9 +15,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 import zarr
 
+from common.config import CropConfig
 from common.store.location import as_group, location_of
 from common.store.schema import MODEL_GROUP, TEXTURE_GROUP, UPGRADE_COMMAND, UV_LAYOUT_GROUP, StoreLayout
-from common.uvlayout import CropConfig, CropLayout
+from common.uvlayout import CropLayout
 
 if TYPE_CHECKING:  # common.facemodel imports torch; reading arrays from a store should not need it
     from common.facemodel import FaceModel
@@ -44,7 +45,7 @@ def _check_uv_layout_inputs(layout: StoreLayout, crops: CropLayout, mirror_index
                             crop_config: CropConfig) -> None:
     u = layout.uv_size
     if not isinstance(crop_config, CropConfig):
-        raise TypeError(f"crop_config: expected a common.uvlayout.CropConfig, found {type(crop_config).__name__}")
+        raise TypeError(f"crop_config: expected a common.config.CropConfig, found {type(crop_config).__name__}")
     if (crops.uv_size, crops.ctr_region.shape, crops.sd_region.shape) != (u, layout.ctr_shape, layout.sd_shape):
         raise ValueError(f"crop layout: expected U = {u} and crops {layout.ctr_shape} / {layout.sd_shape} (the store "
                          f"layout), found U = {crops.uv_size} and {crops.ctr_region.shape} / {crops.sd_region.shape}")

@@ -9,13 +9,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import zarr
 
+from common.config import CropConfig
 from common.store.chunks import completed_chunks
 from common.store.groups import read_face_model, read_texture_basis, read_uv_layout
 from common.store.location import layout_of, open_store, quiet_listing
 from common.store.schema import FAILED, OK, PENDING, PER_CHUNK, array_specs, reason_name
 from common.store.validate import validate_store
 from common.texbasis import UVTextureBasis
-from common.uvlayout import CropConfig, CropLayout
+from common.uvlayout import CropLayout
 
 if TYPE_CHECKING:  # common.facemodel imports torch; reading arrays from a store should not need it
     from common.facemodel import FaceModel

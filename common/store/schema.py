@@ -20,6 +20,8 @@ from typing import NamedTuple
 import numpy as np
 import zarr
 
+from common.config import STORE_CHUNK
+
 SCHEMA_VERSION = 2
 """Bumped whenever an array, dtype, shape rule or attribute changes meaning; old stores are then refused
 (version 1 can be upgraded in place: ``uvprep upgrade STORE``)."""
@@ -148,7 +150,7 @@ class StoreLayout:
     """(hs, ws) of the side crop."""
     n_tex: int
     """K: texture-basis coefficients per sample."""
-    chunk: int = 64
+    chunk: int = STORE_CHUNK
     """Samples per chunk (one build task writes one chunk)."""
     has_truth: bool = False
     """Synthetic stores also hold ``uv_true``."""
