@@ -12,6 +12,8 @@ there is no import circle among our modules (imports inside functions count, ``i
 from __future__ import annotations
 
 import ast
+import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -201,3 +203,27 @@ def test_the_circle_and_name_checkers_find_what_they_look_for(tmp_path):
     assert _import_circles(tmp_path, ["common"]) == [["common.a", "common.c", "common.sub.b"]]
     assert _stdlib_shadows(tmp_path, ["common"]) == ["common/inspect.py is named like the standard library's "
                                                      "'inspect'"]
+
+
+# ------------------------------------------------------------------------------ the command lines start light
+HEAVY = ("torch", "numpy", "zarr", "cv2", "scipy", "dask", "distributed", "fsspec", "kornia")
+"""Libraries ``uvtrain --help`` / ``uvprep --help`` must not import (they made every start take 3 s)."""
+LIGHT = {"common", "common.config", "common.options", "pipelines", "pipelines.dask_slurm", "preprocess",
+         "preprocess.cli", "preprocess.config", "train", "train.cli", "train.config"}
+"""Our modules the two command lines may import at start: the configs their options read their defaults from."""
+
+
+def test_the_command_lines_import_only_their_configs():
+    # a fresh interpreter: this one has long imported everything
+    tops = sorted({*HEAVY, *PACKAGES})
+    code = (f"import json, sys, train.cli, preprocess.cli; "
+            f"print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in {tops!r})))")
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    loaded = set(json.loads(res.stdout))
+    heavy = sorted({m.split(".")[0] for m in loaded} & set(HEAVY))
+    ours = sorted(m for m in loaded - LIGHT if m.split(".")[0] in PACKAGES)
+    assert not heavy and not ours, (
+        f"`import train.cli, preprocess.cli` imports {heavy + ours}: the command lines read their defaults from the "
+        f"light config modules (train/config.py, preprocess/config.py, common/config.py) and import each command's "
+        f"implementation inside the command")
