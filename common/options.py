@@ -11,8 +11,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-import typer
-
 
 def field_default(cls: type, name: str) -> Any:
     """The default of dataclass ``cls``'s field ``name`` (its ``default_factory`` called); raises KeyError for a
@@ -41,6 +39,8 @@ def shown(value: Any) -> str | bool:
 
 def option(cls: type, name: str, *param_decls: str, help: str, **kwargs: Any) -> Any:
     """A typer option defaulting to ``None`` -- "``cls.name``'s default" -- whose ``--help`` shows that default."""
+    import typer  # here, not at the top: the config modules import field_default, and build workers need no typer
+
     return typer.Option(None, *param_decls, help=help, show_default=shown(field_default(cls, name)), **kwargs)
 
 
