@@ -48,6 +48,7 @@ from train.cli import app as uvtrain
 from train.config import (
     DiscriminatorConfig,
     EvalConfig,
+    ExportConfig,
     GeneratorConfig,
     InferConfig,
     LossWeights,
@@ -87,6 +88,7 @@ FIELDS: dict[str, dict[str, list[tuple[type, str, str]]]] = {
     "uvtrain eval": {**{o: [(EvalConfig, o, f"cfg.{o}")] for o in (
         "checkpoint", "identity", "batch_size", "device", "limit", "progress")},
                      "method": [(EvalConfig, "methods", "cfg.methods")]},
+    "uvtrain export": {o: [(ExportConfig, o, f"cfg.{o}")] for o in ("which", "overwrite")},
     "uvprep build": {f.name: [(BuildArgs, f.name, f"args.{f.name}")] for f in dataclasses.fields(BuildArgs)
                      if f.name != "out"},
     "uvprep demo": {o: [(DemoConfig, o, f"cfg.{o}")] for o in ("count", "seed", "image_size", "uv_size",
@@ -102,6 +104,7 @@ CLI_ONLY: dict[str, dict[str, object]] = {
     "uvtrain fit": {"store": REQUIRED, "run_dir": REQUIRED},
     "uvtrain infer": {"checkpoint": REQUIRED, "images": REQUIRED, "out": REQUIRED},
     "uvtrain eval": {"store": REQUIRED, "out": REQUIRED, "baselines": False},
+    "uvtrain export": {"run": REQUIRED, "out": REQUIRED},
     "uvprep build": {"out": REQUIRED},
     "uvprep demo": {"out": Path("out/demo")},
     "uvprep upgrade": {"store": REQUIRED, "workers": None},  # None: the CPU count // --threads
@@ -136,6 +139,7 @@ BUILD_SOURCES: dict[str, tuple[type, str, str]] = {
 # text, the field's value). Numbers, flags and paths are generated from the option's type.
 OTHER = {
     "phase": ("sampler", "sampler"), "amp": ("bf16", "bf16"), "render_on": ("loader", "loader"),
+    "which": ("last", "last"),
     "identity": ("none", "none"), "framing": ("aligned", "aligned"), "views": ("-10,20", (-10.0, 20.0)),
     "method": ("bfm", ("bfm",)), "overlay": ("mesh,mask", ("mesh", "mask")), "src": ("ffhq", "ffhq"),
     "face_model": ("bfm-public", "bfm-public"), "refine": ("dlib68", "dlib68"), "texture_model": ("model", "model"),
@@ -150,6 +154,7 @@ RECORDERS = {  # command -> (module, function, names of its arguments as recorde
     "uvtrain fit": (console, "run_fit", ("cfg", "run")),
     "uvtrain infer": (console, "run_infer", ("cfg",)),
     "uvtrain eval": (console, "run_eval", ("cfg",)),
+    "uvtrain export": (console, "run_export", ("cfg",)),
     "uvprep build": (buildcli, "run_build", ("args",)),
     "uvprep demo": (demo, "run_demo", ("cfg",)),
     "uvprep upgrade": (upgrade, "run_upgrade", ("opts",)),

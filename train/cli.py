@@ -11,6 +11,7 @@ from train.config import (
     METHODS,
     DiscriminatorConfig,
     EvalConfig,
+    ExportConfig,
     GeneratorConfig,
     InferConfig,
     LossWeights,
@@ -199,6 +200,28 @@ def eval_(
     from train.console import run_eval
 
     code = run_eval(cfg)
+    if code:
+        raise typer.Exit(code=code)
+
+
+@app.command()
+def export(
+    run: Path = typer.Argument(..., help="A `uvtrain fit` run directory."),
+    out: Path = typer.Option(..., help="Export folder: model.safetensors, config.json, inference/, README.md "
+                                       "(model card), export.json (SHA-256 of each file)."),
+    which: str = option(ExportConfig, "which", help="auto (best.pt where the run has one) | last (checkpoint.pt) | "
+                                                    "best (best.pt)."),
+    overwrite: bool = option(ExportConfig, "overwrite", help="Replace an export already in --out."),
+) -> None:
+    """The sampler's and generator's weights as safetensors, with the run's config, inference bundle and a model card:
+    a folder `uvtrain infer --checkpoint` and `uvtrain eval --checkpoint` take as they take a run directory."""
+    try:
+        cfg = ExportConfig(run_dir=run, out=out, **given(which=which, overwrite=overwrite))
+    except ValueError as e:
+        _fail(str(e))
+    from train.console import run_export
+
+    code = run_export(cfg)
     if code:
         raise typer.Exit(code=code)
 

@@ -341,3 +341,25 @@ class EvalConfig:
                              f"without one evaluate --method bfm or bl")
         if self.batch_size < 1 or self.limit < 0:
             raise ValueError(f"--batch-size >= 1 and --limit >= 0 expected, found {self.batch_size}, {self.limit}")
+
+
+# --------------------------------------------------------------------------------------------------- uvtrain export
+WHICH = ("auto", "last", "best")
+"""``ExportConfig.which``'s choices."""
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    run_dir: Path
+    """The ``uvtrain fit`` run directory to export."""
+    out: Path
+    """The export directory (created; an existing export there is replaced only with ``overwrite``)."""
+    which: str = "auto"
+    """Which weights: ``last`` (``checkpoint.pt``), ``best`` (``best.pt``, the best held-out validation) or ``auto``
+    (``best.pt`` where the run has one, else ``checkpoint.pt``)."""
+    overwrite: bool = False
+    """Replace a non-empty ``out``."""
+
+    def __post_init__(self) -> None:
+        if self.which not in WHICH:
+            raise ValueError(f"--which {self.which!r}: expected one of {' | '.join(WHICH)}")

@@ -14,7 +14,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from common.store import StoreMismatch
-from train.config import EvalConfig, InferConfig, RunOptions, TrainConfig
+from train.config import EvalConfig, ExportConfig, InferConfig, RunOptions, TrainConfig
 from train.data import NoUsableSamples
 from train.evaluate import YAW_BANDS, evaluate
 from train.infer import InferSummary, infer
@@ -166,4 +166,19 @@ def run_eval(cfg: EvalConfig, console: Console | None = None) -> int:
     if result["failures"]:
         console.print(f"{len(result['failures'])} store sample(s) not usable (listed in {cfg.out})", highlight=False)
     console.print(f"wrote {cfg.out}", highlight=False)
+    return 0
+
+
+def run_export(cfg: ExportConfig, console: Console | None = None) -> int:
+    """Run :func:`train.export.export_run`; 0 ok (one line naming the folder), 2 a user error (one line)."""
+    from train.export import export_run
+
+    console = console or Console(stderr=True)
+    try:
+        manifest = export_run(cfg)
+    except RunError as e:
+        console.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+        return 2
+    console.print(f"exported step {manifest['step']} ({manifest['source']['checkpoint']}) to {cfg.out}: "
+                  f"{len(manifest['files'])} files + export.json", highlight=False, soft_wrap=True)
     return 0

@@ -32,6 +32,9 @@ from train.models import UVGenerator, UVSampler
 
 CHECKPOINT, SAMPLER_CHECKPOINT, CONFIG, METRICS = "checkpoint.pt", "sampler.pt", "config.json", "metrics.jsonl"
 PREVIEWS, TENSORBOARD = "previews", "tb"
+EXPORT_MANIFEST, EXPORT_WEIGHTS = "export.json", "model.safetensors"
+"""An export directory (``uvtrain export``, :mod:`train.export`) holds ``config.json`` and ``inference/`` as a run
+does, the weights as ``model.safetensors`` and ``export.json``: the SHA-256 of every file, checked on load."""
 
 
 class RunError(RuntimeError):
@@ -92,11 +95,45 @@ def prepare_run_dir(cfg: TrainConfig, run: RunOptions, write: bool) -> None:
 
 
 def load_run_config(run_dir: Path) -> TrainConfig:
-    """The :class:`TrainConfig` stored in a run directory."""
+    """The :class:`TrainConfig` stored in a run directory or an export directory (whose files are verified first)."""
     path = Path(run_dir) / CONFIG
+    if is_export(run_dir):
+        verify_export(run_dir)
     if not path.is_file():
         raise RunError(f"{run_dir}: not a uvtrain run directory (no {CONFIG})")
     return TrainConfig.from_json(json.loads(path.read_text()))
+
+
+def is_export(path: Path) -> bool:
+    """Whether ``path`` is a directory written by ``uvtrain export`` (it has ``export.json``)."""
+    return (Path(path) / EXPORT_MANIFEST).is_file()
+
+
+_VERIFIED: set[tuple] = set()
+"""Export files already checked in this process, by (path, size, mtime): infer and eval load a run twice."""
+
+
+def verify_export(export_dir: Path) -> dict:
+    """The manifest of an export directory, after checking every file it lists against its SHA-256; a missing or
+    changed file is a :class:`RunError`."""
+    from common.files import sha256_file
+
+    d = Path(export_dir)
+    manifest = json.loads((d / EXPORT_MANIFEST).read_text())
+    for name, want in sorted(manifest.get("files", {}).items()):
+        f = d / name
+        if not f.is_file():
+            raise RunError(f"{f}: missing from the export (listed in {EXPORT_MANIFEST}); export the run again")
+        st = f.stat()
+        key = (str(f.resolve()), st.st_size, st.st_mtime_ns, want)
+        if key in _VERIFIED:
+            continue
+        got = sha256_file(f)
+        if got != want:
+            raise RunError(f"{f}: SHA-256 {got[:16]}… does not match {EXPORT_MANIFEST} ({want[:16]}…): the export "
+                           f"was changed or damaged; export the run again")
+        _VERIFIED.add(key)
+    return manifest
 
 
 # ------------------------------------------------------------------------------------ checkpoints
@@ -226,22 +263,47 @@ def _np_image(t: torch.Tensor) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------ trained models
-def load_trained(run_dir: Path, device: str = "cpu", bundle: InferenceBundle | None = None
-                 ) -> tuple[TrainConfig, UVSampler, UVGenerator, int]:
-    """(config, sampler, generator, step) of a run directory's last checkpoint, in eval mode on ``device``.
+def load_trained(run_dir: Path, device: str = "cpu", bundle: InferenceBundle | None = None,
+                 checkpoint: Path | None = None) -> tuple[TrainConfig, UVSampler, UVGenerator, int]:
+    """(config, sampler, generator, step) of a run directory's last checkpoint, or of an export directory's weights
+    (``uvtrain export``), in eval mode on ``device``.
 
     bundle: the run's :class:`train.bundle.InferenceBundle` when the caller has read it already (it sizes the
-    generator); read here otherwise."""
+    generator); read here otherwise. checkpoint: another checkpoint file of the run (``best.pt``); default
+    :func:`weights_file`."""
     cfg = load_run_config(run_dir)
-    path = Path(run_dir) / CHECKPOINT
-    if not path.is_file():
-        raise RunError(f"{run_dir}: no {CHECKPOINT} (train with `uvtrain fit --run-dir {run_dir}` first)")
-    ck = torch.load(path, map_location="cpu", weights_only=True)
+    path = Path(checkpoint) if checkpoint is not None else weights_file(run_dir)
+    if is_export(run_dir):
+        if path.name != EXPORT_WEIGHTS:
+            raise RunError(f"{run_dir} is an export: its weights are {EXPORT_WEIGHTS}, not {path.name}")
+        models, step = _export_state(Path(run_dir))
+    else:
+        if not path.is_file():
+            raise RunError(f"{run_dir}: no {path.name} (train with `uvtrain fit --run-dir {run_dir}` first)")
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+        models, step = ck["models"], int(ck["step"])
     uv_size = (bundle or read_bundle(Path(run_dir), cfg.store)).uv_size
     sampler, generator = UVSampler(cfg.sampler), UVGenerator(uv_size, cfg.generator)
-    sampler.load_state_dict(ck["models"]["sampler"])
-    generator.load_state_dict(ck["models"]["generator"])
-    return cfg, sampler.to(device).eval(), generator.to(device).eval(), int(ck["step"])
+    sampler.load_state_dict(models["sampler"])
+    generator.load_state_dict(models["generator"])
+    return cfg, sampler.to(device).eval(), generator.to(device).eval(), step
+
+
+def weights_file(run_dir: Path) -> Path:
+    """The file :func:`load_trained` reads the weights from: ``checkpoint.pt`` or an export's ``model.safetensors``."""
+    return Path(run_dir) / (EXPORT_WEIGHTS if is_export(run_dir) else CHECKPOINT)
+
+
+def _export_state(d: Path) -> tuple[dict[str, dict[str, torch.Tensor]], int]:
+    """({"sampler": state dict, "generator": state dict}, step) of a verified export directory."""
+    from safetensors.torch import load_file
+
+    manifest = verify_export(d)
+    models: dict[str, dict[str, torch.Tensor]] = {"sampler": {}, "generator": {}}
+    for key, value in load_file(d / EXPORT_WEIGHTS).items():
+        net, _, name = key.partition(".")
+        models[net][name] = value
+    return models, int(manifest["step"])
 
 
 def sampled_inside(grid: torch.Tensor) -> torch.Tensor:
