@@ -5,6 +5,7 @@ stream's whole-chunk reads, and the loader's delivery against one training step'
 
     python benchmarks/bench_train.py                         # builds a 64-sample synthetic store at 256² first
     python benchmarks/bench_train.py --store S --device cuda # on a GPU (full-size models)
+    python benchmarks/bench_train.py --device cuda --json bench.json   # the numbers also as JSON (scripts/gpu_check.sh)
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
+import json
 import statistics
 import tempfile
 import time
@@ -138,6 +140,18 @@ def step_rates(store: str, device: str, image_size: int, steps: int, small: bool
     return out
 
 
+def _phase_report(steps: dict, best_render: float, best_bare: float, device: str) -> dict:
+    """Per phase: the step rates, the loader ratio (samples/s the best loader delivers over the samples/s a step
+    consumes, with rasterising where ``--render-on auto`` puts it on ``device``: the loader on CPU, the device on
+    CUDA) and the share of wall time the step would wait for data at that ratio (0 when the loader keeps up)."""
+    loader = best_bare if device.startswith("cuda") else best_render
+    out = {}
+    for name, r in steps.items():
+        ratio = loader / r["samples_per_s"]
+        out[name] = {**r, "loader_ratio": ratio, "data_wait_share": max(0.0, 1.0 - ratio)}
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--store", default=None)
@@ -151,7 +165,10 @@ def main() -> None:
     ap.add_argument("--batches", type=int, default=8)
     ap.add_argument("--workers", default="0,2,4")
     ap.add_argument("--small", action="store_true", help="time small networks (channels 16)")
+    ap.add_argument("--json", default=None, help="also write the numbers to this JSON file")
     args = ap.parse_args()
+    report = {"device": args.device, "torch": torch.__version__, "batch": BATCH, "train_size": args.train_size,
+              "sampler_grid": DEFAULT.sampler.grid_size, "small": args.small}
     with tempfile.TemporaryDirectory() as tmp:
         store = args.store or build_store(Path(tmp) / "bench.zarr", args.size, args.count)
         h = StoreReader(store).layout.image_size
@@ -160,10 +177,11 @@ def main() -> None:
               f"ratio {chunked / single:.1f}x")
         rs = raster_share(store, h)
         print(f"rasterising in the loader: {1e3 * rs:.1f} ms/sample (I0 + I1 lookups at {h}²)")
-        rates = {}
+        report.update(store_size=h, reads_single_per_s=single, reads_chunk_per_s=chunked, raster_ms_per_sample=1e3 * rs)
+        rates, bares = {}, {}
         for w in (int(x) for x in args.workers.split(",")):
             rates[w] = loader_rate(store, w, h, args.batches)
-            bare = loader_rate(store, w, h, args.batches, render=False)
+            bares[w] = bare = loader_rate(store, w, h, args.batches, render=False)
             print(f"loader at {h}², {w} workers: {rates[w]:.1f} samples/s rasterising in the loader, "
                   f"{bare:.1f} samples/s without (--render-on device)")
         steps = step_rates(store, args.device, args.train_size, args.steps, args.small)
@@ -175,6 +193,8 @@ def main() -> None:
         for name, r in steps.items():
             print(f"{name:<10} {r['s_per_step']:>8.3f} {r['steps_per_s']:>8.2f} {r['samples_per_s']:>10.1f} "
                   f"{best / r['samples_per_s']:>17.1f}x")
+        report.update(loader={str(w): {"render_in_loader": rates[w], "render_on_device": bares[w]} for w in rates},
+                      phases=_phase_report(steps, best, max(bares.values()), args.device))
         gen = steps.get("generator", {}).get("s_per_step")
         if gen:
             n = {"sampler": DEFAULT.sampler_steps - DEFAULT.finetune_steps, "finetune": DEFAULT.finetune_steps,
@@ -182,9 +202,13 @@ def main() -> None:
             total = sum(n[k] * steps[k]["s_per_step"] for k in n if k in steps)
             print(f"\nprojected default schedule ({n['sampler']:,} sampler + {n['finetune']:,} fine-tune + "
                   f"{n['generator']:,} generator steps) at these rates: {total / 3600:.1f} h")
+            report.update(schedule_steps=n, projected_hours=total / 3600)
         print(f"rasterising share if done in the step instead of the loader: "
               f"{100 * BATCH * rs / (BATCH * rs + (gen or 1)):.0f}% of a generator step")
+        report["raster_share_of_generator_step"] = BATCH * rs / (BATCH * rs + (gen or 1))
         np.set_printoptions(precision=3)
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
 
 
 if __name__ == "__main__":
