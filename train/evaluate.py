@@ -42,9 +42,10 @@ from train.bundle import layout_valid, read_bundle
 from train.config import EvalConfig
 from train.data import images_to_tensor, resize_images
 from train.render import PosedMesh, render_lookup, rotated_params
-from train.runs import CHECKPOINT, RunError, load_run_config, load_trained, resolve_device, sampled_inside
+from train.runs import RunError, load_run_config, load_trained, resolve_device, sampled_inside, weights_file
 
-__all__ = ["evaluate", "reconstruction_metrics", "YAW_BANDS"]
+__all__ = ["Evaluator", "UVMethods", "check_compatible", "evaluate", "reconstruction_metrics",
+           "usable_samples", "YAW_BANDS"]
 
 YAW_BANDS = (("|yaw|<30", 0.0, 30.0), ("30-60", 30.0, 60.0), (">60", 60.0, 90.01))
 SSIM_SETTINGS = {"implementation": "pytorch_msssim.ssim", "win_size": 11, "win_sigma": 1.5, "data_range": 1.0,
@@ -93,27 +94,17 @@ def store_fingerprint(reader: StoreReader) -> str:
     return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-class _Methods:
-    """Produces each method's UV maps for a batch."""
+class UVMethods:
+    """Each method's UV maps (B, 3, U, U) in [0, 1] for a batch of a store, from networks in memory.
 
-    def __init__(self, cfg: EvalConfig, reader: StoreReader, device: torch.device) -> None:
-        self.cfg, self.reader, self.device = cfg, reader, device
-        self.basis = reader.texture_basis()
-        if self.basis is None and any(m in ("bfm", "sampler") for m in cfg.methods):
-            raise RunError(f"{cfg.store} has no texture basis: methods bfm and sampler need one")
-        self.sampler = self.generator = None
-        if cfg.checkpoint is not None:
-            ck = Path(cfg.checkpoint)
-            run_dir = ck.parent if ck.is_file() else ck
-            bundle = read_bundle(run_dir, load_run_config(run_dir).store)
-            self.train_cfg, self.sampler, self.generator, self.step = load_trained(run_dir, str(device), bundle)
-            if bundle.face_model.fingerprint() != reader.attrs.get("face_model_hash"):
-                raise RunError(f"{cfg.store} was built with face model {reader.attrs.get('face_model_hash')}, the "
-                               f"checkpoint was trained with {bundle.face_model.fingerprint()}: their UV layouts "
-                               f"differ; build the evaluation store with the training store's face model")
-            if bundle.uv_size != reader.layout.uv_size:
-                raise RunError(f"{cfg.store} has UV size {reader.layout.uv_size}, the checkpoint {bundle.uv_size}")
-            self.checkpoint_file = run_dir / CHECKPOINT
+    sampler, generator: the networks (eval mode is the caller's business), or None for the store-only methods;
+    image_size: the side the sampler's input is resized to; basis: the store's texture basis (``bfm`` and the
+    ``sampler`` fill need it)."""
+
+    def __init__(self, reader: StoreReader, device: torch.device, sampler=None, generator=None,
+                 image_size: int = 0, basis=None) -> None:
+        self.reader, self.device, self.basis = reader, device, basis
+        self.sampler, self.generator, self.image_size = sampler, generator, image_size
 
     def uv_bfm(self, coeff: np.ndarray) -> torch.Tensor:
         uv = np.clip(self.basis.synthesize(coeff), 0.0, 1.0)
@@ -125,7 +116,7 @@ class _Methods:
             return b["uv_bl"]
         if name == "bfm":
             return self.uv_bfm(b["tex_coeff"])
-        x = resize_images(b["image"], self.train_cfg.image_size)
+        x = resize_images(b["image"], self.image_size)
         uv_spl, grid = self.sampler(x, out_size=self.reader.layout.uv_size)
         inside = sampled_inside(grid)
         if name == "sampler":
@@ -133,7 +124,39 @@ class _Methods:
         return self.generator(uv_spl, inside).clamp(0.0, 1.0)
 
 
-def _usable(reader: StoreReader, limit: int) -> tuple[np.ndarray, list[dict]]:
+def check_compatible(reader: StoreReader, where: str, face_model_hash: str, uv_size: int, what: str) -> None:
+    """A RunError unless the store ``where`` has the face model (hence UV layout) and UV size of ``what``."""
+    if face_model_hash != reader.attrs.get("face_model_hash"):
+        raise RunError(f"{where} was built with face model {reader.attrs.get('face_model_hash')}, {what} was "
+                       f"trained with {face_model_hash}: their UV layouts differ; build the evaluation store with "
+                       f"the training store's face model")
+    if uv_size != reader.layout.uv_size:
+        raise RunError(f"{where} has UV size {reader.layout.uv_size}, {what} {uv_size}; build it with "
+                       f"--uv-size {uv_size}")
+
+
+def _checkpoint_methods(cfg: EvalConfig, reader: StoreReader, device: torch.device) -> UVMethods:
+    """The methods of ``cfg`` on ``reader``, with the networks of ``cfg.checkpoint`` when given."""
+    basis = reader.texture_basis()
+    if basis is None and any(m in ("bfm", "sampler") for m in cfg.methods):
+        raise RunError(f"{cfg.store} has no texture basis: methods bfm and sampler need one")
+    methods = UVMethods(reader, device, basis=basis)
+    methods.checkpoint_file = methods.step = None
+    if cfg.checkpoint is not None:
+        ck = Path(cfg.checkpoint)
+        run_dir = ck.parent if ck.is_file() else ck
+        bundle = read_bundle(run_dir, load_run_config(run_dir).store)
+        methods.checkpoint_file = ck if ck.is_file() else weights_file(run_dir)
+        train_cfg, methods.sampler, methods.generator, methods.step = load_trained(
+            run_dir, str(device), bundle, checkpoint=ck if ck.is_file() else None)
+        methods.image_size = train_cfg.image_size
+        check_compatible(reader, cfg.store, bundle.face_model.fingerprint(), bundle.uv_size, "the checkpoint")
+    return methods
+
+
+def usable_samples(reader: StoreReader, limit: int = 0) -> tuple[np.ndarray, list[dict]]:
+    """(indices of the usable samples (status OK), the first ``limit`` when > 0; the unusable ones with their
+    manifest path and reason)."""
     status = np.asarray(reader.group["status"][...])
     reason = np.asarray(reader.group["reason"][...])
     ok = np.flatnonzero(status == OK)
@@ -143,6 +166,65 @@ def _usable(reader: StoreReader, limit: int) -> tuple[np.ndarray, list[dict]]:
     return (ok[:limit] if limit else ok), failed
 
 
+class Evaluator:
+    """Table 1's and the completion metrics of UV maps, accumulated over samples of one store.
+
+    identity: the network of the ID Recon / Front columns (None: no identity columns)."""
+
+    def __init__(self, reader: StoreReader, device: torch.device, identity: torch.nn.Module | None = None) -> None:
+        self.reader, self.device, self.identity = reader, device, identity
+        self.model = reader.face_model()
+        self.mesh = PosedMesh(self.model, device)
+        self.valid = torch.from_numpy(layout_valid(reader))[None, None].to(device)
+        self.truth = reader.layout.has_truth
+        self.names = ["image", "face_region", "params", "pose", "uv_bl", "tex_coeff", "uv_gt_mask"] + (
+            ["uv_true"] if self.truth else [])
+
+    @torch.no_grad()
+    def __call__(self, uv_maps, methods: tuple[str, ...], idx: np.ndarray, batch_size: int, on_batch=None
+                 ) -> dict[str, dict]:
+        """``uv_maps(method, batch)`` (a :class:`UVMethods`) evaluated on samples ``idx``: per method, the means and
+        standard deviations of each column and, with ``uv_true``, ``completion_mae_255`` per yaw band."""
+        per = {m: defaultdict(list) for m in methods}
+        comp = {m: defaultdict(lambda: np.zeros(2)) for m in methods}
+        for k in range(0, len(idx), batch_size):
+            b = _batch(self.reader, idx[k:k + batch_size], self.names, self.device)
+            self._accumulate(uv_maps, methods, b, per, comp)
+            if on_batch is not None:
+                on_batch(min(k + batch_size, len(idx)), len(idx))
+        return {m: _summary(per[m], comp[m]) for m in methods}
+
+    def _accumulate(self, uv_maps, methods, b: dict, per: dict, comp: dict) -> None:
+        mesh, s, ident = self.mesh, self.reader.layout.image_size, self.identity
+        n = b["image"].shape[0]
+        verts = mesh.verts(b["params"], s, s)
+        grid, cover = mesh.lookup(verts, s)
+        points = mesh.landmarks(verts)
+        front = f_in = None
+        if ident is not None:
+            f_in = ident(b["image"] * b["face"], points)
+            p_front = rotated_params(b["params"].cpu().numpy(), np.zeros(n), s, self.model)
+            v_front = mesh.verts(torch.from_numpy(p_front).to(self.device), s, s)
+            front = (*mesh.lookup(v_front, s), mesh.landmarks(v_front))
+        yaw = b["pose"][:, 0].abs().cpu().numpy()
+        for m in methods:
+            uv = uv_maps(m, b)
+            render = render_lookup(uv, grid, cover)
+            for key, v in reconstruction_metrics(render, b["image"], b["face"]).items():
+                per[m][key] += v.tolist()
+            if ident is not None:
+                per[m]["id_recon"] += _cosine(ident(render * b["face"], points), f_in).tolist()
+                r_front = render_lookup(uv, front[0], front[1])
+                per[m]["id_front"] += _cosine(ident(r_front, front[2]), f_in).tolist()
+            if self.truth:
+                errs = completion_errors(uv, b["uv_true"], b["uv_gt_mask"] > 0.5, self.valid)
+                for band, lo, hi in (("all", 0.0, 91.0), *YAW_BANDS):
+                    sel = torch.from_numpy((yaw >= lo) & (yaw < hi)).to(self.device)
+                    comp[m][f"{band}/n"] += np.array([float(sel.sum()), 0.0])
+                    for key, (tot, cnt) in errs.items():
+                        comp[m][f"{band}/{key}"] += np.array([float(tot[sel].sum()), float(cnt[sel].sum())])
+
+
 def evaluate(cfg: EvalConfig, on_batch=None) -> dict:
     """Evaluate ``cfg.methods`` on the store; returns (and writes to ``cfg.out``) every number as JSON."""
     dev = resolve_device(cfg.device)
@@ -150,56 +232,14 @@ def evaluate(cfg: EvalConfig, on_batch=None) -> dict:
         reader = StoreReader(cfg.store)
     except (FileNotFoundError, ValueError, KeyError) as e:
         raise RunError(f"--store {cfg.store}: {e}") from None
-    methods = _Methods(cfg, reader, dev)
-    model = reader.face_model()
-    mesh = PosedMesh(model, dev)
-    s = reader.layout.image_size
-    valid_t = torch.from_numpy(layout_valid(reader))[None, None].to(dev)
-    ident = load_identity(cfg.identity, dev) if cfg.identity != "none" else None
-    idx, failed = _usable(reader, cfg.limit)
+    methods = _checkpoint_methods(cfg, reader, dev)
+    evaluator = Evaluator(reader, dev, load_identity(cfg.identity, dev) if cfg.identity != "none" else None)
+    idx, failed = usable_samples(reader, cfg.limit)
     if len(idx) == 0:
         raise RunError(f"{cfg.store}: no usable samples (status OK) to evaluate")
-    truth = reader.layout.has_truth
-    names = ["image", "face_region", "params", "pose", "uv_bl", "tex_coeff", "uv_gt_mask"] + (["uv_true"] if truth
-                                                                                             else [])
-    per = {m: defaultdict(list) for m in cfg.methods}
-    comp = {m: defaultdict(lambda: np.zeros(2)) for m in cfg.methods}
     t0 = time.perf_counter()
-    for k in range(0, len(idx), cfg.batch_size):
-        bi = idx[k:k + cfg.batch_size]
-        b = _batch(reader, bi, names, dev)
-        verts = mesh.verts(b["params"], s, s)
-        grid, cover = mesh.lookup(verts, s)
-        target = b["image"] * b["face"]
-        points = mesh.landmarks(verts)
-        front = None
-        if ident is not None:
-            with torch.no_grad():
-                f_in = ident(target, points)
-            p_front = rotated_params(b["params"].cpu().numpy(), np.zeros(len(bi)), s, model)
-            v_front = mesh.verts(torch.from_numpy(p_front).to(dev), s, s)
-            front = (*mesh.lookup(v_front, s), mesh.landmarks(v_front))
-        yaw = b["pose"][:, 0].abs().cpu().numpy()
-        for m in cfg.methods:
-            uv = methods(m, b)
-            render = render_lookup(uv, grid, cover)
-            for key, v in reconstruction_metrics(render, b["image"], b["face"]).items():
-                per[m][key] += v.tolist()
-            if ident is not None:
-                with torch.no_grad():
-                    per[m]["id_recon"] += _cosine(ident(render * b["face"], points), f_in).tolist()
-                    r_front = render_lookup(uv, front[0], front[1])
-                    per[m]["id_front"] += _cosine(ident(r_front, front[2]), f_in).tolist()
-            if truth:
-                errs = completion_errors(uv, b["uv_true"], b["uv_gt_mask"] > 0.5, valid_t)
-                for band, lo, hi in (("all", 0.0, 91.0), *YAW_BANDS):
-                    sel = torch.from_numpy((yaw >= lo) & (yaw < hi)).to(dev)
-                    comp[m][f"{band}/n"] += np.array([float(sel.sum()), 0.0])
-                    for key, (tot, cnt) in errs.items():
-                        comp[m][f"{band}/{key}"] += np.array([float(tot[sel].sum()), float(cnt[sel].sum())])
-        if on_batch is not None:
-            on_batch(min(k + cfg.batch_size, len(idx)), len(idx))
-    result = _assemble(cfg, reader, methods, per, comp, idx, failed, time.perf_counter() - t0)
+    rows = evaluator(methods, cfg.methods, idx, cfg.batch_size, on_batch)
+    result = _assemble(cfg, reader, methods, rows, idx, failed, time.perf_counter() - t0)
     text = json.dumps(result, indent=2)
     Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
     Path(cfg.out).write_text(text)
@@ -221,24 +261,28 @@ def _batch(reader: StoreReader, idx: np.ndarray, names: list[str], dev: torch.de
     return out
 
 
-def _assemble(cfg, reader, methods, per, comp, idx, failed, seconds) -> dict:
-    out = {"store": str(cfg.store), "store_fingerprint": store_fingerprint(reader),
-           "checkpoint": None if cfg.checkpoint is None else str(methods.checkpoint_file),
-           "checkpoint_sha256": None if cfg.checkpoint is None else sha256_file(methods.checkpoint_file),
-           "checkpoint_step": None if cfg.checkpoint is None else methods.step,
-           "samples": len(idx), "failures": failed, "identity": cfg.identity, "ssim": SSIM_SETTINGS,
-           "image_size": reader.layout.image_size, "uv_size": reader.layout.uv_size, "seconds": round(seconds, 2),
-           "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()}, "methods": {}}
-    for m in cfg.methods:
-        row = {k: float(np.mean(v)) for k, v in per[m].items()}
-        row.update({f"{k}_std": float(np.std(v)) for k, v in per[m].items()})
-        if comp[m]:
-            c = {}
-            for band in ("all", *(b[0] for b in YAW_BANDS)):
-                entry = {key: (comp[m][f"{band}/{key}"][0] / comp[m][f"{band}/{key}"][1]
-                               if comp[m][f"{band}/{key}"][1] > 0 else None) for key in ("seen", "unseen", "all")}
-                entry["samples"] = int(comp[m][f"{band}/n"][0])
-                c[band] = entry
-            row["completion_mae_255"] = c
-        out["methods"][m] = row
-    return out
+def _summary(per: dict[str, list], comp: dict[str, np.ndarray]) -> dict:
+    """One method's row: the mean and standard deviation of each per-sample column and, when ``comp`` holds
+    completion sums, MAE x 255 on seen / unseen / all face texels per yaw band (None where a band has no texel)."""
+    row = {k: float(np.mean(v)) for k, v in per.items()}
+    row.update({f"{k}_std": float(np.std(v)) for k, v in per.items()})
+    if comp:
+        c = {}
+        for band in ("all", *(b[0] for b in YAW_BANDS)):
+            entry = {key: (comp[f"{band}/{key}"][0] / comp[f"{band}/{key}"][1]
+                           if comp[f"{band}/{key}"][1] > 0 else None) for key in ("seen", "unseen", "all")}
+            entry["samples"] = int(comp[f"{band}/n"][0])
+            c[band] = entry
+        row["completion_mae_255"] = c
+    return row
+
+
+def _assemble(cfg, reader, methods, rows, idx, failed, seconds) -> dict:
+    ck = methods.checkpoint_file
+    return {"store": str(cfg.store), "store_fingerprint": store_fingerprint(reader),
+            "checkpoint": None if ck is None else str(ck),
+            "checkpoint_sha256": None if ck is None else sha256_file(ck),
+            "checkpoint_step": None if ck is None else methods.step,
+            "samples": len(idx), "failures": failed, "identity": cfg.identity, "ssim": SSIM_SETTINGS,
+            "image_size": reader.layout.image_size, "uv_size": reader.layout.uv_size, "seconds": round(seconds, 2),
+            "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()}, "methods": rows}
