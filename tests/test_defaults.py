@@ -66,7 +66,8 @@ _TRAIN = {"sampler_steps": "sampler_steps", "sampler_finetune_steps": "sampler_f
           "sampler_image_size": "sampler_image_size", "workers": "workers", "seed": "seed",
           "rotate_share": "rotate_share", "max_yaw": "max_yaw", "identity": "identity"}
 _RUN = ("phase", "device", "overwrite", "log_every", "checkpoint_every", "preview_every", "amp", "render_on", "compile",
-        "progress", "tensorboard", "dist_timeout")
+        "progress", "tensorboard", "dist_timeout", "val_store", "val_every", "val_samples", "val_metric",
+        "val_identity")
 _WEIGHTS = {"w_face": "face", "w_uv": "uv", "w_sym": "sym", "w_tv": "tv", "w_id": "id", "w_adv": "adv",
             "w_side": "side", "w_grid": "grid", "r1_gamma": "r1_gamma"}
 
@@ -139,6 +140,7 @@ BUILD_SOURCES: dict[str, tuple[type, str, str]] = {
 # text, the field's value). Numbers, flags and paths are generated from the option's type.
 OTHER = {
     "phase": ("sampler", "sampler"), "amp": ("bf16", "bf16"), "render_on": ("loader", "loader"),
+    "val_metric": ("unseen_mae", "unseen_mae"), "val_identity": ("dlib", "dlib"),
     "which": ("last", "last"),
     "identity": ("none", "none"), "framing": ("aligned", "aligned"), "views": ("-10,20", (-10.0, 20.0)),
     "method": ("bfm", ("bfm",)), "overlay": ("mesh,mask", ("mesh", "mask")), "src": ("ffhq", "ffhq"),

@@ -91,6 +91,16 @@ def fit(
     tensorboard: bool = option(RunOptions, "tensorboard", help="Write TensorBoard event files."),
     dist_timeout: float = option(RunOptions, "dist_timeout", min=1.0, help="Under torchrun: seconds a collective "
                                  "waits for the other ranks before the job fails (a frozen rank or a lost node)."),
+    val_store: str = option(RunOptions, "val_store", help="Held-out store validated during training (`uvtrain eval`'s "
+                            "metrics as val rows of metrics.jsonl, and best.pt); same face model and UV size."),
+    val_every: int = option(RunOptions, "val_every", min=1, help="Steps between validations (also at each stage's "
+                                                                 "end)."),
+    val_samples: int = option(RunOptions, "val_samples", min=0, help="Samples of --val-store validated, the same "
+                                                                     "ones each time (0: all)."),
+    val_metric: str = option(RunOptions, "val_metric", help="Metric that picks best.pt: l1 | l1_face | ssim | "
+                             "seen_mae | unseen_mae | all_mae | id_recon | id_front (ssim, id_*: higher is better)."),
+    val_identity: str = option(RunOptions, "val_identity", help="Identity network of the held-out ID columns: none | "
+                                                                "dlib | lightcnn:PATH | PATH.pt."),
 ) -> None:
     """Pre-train the UV sampler, then train the UV generator with its three discriminators.
 
@@ -114,7 +124,8 @@ def fit(
         run = RunOptions(run_dir=run_dir, **given(
             phase=phase, device=device, overwrite=overwrite, log_every=log_every, checkpoint_every=checkpoint_every,
             preview_every=preview_every, amp=amp, render_on=render_on, compile=compile, progress=progress,
-            tensorboard=tensorboard, dist_timeout=dist_timeout))
+            tensorboard=tensorboard, dist_timeout=dist_timeout, val_store=val_store, val_every=val_every,
+            val_samples=val_samples, val_metric=val_metric, val_identity=val_identity))
     except ValueError as e:
         _fail(str(e))
     from train.console import run_fit
@@ -126,7 +137,7 @@ def fit(
 
 @app.command()
 def infer(
-    checkpoint: Path = typer.Option(..., help="A `uvtrain fit` run directory (or its checkpoint.pt)."),
+    checkpoint: Path = typer.Option(..., help="A `uvtrain fit` run directory (or its checkpoint.pt / best.pt)."),
     images: Path = typer.Option(..., help="A face photo, or a folder of photos."),
     out: Path = typer.Option(..., help="Output folder: NAME_uv.png (+ NAME.obj/.mtl, NAME_views.png), "
                                        "failures.csv."),
@@ -170,7 +181,7 @@ def eval_(
                                         "protocol)."),
     out: Path = typer.Option(..., help="metrics.json to write (every number, hashes, sample count, failures)."),
     checkpoint: Path = option(EvalConfig, "checkpoint", help="A `uvtrain fit` run directory (or its "
-                                                             "checkpoint.pt)."),
+                                                             "checkpoint.pt / best.pt)."),
     method: list[str] = option(EvalConfig, "methods", help="bfm | bl | sampler | generator (repeatable); the "
                                                            "default needs --checkpoint."),
     baselines: bool = typer.Option(False, "--baselines", help="Also evaluate bfm, bl and the sampler alone on the "

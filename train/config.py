@@ -17,6 +17,11 @@ from typing import Any
 
 PHASES = ("sampler", "generator", "all")
 """``RunOptions.phase``'s choices."""
+VAL_METRICS = ("l1", "l1_face", "ssim", "seen_mae", "unseen_mae", "all_mae", "id_recon", "id_front")
+"""``RunOptions.val_metric``'s choices: the held-out columns of ``uvtrain eval`` (``*_mae``: completion MAE x 255 on
+seen / unseen / all face texels, stores with ``uv_true``)."""
+HIGHER_IS_BETTER = ("ssim", "id_recon", "id_front")
+"""The metrics of :data:`VAL_METRICS` where higher is better."""
 
 
 # --------------------------------------------------------------------------------------------------------- networks
@@ -237,6 +242,19 @@ class RunOptions:
     """Under torchrun: seconds a collective waits for the other ranks before this rank fails. It bounds a rank lost
     without a closed connection (a frozen process, a node gone from the network), where torch's default waits 30 min
     (gloo); a rank that dies on a reachable host fails the others at once anyway."""
+    val_store: str | None = None
+    """A held-out store (same face model and UV size as the training store) validated during training: ``uvtrain
+    eval``'s metrics of the networks being trained, as ``val`` rows of ``metrics.jsonl``, and ``best.pt``. None:
+    no validation."""
+    val_every: int = 500
+    """Steps between validations (there is also one at the end of each stage)."""
+    val_samples: int = 48
+    """Usable samples of ``val_store`` validated, evenly spaced over the store, the same ones every time (0: all)."""
+    val_metric: str = "l1"
+    """The held-out metric that picks ``best.pt`` (:data:`VAL_METRICS`; :data:`HIGHER_IS_BETTER` for ssim and the
+    identity columns, lower for the rest)."""
+    val_identity: str = "none"
+    """Identity network of the held-out ID Recon / Front columns (as ``uvtrain eval --identity``); none: skipped."""
 
     def __post_init__(self) -> None:
         if self.phase not in PHASES:
@@ -249,6 +267,14 @@ class RunOptions:
             raise ValueError("log_every and checkpoint_every must be >= 1")
         if not self.dist_timeout > 0:
             raise ValueError(f"dist_timeout: expected seconds > 0, found {self.dist_timeout}")
+        if self.val_every < 1 or self.val_samples < 0:
+            raise ValueError(f"--val-every >= 1 and --val-samples >= 0 expected, found {self.val_every}, "
+                             f"{self.val_samples}")
+        if self.val_metric not in VAL_METRICS:
+            raise ValueError(f"--val-metric {self.val_metric!r}: expected one of {' | '.join(VAL_METRICS)}")
+        if self.val_metric.startswith("id_") and self.val_identity == "none":
+            raise ValueError(f"--val-metric {self.val_metric} needs an identity network: pass --val-identity dlib "
+                             f"(or lightcnn:PATH)")
 
 
 # ---------------------------------------------------------------------------------------------------- uvtrain infer
@@ -260,7 +286,7 @@ FITTERS = ("auto", "tddfa", "given", "none")
 @dataclass(frozen=True)
 class InferConfig:
     checkpoint: Path
-    """A ``uvtrain fit`` run directory, or its ``checkpoint.pt``."""
+    """A ``uvtrain fit`` run directory (its last checkpoint), or its ``checkpoint.pt`` or ``best.pt``."""
     images: Path
     """A photo, or a folder of photos (not recursive)."""
     out: Path
@@ -318,7 +344,7 @@ class EvalConfig:
     out: Path
     """metrics.json to write."""
     checkpoint: Path | None = None
-    """A ``uvtrain fit`` run directory (or its checkpoint.pt); needed by ``sampler`` and ``generator``."""
+    """A ``uvtrain fit`` run directory (or its checkpoint.pt / best.pt); needed by ``sampler`` and ``generator``."""
     methods: tuple[str, ...] = ("generator",)
     """Subset of bfm | bl | sampler | generator, evaluated on the same samples."""
     identity: str = "dlib"

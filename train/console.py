@@ -36,6 +36,9 @@ def _summary(result: dict, cfg: TrainConfig, run: RunOptions) -> Table:
     for k, v in last.items():
         if k.startswith("loss") or k in ("steps_per_s", "data_wait_s"):
             table.add_row(k, f"{v:.4g}")
+    if best := result.get("val_best"):
+        table.add_row(f"best held-out {best['metric']} (best.pt)", f"{best['value']:.4g} at step {best['step']} "
+                                                                   f"({best['method']})")
     return table
 
 

@@ -38,7 +38,7 @@ from train.bundle import InferenceBundle, read_bundle
 from train.config import InferConfig
 from train.data import images_to_tensor, resize_images
 from train.render import PosedMesh, render_lookup, rotated_params
-from train.runs import CHECKPOINT, RunError, load_run_config, load_trained, resolve_device, sampled_inside
+from train.runs import BEST, CHECKPOINT, RunError, load_run_config, load_trained, resolve_device, sampled_inside
 
 __all__ = ["IMAGE_SUFFIXES", "InferSummary", "Inferencer", "infer", "list_images"]
 
@@ -96,12 +96,12 @@ class Inferencer:
         self.cfg = cfg
         ck = Path(cfg.checkpoint)
         run_dir = ck.parent if ck.is_file() else ck
-        if ck.is_file() and ck.name != CHECKPOINT:
-            raise RunError(f"--checkpoint {ck}: expected a run directory or its {CHECKPOINT}")
+        if ck.is_file() and ck.name not in (CHECKPOINT, BEST):
+            raise RunError(f"--checkpoint {ck}: expected a run directory, its {CHECKPOINT} or its {BEST}")
         self.device = resolve_device(cfg.device)
         self.bundle: InferenceBundle = read_bundle(run_dir, load_run_config(run_dir).store)
-        self.train_cfg, self.sampler, self.generator, self.step = load_trained(run_dir, str(self.device),
-                                                                              self.bundle)
+        self.train_cfg, self.sampler, self.generator, self.step = load_trained(
+            run_dir, str(self.device), self.bundle, checkpoint=ck if ck.is_file() else None)
         self.model = self.bundle.face_model
         self.posed = PosedMesh(self.model, self.device)
         self.summary = InferSummary(framing=cfg.framing)

@@ -50,6 +50,7 @@ from train.losses import (
 from train.models import PatchDiscriminator, UVGenerator, UVSampler
 from train.render import PosedMesh, render_lookup
 from train.runs import (
+    BEST,
     CHECKPOINT,
     SAMPLER_CHECKPOINT,
     MetricsLog,
@@ -64,6 +65,7 @@ from train.runs import (
     set_rng_state,
 )
 from train.uvops import centre_crop, resize_masked, side_crops
+from train.validate import Validator, best_record, validate
 
 DISCRIMINATORS = ("ctr", "sd", "face")
 
@@ -144,6 +146,10 @@ class Trainer:
         self.identity = load_identity(cfg.identity, dev)
         self.step = 0
         self.log = MetricsLog(self.rd, self.world.main)
+        self.validator = None if run.val_store is None else Validator(  # every rank checks it, rank 0 runs it
+            run, self.face_model.fingerprint(), self.uv_size, dev,
+            self.identity if run.val_identity == cfg.identity else load_identity(run.val_identity, dev))
+        self.val_best = best_record(self.rd / BEST) if self.validator is not None and self.world.main else None
         self.notes: list[str] = []
 
     def _amp_dtype(self) -> torch.dtype | None:
@@ -193,7 +199,7 @@ class Trainer:
                 "optims": {"sampler": self.opt_s.state_dict(), "generator": self.opt_g.state_dict(),
                            "discriminators": self.opt_d.state_dict()},
                 "scaler": self.scaler.state_dict(), "rng": rng_state(), **self.log.state_dict(),
-                "config": self.cfg.to_json()}
+                "config": self.cfg.to_json(), "val_best": self.val_best}
 
     def load_state_dict(self, ck: dict) -> None:
         self.sampler.load_state_dict(ck["models"]["sampler"])
@@ -385,7 +391,8 @@ def _fit(cfg: TrainConfig, run: RunOptions, on_log, on_step, signals: StopSignal
     finally:
         tr.log.close()
     preempted = (signals.received or "a signal to another rank") if signals.stopped else None
-    return {"step": tr.step, "resumed": resumed, "rows": rows, "notes": tr.notes, "preempted": preempted}
+    return {"step": tr.step, "resumed": resumed, "rows": rows, "notes": tr.notes, "preempted": preempted,
+            "val_best": tr.val_best}
 
 
 def _stage_loader(tr: Trainer, stage: Stage):
@@ -451,6 +458,8 @@ def _run_stage(tr: Trainer, stage: Stage, stop: int, on_log, on_step, signals: S
                 if on_log is not None:
                     on_log(rows[-1], stop)
                 t_log, wait, steps_in_window = time.perf_counter(), 0.0, 0
+            if tr.validator is not None and (tr.step % run.val_every == 0 or tr.step == stop):
+                t_log += validate(tr, stage)  # steps_per_s counts training only
             if tr.step % every_preview == 0 or tr.step == stop:
                 tr.log.preview(stage.name, tr.step, out.images, height=max(96, tr.cfg.image_size // 2))
             saved = tr.step % run.checkpoint_every == 0 or tr.step == stop

@@ -31,6 +31,8 @@ from train.config import RunOptions, TrainConfig
 from train.models import UVGenerator, UVSampler
 
 CHECKPOINT, SAMPLER_CHECKPOINT, CONFIG, METRICS = "checkpoint.pt", "sampler.pt", "config.json", "metrics.jsonl"
+BEST = "best.pt"
+"""The checkpoint of the best held-out validation (``--val-store``, :mod:`train.validate`), as ``checkpoint.pt``."""
 PREVIEWS, TENSORBOARD = "previews", "tb"
 EXPORT_MANIFEST, EXPORT_WEIGHTS = "export.json", "model.safetensors"
 """An export directory (``uvtrain export``, :mod:`train.export`) holds ``config.json`` and ``inference/`` as a run
@@ -83,7 +85,7 @@ def prepare_run_dir(cfg: TrainConfig, run: RunOptions, write: bool) -> None:
     try:
         rd.mkdir(exist_ok=True)
         if run.overwrite:
-            for name in (CHECKPOINT, SAMPLER_CHECKPOINT, METRICS, CONFIG):
+            for name in (CHECKPOINT, SAMPLER_CHECKPOINT, BEST, METRICS, CONFIG):
                 (rd / name).unlink(missing_ok=True)
             for name in (PREVIEWS, TENSORBOARD):
                 shutil.rmtree(rd / name, ignore_errors=True)
@@ -218,14 +220,19 @@ class MetricsLog:
         row.update({k: v / max(1, self.n) for k, v in sorted(self.sums.items())})
         row.update(extra)
         self.sums, self.n = defaultdict(float), 0
+        self.write(row, f"{phase}/")
+        return row
+
+    def write(self, row: dict[str, Any], prefix: str = "") -> None:
+        """Append ``row`` (with its ``step``) to ``metrics.jsonl`` and its numbers to TensorBoard (tagged
+        ``PREFIX + KEY``), on rank 0."""
         if self.main:
             with open(self.rd / METRICS, "a") as f:
                 f.write(json.dumps(row) + "\n")
             if self.tb is not None:
                 for k, v in row.items():
                     if isinstance(v, float | int) and k != "step":
-                        self.tb.add_scalar(f"{phase}/{k}", v, step)
-        return row
+                        self.tb.add_scalar(f"{prefix}{k}", v, row["step"])
 
     def truncate(self, step: int) -> None:
         """Drop rows logged after the checkpoint a run resumes from at ``step`` (they will be logged again)."""
