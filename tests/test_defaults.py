@@ -106,6 +106,7 @@ CLI_ONLY: dict[str, dict[str, object]] = {
     "uvtrain infer": {"checkpoint": REQUIRED, "images": REQUIRED, "out": REQUIRED},
     "uvtrain eval": {"store": REQUIRED, "out": REQUIRED, "baselines": False},
     "uvtrain export": {"run": REQUIRED, "out": REQUIRED},
+    "uvtrain plot": {"run": REQUIRED, "out": None},
     "uvprep build": {"out": REQUIRED},
     "uvprep demo": {"out": Path("out/demo")},
     "uvprep upgrade": {"store": REQUIRED, "workers": None},  # None: the CPU count // --threads

@@ -1,6 +1,6 @@
 """``uvtrain fit --val-store`` (issue 19): held-out metrics rows at the expected steps, ``best.pt`` chosen by the named
 metric and kept across a resume, training unchanged by validation, validation equal to ``uvtrain eval``, incompatible
-held-out stores refused in one line."""
+held-out stores refused in one line, and ``uvtrain plot``."""
 
 from __future__ import annotations
 
@@ -198,6 +198,17 @@ def test_an_incompatible_val_store_is_refused_in_one_line(train_store, val_store
 
 def test_band_keys_name_every_yaw_band():
     assert list(BAND_KEYS) == [b[0] for b in YAW_BANDS]
+
+
+def test_plot_draws_the_curves(runs, tmp_path):
+    res = CliRunner().invoke(app, ["plot", str(runs[1])])
+    assert res.exit_code == 0, res.output
+    png = runs[1] / "curves.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    res = CliRunner().invoke(app, ["plot", str(runs[0]), "--out", str(tmp_path / "p.png")])  # no val rows
+    assert res.exit_code == 0 and (tmp_path / "p.png").stat().st_size > 0, res.output
+    res = CliRunner().invoke(app, ["plot", str(tmp_path)])
+    assert res.exit_code == 2 and "no metrics.jsonl" in res.output
 
 
 def _ddp_worker(rank: int, world: int, port: int, store: str, val_store: str, run_dir: str, out: str) -> None:

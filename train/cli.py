@@ -238,6 +238,20 @@ def export(
 
 
 @app.command()
+def plot(
+    run: Path = typer.Argument(..., help="A `uvtrain fit` run directory."),
+    out: Path = typer.Option(None, help="PNG to write (default: RUN/curves.png)."),
+) -> None:
+    """Draw a run's held-out validation curves and training loss terms (RUN/metrics.jsonl) into a PNG."""
+    from train.plot import plot_run
+
+    try:
+        typer.echo(f"wrote {plot_run(run, out)}")
+    except FileNotFoundError as e:
+        _fail(str(e))
+
+
+@app.command()
 def version() -> None:
     """Print the package version."""
     from importlib.metadata import version as _v
