@@ -17,7 +17,7 @@ from train.cli import app
 from train.config import ExportConfig, InferConfig
 from train.export import export_run
 from train.infer import infer
-from train.runs import CHECKPOINT, EXPORT_MANIFEST, EXPORT_WEIGHTS, RunError, load_trained
+from train.runs import BEST, CHECKPOINT, EXPORT_MANIFEST, EXPORT_WEIGHTS, RunError, load_trained
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -90,24 +90,32 @@ def test_a_changed_file_is_refused(exported, photo, tmp_path):
         load_trained(bad)
 
 
-def test_best_checkpoint_and_held_out_rows_reach_the_card(trained_run, tmp_path):
-    run = _copy_run(trained_run, tmp_path)
-    ck = torch.load(run / CHECKPOINT, weights_only=True)
-    last_step, ck["step"] = ck["step"], 1
-    torch.save(ck, run / "best.pt")
-    with open(run / "metrics.jsonl", "a") as f:
-        f.write(json.dumps({"step": 1, "phase": "generator", "val/l1": 0.0123, "val/ssim": 0.9}) + "\n")
+def test_best_checkpoint_and_held_out_rows_reach_the_card(train_store, tmp_path):
+    """A run validated during training (`--val-store`): the default export is its best.pt, and the card shows the
+    last held-out row of metrics.jsonl."""
+    from tests.test_train import tiny
+    from train.config import RunOptions
+    from train.loop import fit
+
+    run = tmp_path / "run"
+    fit(tiny(train_store, sampler_steps=2, sampler_finetune_steps=0, generator_steps=3),
+        RunOptions(run_dir=run, progress=False, tensorboard=False, log_every=1, val_store=train_store, val_every=1,
+                   val_samples=2))
+    best = torch.load(run / BEST, weights_only=True)
+    rows = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    val = [r for r in rows if r.get("phase") == "val"][-1]
     manifest = export_run(ExportConfig(run_dir=run, out=tmp_path / "best"))
-    assert (manifest["source"]["checkpoint"], manifest["step"]) == ("best.pt", 1)
+    assert (manifest["source"]["checkpoint"], manifest["step"]) == (BEST, best["step"])
     card = (tmp_path / "best" / "README.md").read_text()
-    assert "| val/l1 | 0.0123 |" in card and "| val/ssim | 0.9 |" in card
-    assert load_trained(tmp_path / "best")[3] == 1
+    assert f"step {val['step']}, stage {val['stage']}, {val['method']}" in card
+    assert f"| val/l1 | {val['val/l1']:.4g} |" in card
+    assert load_trained(tmp_path / "best")[3] == best["step"]
     last = export_run(ExportConfig(run_dir=run, out=tmp_path / "last", which="last"))
-    assert (last["source"]["checkpoint"], last["step"]) == (CHECKPOINT, last_step) != ("best.pt", 1)
+    assert (last["source"]["checkpoint"], last["step"]) == (CHECKPOINT, 5)
     with pytest.raises(RunError, match="not empty; pass --overwrite"):
-        export_run(ExportConfig(run_dir=run, out=tmp_path / "last"))
-    export_run(ExportConfig(run_dir=run, out=tmp_path / "last", overwrite=True))
-    assert json.loads((tmp_path / "last" / EXPORT_MANIFEST).read_text())["step"] == 1
+        export_run(ExportConfig(run_dir=run, out=tmp_path / "last", which="best"))
+    export_run(ExportConfig(run_dir=run, out=tmp_path / "last", which="best", overwrite=True))
+    assert json.loads((tmp_path / "last" / EXPORT_MANIFEST).read_text())["step"] == best["step"]
 
 
 def test_runs_that_cannot_be_exported_are_one_line_errors(trained_run, tmp_path):
@@ -129,3 +137,14 @@ def test_runs_that_cannot_be_exported_are_one_line_errors(trained_run, tmp_path)
     assert "NaN or inf" in line and f"generator.{name}" in line
     assert not (tmp_path / "o1").exists() and not (tmp_path / "o3").exists()
 
+
+def test_eval_takes_an_export_as_it_takes_the_run(trained_run, exported, train_store, tmp_path):
+    from train.config import EvalConfig
+    from train.evaluate import evaluate
+
+    got = {}
+    for name, src in (("run", trained_run), ("export", exported)):
+        got[name] = evaluate(EvalConfig(store=train_store, out=tmp_path / f"{name}.json", checkpoint=src,
+                                        identity="none", limit=2, progress=False))
+    assert got["export"]["methods"] == got["run"]["methods"]
+    assert got["export"]["checkpoint_step"] == got["run"]["checkpoint_step"]

@@ -25,6 +25,7 @@ from common.files import sha256_file
 from train.bundle import BUNDLE_DIR, InferenceBundle, read_bundle
 from train.config import ExportConfig, TrainConfig
 from train.runs import (
+    BEST,
     CHECKPOINT,
     CONFIG,
     EXPORT_MANIFEST,
@@ -36,8 +37,6 @@ from train.runs import (
     load_run_config,
 )
 
-BEST = "best.pt"
-"""The run's best checkpoint by its held-out validation metric (same format as ``checkpoint.pt``)."""
 MODEL_CARD = "README.md"
 FORMAT = "uvtex-export/1"
 
@@ -98,8 +97,8 @@ def model_card(cfg: TrainConfig, bundle: InferenceBundle, manifest: dict, store:
     if val:
         metrics = "\n".join(f"| {k} | {v:.4g} |" for k, v in val.items() if k.startswith("val/")
                             and isinstance(v, int | float))
-        held_out = (f"The last validation of the run (step {val.get('step')}):\n\n| metric | value |\n|---|---|\n"
-                    f"{metrics}")
+        held_out = (f"The run's last held-out validation (`uvtrain fit --val-store`; step {val.get('step')}, stage "
+                    f"{val.get('stage', '-')}, {val.get('method', '-')}):\n\n| metric | value |\n|---|---|\n{metrics}")
     else:
         held_out = ("None: the run logged no held-out validation (`uvtrain fit --val-store`); measure with "
                     "`uvtrain eval`.")
