@@ -137,7 +137,8 @@ def fit(
 
 @app.command()
 def infer(
-    checkpoint: Path = typer.Option(..., help="A `uvtrain fit` run directory (or its checkpoint.pt / best.pt)."),
+    checkpoint: Path = typer.Option(..., help="A `uvtrain fit` run directory (or its checkpoint.pt / best.pt), or a "
+                                              "`uvtrain export` folder."),
     images: Path = typer.Option(..., help="A face photo, or a folder of photos."),
     out: Path = typer.Option(..., help="Output folder: NAME_uv.png (+ NAME.obj/.mtl, NAME_views.png), "
                                        "failures.csv."),
@@ -181,7 +182,8 @@ def eval_(
                                         "protocol)."),
     out: Path = typer.Option(..., help="metrics.json to write (every number, hashes, sample count, failures)."),
     checkpoint: Path = option(EvalConfig, "checkpoint", help="A `uvtrain fit` run directory (or its "
-                                                             "checkpoint.pt / best.pt)."),
+                                                             "checkpoint.pt / best.pt), or a `uvtrain export` "
+                                                             "folder."),
     method: list[str] = option(EvalConfig, "methods", help="bfm | bl | sampler | generator (repeatable); the "
                                                            "default needs --checkpoint."),
     baselines: bool = typer.Option(False, "--baselines", help="Also evaluate bfm, bl and the sampler alone on the "

@@ -286,7 +286,8 @@ FITTERS = ("auto", "tddfa", "given", "none")
 @dataclass(frozen=True)
 class InferConfig:
     checkpoint: Path
-    """A ``uvtrain fit`` run directory (its last checkpoint), or its ``checkpoint.pt`` or ``best.pt``."""
+    """A ``uvtrain fit`` run directory (its last checkpoint), or its ``checkpoint.pt`` or ``best.pt``, or a
+    ``uvtrain export`` folder."""
     images: Path
     """A photo, or a folder of photos (not recursive)."""
     out: Path
@@ -344,7 +345,8 @@ class EvalConfig:
     out: Path
     """metrics.json to write."""
     checkpoint: Path | None = None
-    """A ``uvtrain fit`` run directory (or its checkpoint.pt / best.pt); needed by ``sampler`` and ``generator``."""
+    """A ``uvtrain fit`` run directory (or its checkpoint.pt / best.pt) or a ``uvtrain export`` folder; needed by
+    ``sampler`` and ``generator``."""
     methods: tuple[str, ...] = ("generator",)
     """Subset of bfm | bl | sampler | generator, evaluated on the same samples."""
     identity: str = "dlib"
