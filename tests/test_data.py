@@ -84,6 +84,8 @@ def test_stream_never_yields_failed_samples(train_store, tmp_path):
     status = g["status"][:]
     status[[1, 2, 5]] = FAILED
     g["status"][:] = status
+    # edited by hand, the chunks no longer match their SHA-256 records: drop the records (a store built without them)
+    g.attrs["layout"] = {**g.attrs["layout"], "chunk_records": False}
     ds = StoreStream(str(copy), DataConfig(batch_size=4, image_size=64, with_targets=False))
     seen = np.concatenate([b["index"].numpy() for b in _take(ds, 12)])
     assert not set(seen.tolist()) & {1, 2, 5}
@@ -177,3 +179,60 @@ def test_rotated_params_turn_the_face_in_place(batch):
     np.testing.assert_allclose(params_to_euler(q)[:, 0], yaw, atol=1e-3)
     np.testing.assert_allclose(params_to_euler(q)[:, 1:], params_to_euler(p)[:, 1:], atol=1e-3)
     np.testing.assert_allclose(np.linalg.norm(q[:, :3], axis=1), np.linalg.norm(p[:, :3], axis=1), rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------ damaged chunks (issue 20, item 2)
+def _damaged(train_store, tmp_path, array: str, chunk: int) -> str:
+    """A copy of the store with one chunk file of ``array`` deleted (``uvprep check`` reports it)."""
+    import shutil
+
+    copy = tmp_path / "damaged.zarr"
+    shutil.copytree(train_store, copy)
+    files = [f for f in (copy / array / "c" / str(chunk)).rglob("*") if f.is_file()] if (
+        copy / array / "c" / str(chunk)).is_dir() else [copy / array / "c" / str(chunk)]
+    assert files and all(f.is_file() for f in files), files
+    for f in files:
+        f.unlink()
+    return str(copy)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_deleted_image_chunk_stops_the_stream_naming_the_chunk(train_store, tmp_path, workers):
+    from common.store import DamagedChunk
+    from train.console import one_line
+
+    store = _damaged(train_store, tmp_path, "image", 1)
+    ds = StoreStream(store, DataConfig(batch_size=4, image_size=64, with_targets=False, shuffle_window=8))
+    with pytest.raises(DamagedChunk) as e:  # every batch of 4 from a window of all chunks reaches chunk 1 soon
+        for _ in zip(range(12), make_loader(ds, workers), strict=False):
+            pass
+    msg = one_line(e.value)
+    assert msg.startswith(f"{store}: chunk 1 (samples 4-7) is damaged") and "uvprep build --verify" in msg, msg
+    assert "\n" not in msg
+
+
+def test_a_deleted_status_chunk_is_refused_not_read_as_pending(train_store, tmp_path):
+    from common.store import DamagedChunk
+
+    store = _damaged(train_store, tmp_path, "status", 2)
+    with pytest.raises(DamagedChunk, match=r"chunk 2 \(samples 8-11\) is marked complete but its status reads PENDING"):
+        StoreStream(store, DataConfig(batch_size=4, image_size=64, with_targets=False))
+
+
+def test_the_reader_verifies_each_chunk_once_and_reads_sound_chunks_as_before(train_store, tmp_path, monkeypatch):
+    from common.store import DamagedChunk, chunks
+
+    reader = StoreReader(train_store)
+    calls = []
+    real = chunks._chunk_problem
+    monkeypatch.setattr(chunks, "_chunk_problem", lambda *a: calls.append(a[2]) or real(*a))
+    first = reader.batch([5, 1, 6], ["image", "params"])
+    again = reader.batch([6, 7], ["image"])
+    assert calls == [0, 4], calls  # chunks 0 and 1, once each
+    eager = zarr.open_group(train_store, mode="r")
+    np.testing.assert_array_equal(first["image"], eager["image"][[5, 1, 6]])
+    np.testing.assert_array_equal(again["image"], eager["image"][[6, 7]])
+    damaged = StoreReader(_damaged(train_store, tmp_path, "uv_bl", 3))
+    damaged.batch([0, 1], ["image"])  # other chunks stay readable
+    with pytest.raises(DamagedChunk, match=r"chunk 3 \(samples 12-15\)"):
+        damaged.batch([13], ["image"])  # even when the array asked for is intact

@@ -184,7 +184,7 @@ def test_cli_trains_and_resumes(train_store, tmp_path):
     assert res.exit_code == 0, res.output
 
 
-@pytest.mark.parametrize("case", ["no_store", "old_schema", "no_parent", "cuda", "phase", "mismatch"])
+@pytest.mark.parametrize("case", ["no_store", "old_schema", "no_parent", "cuda", "phase", "mismatch", "damaged"])
 def test_cli_errors_are_one_line(train_store, tmp_path, case):
     flags = _tiny_flags(train_store, tmp_path / "r")
     if case == "no_store":
@@ -210,6 +210,11 @@ def test_cli_errors_are_one_line(train_store, tmp_path, case):
     elif case == "mismatch":
         assert _cli(*flags).exit_code == 0
         flags[flags.index("--batch-size") + 1] = 3
+    elif case == "damaged":  # a deleted chunk file, read by a loader worker process (issue 20, item 2)
+        from tests.test_data import _damaged
+
+        flags[1] = _damaged(train_store, tmp_path, "image", 0)
+        flags[flags.index("--workers") + 1] = 2
     res = _cli(*flags)
     assert res.exit_code == 2, res.output
     lines = [ln for ln in res.output.splitlines() if ln.strip()]

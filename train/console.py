@@ -13,14 +13,26 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from common.store import StoreMismatch
+from common.store import DamagedChunk, StoreMismatch
 from train.config import EvalConfig, ExportConfig, InferConfig, RunOptions, TrainConfig
 from train.data import NoUsableSamples
 from train.evaluate import YAW_BANDS, evaluate
 from train.infer import InferSummary, infer
 from train.loop import CHECKPOINT, RunError, fit
 
-USER_ERRORS = (RunError, StoreMismatch, NoUsableSamples)
+USER_ERRORS = (RunError, StoreMismatch, NoUsableSamples, DamagedChunk)
+
+
+def one_line(e: BaseException) -> str:
+    """A user error's message as one line. An error raised in a DataLoader worker reaches the main process with the
+    worker's traceback in its message ("Caught X in DataLoader worker process 0. Original Traceback ... X: msg"):
+    the message is its last line, after the exception's name."""
+    text = str(e).strip()
+    if "Original Traceback" not in text:
+        return text
+    last = text.splitlines()[-1]
+    name = f"{type(e).__name__}: "
+    return last.split(name, 1)[1] if name in last else last
 EXIT_PREEMPTED = 124
 """Exit code of a run stopped by SIGUSR1 / SIGTERM after writing its checkpoint: requeue it (`pipelines/slurm`)."""
 
@@ -65,7 +77,7 @@ def run_fit(cfg: TrainConfig, run: RunOptions, console: Console | None = None) -
         with progress:
             result = fit(cfg, run, on_log=on_log, on_step=on_step)
     except USER_ERRORS as e:
-        console.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+        console.print(f"[red]error:[/red] {one_line(e)}", highlight=False, soft_wrap=True)
         return 2
     except (FileNotFoundError, zarr.errors.GroupNotFoundError) as e:
         console.print(f"[red]error:[/red] {cfg.store}: no store there ({e})", highlight=False, soft_wrap=True)
@@ -111,7 +123,7 @@ def _with_progress(label: str, show: bool, console: Console, work):
         with progress:
             return work(lambda done, total: progress.update(task, completed=done, total=total)), None
     except USER_ERRORS as e:
-        console.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+        console.print(f"[red]error:[/red] {one_line(e)}", highlight=False, soft_wrap=True)
         return None, 2
 
 

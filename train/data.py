@@ -37,7 +37,7 @@ import zarr
 from torch.utils.data import IterableDataset, get_worker_info
 
 from common.facemodel import FaceModel
-from common.store import OK, StoreReader
+from common.store import OK, ChunkVerifier, StoreReader
 from train.render import PosedMesh, render_lookup, rotated_params
 
 __all__ = ["DataConfig", "IndexStream", "StoreStream", "NoUsableSamples", "add_renders", "images_to_tensor",
@@ -125,8 +125,10 @@ class IndexStream:
 class ChunkCache:
     """Whole-chunk reads of some arrays of a store, kept for ``capacity`` chunks (least recently used out)."""
 
-    def __init__(self, group: zarr.Group, names: tuple[str, ...], chunk: int, n: int, capacity: int) -> None:
+    def __init__(self, group: zarr.Group, names: tuple[str, ...], chunk: int, n: int, capacity: int,
+                 verifier: ChunkVerifier | None = None) -> None:
         self.group, self.names, self.chunk, self.n, self.capacity = group, names, chunk, n, capacity
+        self.verifier = verifier  # each chunk checked against its SHA-256 record on its first read in this process
         self._chunks: OrderedDict[int, dict[str, np.ndarray]] = OrderedDict()
         # array handles opened once: `group[name]` reads the array's metadata every time, one request per array and
         # chunk on object storage (halved the epoch rate on S3: benchmarks/bench_store_io.py)
@@ -136,8 +138,12 @@ class ChunkCache:
         if c in self._chunks:
             self._chunks.move_to_end(c)
             return self._chunks[c]
-        lo, hi = c * self.chunk, min((c + 1) * self.chunk, self.n)
-        data = {k: self._arrays[k][lo:hi] for k in self.names}
+        full = None if self.verifier is None else self.verifier.check(c)
+        if full is not None:  # read whole to verify it: no second read
+            data = {k: full[k] for k in self.names}
+        else:
+            lo, hi = c * self.chunk, min((c + 1) * self.chunk, self.n)
+            data = {k: self._arrays[k][lo:hi] for k in self.names}
         self._chunks[c] = data
         while len(self._chunks) > self.capacity:
             self._chunks.popitem(last=False)
@@ -212,7 +218,7 @@ class StoreStream(IterableDataset):
         self.store, self.config, self.rank, self.world_size = store, config, int(rank), int(world_size)
         self.start_batch = int(start_batch)
         self.layout = reader.layout
-        status = reader.status()
+        status = reader.checked_status()
         self.ok = np.flatnonzero(status == OK)
         if self.ok.size == 0:
             counts = reader.counts()
@@ -259,9 +265,10 @@ class StoreStream(IterableDataset):
         cap = self.config.shuffle_window + 2
         names = _SAMPLE_ARRAYS + (_TARGET_ARRAYS if self.config.with_targets else ())
         n = len(reader)
-        caches = {"samples": ChunkCache(reader.group, names, self.layout.chunk, n, cap),
-                  "ctr": ChunkCache(reader.group, ("uv_ctr", "uv_ctr_mask"), self.layout.chunk, n, cap),
-                  "sd": ChunkCache(reader.group, ("uv_sd", "uv_sd_mask"), self.layout.chunk, n, cap)}
+        check = reader.verifier  # one per worker process: every chunk it reads is verified once
+        caches = {"samples": ChunkCache(reader.group, names, self.layout.chunk, n, cap, check),
+                  "ctr": ChunkCache(reader.group, ("uv_ctr", "uv_ctr_mask"), self.layout.chunk, n, cap, check),
+                  "sd": ChunkCache(reader.group, ("uv_sd", "uv_sd_mask"), self.layout.chunk, n, cap, check)}
         b = self.config.batch_size
         i = first
         while True:

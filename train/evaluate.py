@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from common.files import sha256_file
 from common.identity import load_identity
-from common.store import OK, Reason, StoreReader
+from common.store import OK, StoreReader, reason_name
 from train.bundle import layout_valid, read_bundle
 from train.config import EvalConfig
 from train.data import images_to_tensor, resize_images
@@ -157,12 +157,11 @@ def _checkpoint_methods(cfg: EvalConfig, reader: StoreReader, device: torch.devi
 def usable_samples(reader: StoreReader, limit: int = 0) -> tuple[np.ndarray, list[dict]]:
     """(indices of the usable samples (status OK), the first ``limit`` when > 0; the unusable ones with their
     manifest path and reason)."""
-    status = np.asarray(reader.group["status"][...])
+    status = reader.checked_status()  # a completed chunk whose status reads PENDING is refused, not skipped
     reason = np.asarray(reader.group["reason"][...])
     ok = np.flatnonzero(status == OK)
-    failed = [{"index": int(i), "path": str(reader.group["manifest_path"][int(i)]),
-               "reason": Reason(int(reason[i])).name.lower() if int(reason[i]) in Reason._value2member_map_
-               else str(int(reason[i]))} for i in np.flatnonzero(status != OK)]
+    failed = [{"index": int(i), "path": str(reader.group["manifest_path"][int(i)]), "reason": reason_name(reason[i])}
+              for i in np.flatnonzero(status != OK)]
     return (ok[:limit] if limit else ok), failed
 
 

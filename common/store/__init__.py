@@ -74,6 +74,8 @@ from __future__ import annotations
 from common.configdiff import flatten_mapping
 from common.store.chunks import (
     GENERATION,
+    ChunkVerifier,
+    DamagedChunk,
     StaleWriter,
     completed_chunks,
     mark_pending,
@@ -135,7 +137,8 @@ if __doc__:  # None under python -OO
 __all__ = [
     "ARRAYS", "ARRAY_DOCS", "CREATING", "EXCLUSIVE_CREATE", "FAILED", "GENERATION", "LOCK_NAME", "MANIFEST_ARRAYS",
     "MODEL_GROUP", "N_PARAMS", "OK", "PENDING", "PER_CHUNK", "RECORD_BYTES", "SCHEMA_VERSION", "TEXTURE_GROUP",
-    "UNREADABLE_LOCK_AGE", "UV_LAYOUT_GROUP", "ArraySpec", "BuildLock", "Reason", "StaleWriter", "Status",
+    "UNREADABLE_LOCK_AGE", "UV_LAYOUT_GROUP", "ArraySpec", "BuildLock", "ChunkVerifier", "DamagedChunk", "Reason",
+    "StaleWriter", "Status",
     "StoreLayout", "StoreLocked", "StoreMismatch", "StoreReader", "acquire_build_lock", "array_specs",
     "completed_chunks", "create_schema_array", "create_store", "creation_interrupted", "flatten_mapping",
     "layout_of", "location_of", "manifest_sha256", "manifest_specs", "mark_pending", "open_for_build", "open_store",

@@ -169,6 +169,19 @@ def _digest(arrays: Mapping[str, np.ndarray]) -> bytes:
     return h.digest()
 
 
+def _chunk_problem(group: zarr.Group, specs: Mapping[str, ArraySpec], start: int, stop: int, record: bytes
+                   ) -> tuple[str | None, dict[str, np.ndarray]]:
+    """(problem or None, the chunk's sample arrays as read) for samples [start, stop) against their record."""
+    try:
+        data = {name: np.asarray(group[name][start:stop], spec.dtype)
+                for name, spec in specs.items() if name not in PER_CHUNK}
+    except Exception as e:  # noqa: BLE001 - a chunk file the codec cannot read is damaged
+        return f"unreadable ({type(e).__name__}: {e})", {}
+    if _digest(data) != record[:32]:
+        return "data does not match its SHA-256 record (deleted, truncated or altered chunk files)", data
+    return None, data
+
+
 def verify_chunks(path_or_group, chunks: Iterable[int] | None = None) -> dict[int, str]:
     """Re-read completed chunks and compare them with their records: chunk -> problem, for each bad one.
 
@@ -187,17 +200,62 @@ def verify_chunks(path_or_group, chunks: Iterable[int] | None = None) -> dict[in
         todo = [int(c) for c in chunks if group["chunk_done"][int(c)] == 1]
     bad = {}
     for c in todo:
-        start, stop = layout.chunk_bounds(int(c))
         record = bytes(np.asarray(group["chunk_record"][int(c)], np.uint8))
-        try:
-            got = _digest({name: np.asarray(group[name][start:stop], spec.dtype)
-                           for name, spec in specs.items() if name not in PER_CHUNK})
-        except Exception as e:  # noqa: BLE001 - a chunk file the codec cannot read is damaged
-            bad[int(c)] = f"unreadable ({type(e).__name__}: {e})"
-            continue
-        if got != record[:32]:
-            bad[int(c)] = "data does not match its SHA-256 record (deleted, truncated or altered chunk files)"
+        problem, _ = _chunk_problem(group, specs, *layout.chunk_bounds(int(c)), record)
+        if problem is not None:
+            bad[int(c)] = problem
     return bad
+
+
+class DamagedChunk(RuntimeError):
+    """A completed chunk read for training or evaluation does not match its SHA-256 record."""
+
+
+class ChunkVerifier:
+    """Checks each completed chunk against its SHA-256 record the first time this process reads it.
+
+    Readers (:class:`common.store.StoreReader`, the trainer's chunk cache) call :meth:`check` before using a chunk's
+    data: the first call for chunk c re-reads every sample array of c, compares the digest with ``chunk_record[c]``
+    and raises :class:`DamagedChunk` naming the chunk and the repair; later calls cost a set lookup. A chunk not
+    marked done (a build still running) and a store without chunk records have nothing to check against.
+    """
+
+    def __init__(self, group: zarr.Group, where: str) -> None:
+        self.group, self.where = group, where
+        self.layout = layout_of(group)
+        self.enabled = bool(self.layout.chunk_records)
+        self._specs = array_specs(self.layout)
+        self._checked: set[int] = set()
+
+    def check(self, c: int) -> dict[str, np.ndarray] | None:
+        """Verify chunk ``c`` if this process has not yet; returns its sample arrays (name -> (n, ...)) when it read
+        them to verify, else None. Raises :class:`DamagedChunk`."""
+        c = int(c)
+        if not self.enabled or c in self._checked:
+            return None
+        self._checked.add(c)
+        if self.group["chunk_done"][c] != 1:
+            return None
+        record = bytes(np.asarray(self.group["chunk_record"][c], np.uint8))
+        start, stop = self.layout.chunk_bounds(c)
+        problem, data = _chunk_problem(self.group, self._specs, start, stop, record)
+        if problem is not None:
+            self._checked.discard(c)
+            raise DamagedChunk(f"{self.where}: chunk {c} (samples {start}-{stop - 1}) is damaged: {problem}; "
+                               f"rebuild it with `uvprep build --verify` and the build's flags (`uvprep check` lists "
+                               f"every damaged chunk)")
+        return data
+
+    def check_status(self, status: np.ndarray) -> None:
+        """Raise :class:`DamagedChunk` when a completed chunk's ``status`` (N,) reads PENDING: its status chunk was
+        deleted (it reads back as the fill value 0) and the chunk's samples would silently drop out."""
+        held = np.flatnonzero((self.group["chunk_done"][:] == 1) & pending_chunks(status, self.layout.chunk))
+        if held.size:
+            c = int(held[0])
+            start, stop = self.layout.chunk_bounds(c)
+            raise DamagedChunk(f"{self.where}: chunk {c} (samples {start}-{stop - 1}) is marked complete but "
+                               f"its status reads PENDING (a deleted or damaged status chunk; {held.size} chunk(s) in "
+                               f"all); rebuild with `uvprep build --verify` and the build's flags")
 
 
 def repair_for_resume(path, verify: bool = False) -> list[str]:

@@ -10,7 +10,7 @@ import numpy as np
 import zarr
 
 from common.config import CropConfig
-from common.store.chunks import completed_chunks
+from common.store.chunks import ChunkVerifier, completed_chunks
 from common.store.groups import read_face_model, read_texture_basis, read_uv_layout
 from common.store.location import layout_of, open_store, quiet_listing
 from common.store.schema import FAILED, OK, PENDING, PER_CHUNK, array_specs, reason_name
@@ -47,7 +47,22 @@ class StoreReader:
         return [k for k in array_specs(self.layout) if k not in PER_CHUNK]
 
     def status(self) -> np.ndarray:
+        """(N,) uint8 per-sample status as stored (see :meth:`checked_status` for training and evaluation)."""
         return self.group["status"][:]
+
+    @property
+    def verifier(self) -> ChunkVerifier:
+        """This reader's :class:`~common.store.chunks.ChunkVerifier` (each chunk checked once per reader)."""
+        if "verifier" not in self._cache:
+            self._cache["verifier"] = ChunkVerifier(self.group, str(self.path))
+        return self._cache["verifier"]
+
+    def checked_status(self) -> np.ndarray:
+        """:meth:`status`, refused (:class:`~common.store.chunks.DamagedChunk`) when a completed chunk's status reads
+        PENDING: what a trainer or evaluator selects samples by."""
+        status = self.status()
+        self.verifier.check_status(status)
+        return status
 
     def ok_indices(self) -> np.ndarray:
         """(n_ok,) int64 indices of samples with status OK, ascending."""
@@ -58,7 +73,8 @@ class StoreReader:
         return np.asarray(self.group["manifest_path"][:], dtype=object)
 
     def sample(self, i: int, names: Sequence[str] | None = None) -> dict[str, Any]:
-        """All arrays (or ``names``) of sample ``i`` with its leading axis dropped, plus ``index`` and ``path``."""
+        """All arrays (or ``names``) of sample ``i`` with its leading axis dropped, plus ``index`` and ``path``. For
+        looking at a store (``uvprep show``), damaged or not: unlike :meth:`batch`, not verified."""
         n = len(self)
         if not -n <= i < n:
             raise IndexError(f"sample {i} out of range for a store of {n} samples")
@@ -68,11 +84,15 @@ class StoreReader:
         return out
 
     def batch(self, indices, names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
-        """Arrays (or ``names``) for ``indices`` (any order, repeats allowed): name -> (len(indices), ...)."""
+        """Arrays (or ``names``) for ``indices`` (any order, repeats allowed): name -> (len(indices), ...). Each chunk
+        is checked against its SHA-256 record the first time this reader touches it (:meth:`verifier`); a damaged one
+        raises :class:`~common.store.chunks.DamagedChunk`."""
         idx = np.asarray(indices, np.int64).reshape(-1)
         if idx.size and (idx.min() < 0 or idx.max() >= len(self)):
             raise IndexError(f"batch indices must lie in [0, {len(self)}), found [{idx.min()}, {idx.max()}]")
         uniq, inv = np.unique(idx, return_inverse=True)
+        for c in np.unique(uniq // self.layout.chunk):  # each chunk verified against its record once per reader
+            self.verifier.check(int(c))
         out = {k: self.array(k).get_orthogonal_selection((uniq,))[inv] for k in self._names(names)}
         out["index"] = idx
         return out
