@@ -79,6 +79,8 @@ FIELDS: dict[str, dict[str, list[tuple[type, str, str]]]] = {
         **{o: [(LossWeights, f, f"cfg.weights.{f}")] for o, f in _WEIGHTS.items()},
         **{o: [(OptimConfig, o, f"cfg.optim.{o}")] for o in ("lr_sampler", "lr_generator", "lr_discriminator")},
         "sampler_grid": [(SamplerConfig, "grid_size", "cfg.sampler.grid_size")],
+        "sampler_n_down": [(SamplerConfig, "n_down", "cfg.sampler.n_down")],
+        "sampler_pool": [(SamplerConfig, "pool_size", "cfg.sampler.pool_size")],
         "channels": [(SamplerConfig, "channels", "cfg.sampler.channels"),
                      (GeneratorConfig, "channels", "cfg.generator.channels"),
                      (DiscriminatorConfig, "channels", "cfg.discriminator.channels")],

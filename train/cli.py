@@ -46,6 +46,10 @@ def fit(
     sampler_image_size: int = option(TrainConfig, "sampler_image_size", min=32, help="Input side of the sampler's "
                                                                                      "first stage."),
     sampler_grid: int = option(SamplerConfig, "grid_size", min=8, help="UV sampler grid side S (paper: 152)."),
+    sampler_n_down: int = option(SamplerConfig, "n_down", min=1, help="Halving residual blocks of the sampler's "
+                                 "feature extractor; keep the last map >= 8x8 for small inputs (docs/experiments.md)."),
+    sampler_pool: int = option(SamplerConfig, "pool_size", min=1, help="Side of the pooled last feature map the "
+                               "sampler head reads."),
     channels: int = option(SamplerConfig, "channels", min=4, help="Base channels of every network (smaller for "
                                                                   "quick tries)."),
     device: str = option(RunOptions, "device", help="cpu | cuda | cuda:N"),
@@ -118,7 +122,8 @@ def fit(
                                         grid=w_grid, r1_gamma=r1_gamma)),
             optim=OptimConfig(**given(lr_sampler=lr_sampler, lr_generator=lr_generator,
                                       lr_discriminator=lr_discriminator)),
-            sampler=SamplerConfig(**given(grid_size=sampler_grid, channels=channels)),
+            sampler=SamplerConfig(**given(grid_size=sampler_grid, channels=channels, n_down=sampler_n_down,
+                                           pool_size=sampler_pool)),
             generator=GeneratorConfig(**given(channels=channels)),
             discriminator=DiscriminatorConfig(**given(channels=channels)))
         run = RunOptions(run_dir=run_dir, **given(
