@@ -40,8 +40,9 @@ def main() -> None:
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     photos = [read_image(p) for folder in ("faces", "aflw2000", "faces_pairs")
               for p in sorted((a / folder).glob("*.jpg"))]
-    bundle = read_bundle(args.run, load_run_config(args.run).store)
-    cfg, sampler, generator, _ = load_trained(args.run, str(dev), bundle)
+    run_cfg = load_run_config(args.run)
+    bundle = read_bundle(args.run, run_cfg.store)
+    cfg, sampler, generator, _ = load_trained(args.run, str(dev), bundle, config=run_cfg)
     s, u = bundle.image_size, bundle.uv_size
     v2 = TDDFAAssets.from_dir(a / "3ddfa_v2", require=("detector", "mb05", "param_stats"))
     det = FaceBoxesDetector.from_path(v2.detector, device=str(dev))

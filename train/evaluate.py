@@ -145,10 +145,11 @@ def _checkpoint_methods(cfg: EvalConfig, reader: StoreReader, device: torch.devi
     if cfg.checkpoint is not None:
         ck = Path(cfg.checkpoint)
         run_dir = ck.parent if ck.is_file() else ck
-        bundle = read_bundle(run_dir, load_run_config(run_dir).store)
+        run_cfg = load_run_config(run_dir)
+        bundle = read_bundle(run_dir, run_cfg.store)
         methods.checkpoint_file = ck if ck.is_file() else weights_file(run_dir)
         train_cfg, methods.sampler, methods.generator, methods.step = load_trained(
-            run_dir, str(device), bundle, checkpoint=ck if ck.is_file() else None)
+            run_dir, str(device), bundle, checkpoint=ck if ck.is_file() else None, config=run_cfg)
         methods.image_size = train_cfg.image_size
         check_compatible(reader, cfg.store, bundle.face_model.fingerprint(), bundle.uv_size, "the checkpoint")
     return methods

@@ -99,9 +99,10 @@ class Inferencer:
         if ck.is_file() and ck.name not in (CHECKPOINT, BEST):
             raise RunError(f"--checkpoint {ck}: expected a run directory, its {CHECKPOINT} or its {BEST}")
         self.device = resolve_device(cfg.device)
-        self.bundle: InferenceBundle = read_bundle(run_dir, load_run_config(run_dir).store)
+        run_cfg = load_run_config(run_dir)
+        self.bundle: InferenceBundle = read_bundle(run_dir, run_cfg.store)
         self.train_cfg, self.sampler, self.generator, self.step = load_trained(
-            run_dir, str(self.device), self.bundle, checkpoint=ck if ck.is_file() else None)
+            run_dir, str(self.device), self.bundle, checkpoint=ck if ck.is_file() else None, config=run_cfg)
         self.model = self.bundle.face_model
         self.posed = PosedMesh(self.model, self.device)
         self.summary = InferSummary(framing=cfg.framing)

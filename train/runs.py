@@ -111,10 +111,6 @@ def is_export(path: Path) -> bool:
     return (Path(path) / EXPORT_MANIFEST).is_file()
 
 
-_VERIFIED: set[tuple] = set()
-"""Export files already checked in this process, by (path, size, mtime): infer and eval load a run twice."""
-
-
 def verify_export(export_dir: Path) -> dict:
     """The manifest of an export directory, after checking every file it lists against its SHA-256; a missing or
     changed file is a :class:`RunError`."""
@@ -126,15 +122,10 @@ def verify_export(export_dir: Path) -> dict:
         f = d / name
         if not f.is_file():
             raise RunError(f"{f}: missing from the export (listed in {EXPORT_MANIFEST}); export the run again")
-        st = f.stat()
-        key = (str(f.resolve()), st.st_size, st.st_mtime_ns, want)
-        if key in _VERIFIED:
-            continue
         got = sha256_file(f)
         if got != want:
             raise RunError(f"{f}: SHA-256 {got[:16]}… does not match {EXPORT_MANIFEST} ({want[:16]}…): the export "
                            f"was changed or damaged; export the run again")
-        _VERIFIED.add(key)
     return manifest
 
 
@@ -271,14 +262,16 @@ def _np_image(t: torch.Tensor) -> np.ndarray:
 
 # ------------------------------------------------------------------------------------ trained models
 def load_trained(run_dir: Path, device: str = "cpu", bundle: InferenceBundle | None = None,
-                 checkpoint: Path | None = None) -> tuple[TrainConfig, UVSampler, UVGenerator, int]:
+                 checkpoint: Path | None = None, config: TrainConfig | None = None
+                 ) -> tuple[TrainConfig, UVSampler, UVGenerator, int]:
     """(config, sampler, generator, step) of a run directory's last checkpoint, or of an export directory's weights
     (``uvtrain export``), in eval mode on ``device``.
 
     bundle: the run's :class:`train.bundle.InferenceBundle` when the caller has read it already (it sizes the
     generator); read here otherwise. checkpoint: another checkpoint file of the run (``best.pt``); default
-    :func:`weights_file`."""
-    cfg = load_run_config(run_dir)
+    :func:`weights_file`. config: the run's config when the caller has loaded it with :func:`load_run_config` (which
+    verified an export's files); loaded (and verified) here otherwise, so an export is hashed once per load."""
+    cfg = config if config is not None else load_run_config(run_dir)
     path = Path(checkpoint) if checkpoint is not None else weights_file(run_dir)
     if is_export(run_dir):
         if path.name != EXPORT_WEIGHTS:
@@ -302,10 +295,11 @@ def weights_file(run_dir: Path) -> Path:
 
 
 def _export_state(d: Path) -> tuple[dict[str, dict[str, torch.Tensor]], int]:
-    """({"sampler": state dict, "generator": state dict}, step) of a verified export directory."""
+    """({"sampler": state dict, "generator": state dict}, step) of an export directory :func:`load_run_config` has
+    verified."""
     from safetensors.torch import load_file
 
-    manifest = verify_export(d)
+    manifest = json.loads((d / EXPORT_MANIFEST).read_text())
     models: dict[str, dict[str, torch.Tensor]] = {"sampler": {}, "generator": {}}
     for key, value in load_file(d / EXPORT_WEIGHTS).items():
         net, _, name = key.partition(".")
