@@ -459,7 +459,7 @@ def _run_stage(tr: Trainer, stage: Stage, stop: int, on_log, on_step, signals: S
                     on_log(rows[-1], stop)
                 t_log, wait, steps_in_window = time.perf_counter(), 0.0, 0
             if tr.validator is not None and (tr.step % run.val_every == 0 or tr.step == stop):
-                t_log += validate(tr, stage)  # steps_per_s counts training only
+                t_log += validate(tr, stage, generator)  # steps_per_s counts training only
             if tr.step % every_preview == 0 or tr.step == stop:
                 tr.log.preview(stage.name, tr.step, out.images, height=max(96, tr.cfg.image_size // 2))
             saved = tr.step % run.checkpoint_every == 0 or tr.step == stop

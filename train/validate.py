@@ -128,14 +128,15 @@ class Validator:
         return row, record
 
 
-def validate(tr, stage) -> float:
+def validate(tr, stage, with_generator: bool) -> float:
     """Validate the networks of ``tr`` (a :class:`train.loop.Trainer` with a ``validator``) as they stand in
-    ``stage`` on rank 0: the row goes to ``metrics.jsonl`` and TensorBoard (``val/KEY``), and ``best.pt`` is written
-    (atomically, as ``checkpoint.pt``, with the record as ``val_best``) when the record beats ``tr.val_best``. The
-    other ranks wait. Returns the seconds it took."""
+    ``stage`` on rank 0 (UV_pred when ``with_generator``, in a generator stage; else the sampler alone): the row goes
+    to ``metrics.jsonl`` and TensorBoard (``val/KEY``), and ``best.pt`` is written (atomically, as ``checkpoint.pt``,
+    with the record as ``val_best``) when the record beats ``tr.val_best``. The other ranks wait. Returns the seconds
+    it took."""
     t0 = time.perf_counter()
     if tr.world.main:
-        generator = tr.generator if stage.kind.value == "generator" else None
+        generator = tr.generator if with_generator else None
         row, record = tr.validator(tr.step, stage.name, stage.image_size, tr.sampler, generator)
         tr.log.write(row)
         if improves(record, tr.val_best):
