@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 import numpy as np
 import zarr
@@ -169,11 +169,12 @@ def _digest(arrays: Mapping[str, np.ndarray]) -> bytes:
     return h.digest()
 
 
-def _chunk_problem(group: zarr.Group, specs: Mapping[str, ArraySpec], start: int, stop: int, record: bytes
-                   ) -> tuple[str | None, dict[str, np.ndarray]]:
-    """(problem or None, the chunk's sample arrays as read) for samples [start, stop) against their record."""
+def _chunk_problem(array: Callable[[str], zarr.Array], specs: Mapping[str, ArraySpec], start: int, stop: int,
+                   record: bytes) -> tuple[str | None, dict[str, np.ndarray]]:
+    """(problem or None, the chunk's sample arrays as read) for samples [start, stop) against their record;
+    ``array(name)`` opens an array of the store."""
     try:
-        data = {name: np.asarray(group[name][start:stop], spec.dtype)
+        data = {name: np.asarray(array(name)[start:stop], spec.dtype)
                 for name, spec in specs.items() if name not in PER_CHUNK}
     except Exception as e:  # noqa: BLE001 - a chunk file the codec cannot read is damaged
         return f"unreadable ({type(e).__name__}: {e})", {}
@@ -201,7 +202,7 @@ def verify_chunks(path_or_group, chunks: Iterable[int] | None = None) -> dict[in
     bad = {}
     for c in todo:
         record = bytes(np.asarray(group["chunk_record"][int(c)], np.uint8))
-        problem, _ = _chunk_problem(group, specs, *layout.chunk_bounds(int(c)), record)
+        problem, _ = _chunk_problem(group.__getitem__, specs, *layout.chunk_bounds(int(c)), record)
         if problem is not None:
             bad[int(c)] = problem
     return bad
@@ -226,6 +227,13 @@ class ChunkVerifier:
         self.enabled = bool(self.layout.chunk_records)
         self._specs = array_specs(self.layout)
         self._checked: set[int] = set()
+        self._arrays: dict[str, zarr.Array] = {}
+
+    def _array(self, name: str) -> zarr.Array:
+        """``group[name]``, opened once (it reads the array's metadata each time: a request on object storage)."""
+        if name not in self._arrays:
+            self._arrays[name] = self.group[name]
+        return self._arrays[name]
 
     def check(self, c: int) -> dict[str, np.ndarray] | None:
         """Verify chunk ``c`` if this process has not yet; returns its sample arrays (name -> (n, ...)) when it read
@@ -234,11 +242,11 @@ class ChunkVerifier:
         if not self.enabled or c in self._checked:
             return None
         self._checked.add(c)
-        if self.group["chunk_done"][c] != 1:
+        if self._array("chunk_done")[c] != 1:
             return None
-        record = bytes(np.asarray(self.group["chunk_record"][c], np.uint8))
+        record = bytes(np.asarray(self._array("chunk_record")[c], np.uint8))
         start, stop = self.layout.chunk_bounds(c)
-        problem, data = _chunk_problem(self.group, self._specs, start, stop, record)
+        problem, data = _chunk_problem(self._array, self._specs, start, stop, record)
         if problem is not None:
             self._checked.discard(c)
             raise DamagedChunk(f"{self.where}: chunk {c} (samples {start}-{stop - 1}) is damaged: {problem}; "
@@ -249,7 +257,7 @@ class ChunkVerifier:
     def check_status(self, status: np.ndarray) -> None:
         """Raise :class:`DamagedChunk` when a completed chunk's ``status`` (N,) reads PENDING: its status chunk was
         deleted (it reads back as the fill value 0) and the chunk's samples would silently drop out."""
-        held = np.flatnonzero((self.group["chunk_done"][:] == 1) & pending_chunks(status, self.layout.chunk))
+        held = np.flatnonzero((self._array("chunk_done")[:] == 1) & pending_chunks(status, self.layout.chunk))
         if held.size:
             c = int(held[0])
             start, stop = self.layout.chunk_bounds(c)
