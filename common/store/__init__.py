@@ -71,7 +71,6 @@ resume), :mod:`~common.store.chunks` (chunk writes, fencing, checksums, repair),
 
 from __future__ import annotations
 
-from common.configdiff import flatten_mapping
 from common.store.chunks import (
     GENERATION,
     ChunkVerifier,
@@ -140,7 +139,7 @@ __all__ = [
     "UNREADABLE_LOCK_AGE", "UV_LAYOUT_GROUP", "ArraySpec", "BuildLock", "ChunkVerifier", "DamagedChunk", "Reason",
     "StaleWriter", "Status",
     "StoreLayout", "StoreLocked", "StoreMismatch", "StoreReader", "acquire_build_lock", "array_specs",
-    "completed_chunks", "create_schema_array", "create_store", "creation_interrupted", "flatten_mapping",
+    "completed_chunks", "create_schema_array", "create_store", "creation_interrupted",
     "layout_of", "location_of", "manifest_sha256", "manifest_specs", "mark_pending", "open_for_build", "open_store",
     "package_version", "read_build_lock", "read_face_model", "read_texture_basis", "read_uv_layout", "reason_name",
     "repair_for_resume", "schema_table", "start_generation", "store_exists", "store_location", "validate_store",
