@@ -192,6 +192,22 @@ def test_generator_depth_and_errors():
         UVGenerator(36, GeneratorConfig(n_down=3))
 
 
+def test_residual_generator_starts_as_identity_and_learns():
+    """GeneratorConfig.residual: UV_pred = UV_spl at initialisation (to the logit clamp), 0.5 outside the mask;
+    its gradients still reach every layer."""
+    torch.manual_seed(0)
+    gen = UVGenerator(32, dataclasses.replace(TINY_GENERATOR, residual=True))
+    uv = torch.rand(2, 3, 32, 32) * 0.9 + 0.05
+    mask = (torch.rand(2, 1, 32, 32) > 0.3).float()
+    out = gen(uv, mask)
+    torch.testing.assert_close(out * mask, uv * mask, atol=1e-5, rtol=0)
+    torch.testing.assert_close(out * (1 - mask), (0.5 * (1 - mask)).expand_as(out), atol=1e-6, rtol=0)
+    (out - torch.rand_like(out)).abs().mean().backward()
+    assert gen.head.weight.grad.abs().sum() > 0
+    uv_other = torch.where(mask.bool(), uv, torch.rand_like(uv))
+    torch.testing.assert_close(gen(uv_other, mask), out)
+
+
 def test_generator_ignores_masked_out_texels():
     """The network sees UV_spl only through the mask: values under mask 0 do not change UV_pred."""
     torch.manual_seed(0)

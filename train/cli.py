@@ -50,6 +50,8 @@ def fit(
                                  "feature extractor; keep the last map >= 8x8 for small inputs (docs/experiments.md)."),
     sampler_pool: int = option(SamplerConfig, "pool_size", min=1, help="Side of the pooled last feature map the "
                                "sampler head reads."),
+    generator_residual: bool = option(GeneratorConfig, "residual", help="The generator corrects UV_spl instead of "
+                                      "predicting UV_pred from scratch (docs/experiments.md)."),
     channels: int = option(SamplerConfig, "channels", min=4, help="Base channels of every network (smaller for "
                                                                   "quick tries)."),
     device: str = option(RunOptions, "device", help="cpu | cuda | cuda:N"),
@@ -124,7 +126,7 @@ def fit(
                                       lr_discriminator=lr_discriminator)),
             sampler=SamplerConfig(**given(grid_size=sampler_grid, channels=channels, n_down=sampler_n_down,
                                            pool_size=sampler_pool)),
-            generator=GeneratorConfig(**given(channels=channels)),
+            generator=GeneratorConfig(**given(channels=channels, residual=generator_residual)),
             discriminator=DiscriminatorConfig(**given(channels=channels)))
         run = RunOptions(run_dir=run_dir, **given(
             phase=phase, device=device, overwrite=overwrite, log_every=log_every, checkpoint_every=checkpoint_every,

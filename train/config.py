@@ -76,6 +76,9 @@ class GeneratorConfig:
     """Residual blocks at the bottleneck."""
     min_bottleneck: int = 8
     """Smallest bottleneck side the automatic ``n_down`` allows."""
+    residual: bool = False
+    """Predict UV_pred as a correction of UV_spl (in logit space, the last layer zero-initialised so training starts
+    from UV_pred = UV_spl) instead of from scratch (docs/experiments.md)."""
 
 
 @dataclass(frozen=True)

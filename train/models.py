@@ -238,13 +238,18 @@ class _Up(nn.Module):
         return self.fuse(torch.cat([x, skip], 1))
 
 
+_RESIDUAL_EPS = 1e-3
+"""UV_spl is clamped to [eps, 1 - eps] before its logit (GeneratorConfig.residual)."""
+
+
 class UVGenerator(nn.Module):
     """UV generator (Section 3.2): complete an incomplete UV map, (UV_spl, mask) -> UV_pred.
 
     A U-Net: a conv3x3 stem on [UV_spl * mask in [-1, 1], mask] (4 channels), ``n_down`` levels of
     stride-2 conv3x3 + conv3x3, ``n_res`` residual blocks at the bottleneck, and per level a resize-
     convolution (nearest x2 then conv3x3, which avoids the checkerboard of transposed convolutions)
-    concatenated with the encoder's skip and fused by a conv3x3; a conv3x3 to RGB and a sigmoid.
+    concatenated with the encoder's skip and fused by a conv3x3; a conv3x3 to RGB and a sigmoid. With
+    ``config.residual`` the conv3x3's output is added to logit(UV_spl) * mask before the sigmoid and starts at zero.
 
     Normalisation: GroupNorm (up to 32 groups) after every conv. It normalises per sample, so it
     behaves the same at batch 6 (the paper's) as at batch 1 and in train and eval mode (BatchNorm's
@@ -270,6 +275,9 @@ class UVGenerator(nn.Module):
         self.bottleneck = nn.Sequential(*(_ResBlock(widths[-1]) for _ in range(c.n_res)))
         self.up = nn.ModuleList(_Up(a, b) for a, b in zip(widths[:0:-1], widths[-2::-1], strict=True))
         self.head = nn.Conv2d(widths[0], 3, 3, padding=1)
+        if c.residual:  # start as the identity: UV_pred = UV_spl
+            nn.init.zeros_(self.head.weight)
+            nn.init.zeros_(self.head.bias)
 
     def forward(self, uv_spl: Tensor, mask: Tensor) -> Tensor:
         """uv_spl (B, 3, U, U) in [0, 1], mask (B, 1, U, U) {0, 1} (its valid texels) -> UV_pred (B, 3, U, U).
@@ -289,7 +297,10 @@ class UVGenerator(nn.Module):
         h = self.bottleneck(h)
         for up, skip in zip(self.up, skips[-2::-1], strict=True):
             h = up(h, skip)
-        return torch.sigmoid(self.head(h).float())
+        out = self.head(h).float()
+        if self.config.residual:
+            out = out + torch.logit(uv_spl.float().clamp(_RESIDUAL_EPS, 1 - _RESIDUAL_EPS)) * mask.float()
+        return torch.sigmoid(out)
 
 
 # ---------------------------------------------------------------------------------------------------------------
