@@ -97,9 +97,12 @@ from common.store.lock import (
     LOCK_NAME,
     UNREADABLE_LOCK_AGE,
     BuildLock,
+    LockHeld,
     StoreLocked,
     acquire_build_lock,
+    acquire_lock,
     read_build_lock,
+    read_lock,
 )
 from common.store.reader import StoreReader
 from common.store.schema import (
@@ -136,12 +139,13 @@ if __doc__:  # None under python -OO
 __all__ = [
     "ARRAYS", "ARRAY_DOCS", "CREATING", "EXCLUSIVE_CREATE", "FAILED", "GENERATION", "LOCK_NAME", "MANIFEST_ARRAYS",
     "MODEL_GROUP", "N_PARAMS", "OK", "PENDING", "PER_CHUNK", "RECORD_BYTES", "SCHEMA_VERSION", "TEXTURE_GROUP",
-    "UNREADABLE_LOCK_AGE", "UV_LAYOUT_GROUP", "ArraySpec", "BuildLock", "ChunkVerifier", "DamagedChunk", "Reason",
-    "StaleWriter", "Status",
-    "StoreLayout", "StoreLocked", "StoreMismatch", "StoreReader", "acquire_build_lock", "array_specs",
+    "UNREADABLE_LOCK_AGE", "UV_LAYOUT_GROUP", "ArraySpec", "BuildLock", "ChunkVerifier", "DamagedChunk", "LockHeld",
+    "Reason", "StaleWriter", "Status",
+    "StoreLayout", "StoreLocked", "StoreMismatch", "StoreReader", "acquire_build_lock", "acquire_lock", "array_specs",
     "completed_chunks", "create_schema_array", "create_store", "creation_interrupted",
     "layout_of", "location_of", "manifest_sha256", "manifest_specs", "mark_pending", "open_for_build", "open_store",
-    "package_version", "read_build_lock", "read_face_model", "read_texture_basis", "read_uv_layout", "reason_name",
+    "package_version", "read_build_lock", "read_face_model", "read_lock", "read_texture_basis", "read_uv_layout",
+    "reason_name",
     "repair_for_resume", "schema_table", "start_generation", "store_exists", "store_location", "validate_store",
     "verify_chunks", "write_chunk", "write_face_model", "write_texture_basis",
 ]

@@ -1,10 +1,12 @@
 """The build lock: a JSON file :data:`LOCK_NAME` inside the store, created only if absent, that keeps two builds
-(or a build and an upgrade) out of one store.
+(or a build and an upgrade) out of one store; and the same lock under another name in any folder
+(:func:`acquire_lock`: ``uvtrain fit`` keeps two runs out of one run directory with it).
 
 ``O_CREAT | O_EXCL`` on local and POSIX network file systems, a conditional PUT (``If-None-Match: *``, s3fs's
 ``open(..., "xb")``) on S3 (:data:`EXCLUSIVE_CREATE`). Other URL schemes have no exclusive create the lock trusts:
 :func:`acquire_build_lock` refuses them, and a build there runs without a lock (``uvprep build --no-lock``: the user
-guarantees one build per store). A lock left by a dead process on this host is taken over.
+guarantees one build per store). A lock left by a dead process on this host is taken over, and so is one left on
+another host by an earlier incarnation of this SLURM job (``SLURM_JOB_ID``: a job requeued after its node died).
 """
 
 from __future__ import annotations
@@ -27,22 +29,32 @@ from common.store.location import local_path, store_location, url_fs
 LOCK_NAME = ".uvprep-build.lock"
 
 
+class LockHeld(RuntimeError):
+    """Another live process holds the lock ``where``; ``holder`` is what its lock file says (pid, host, user, owner,
+    started), None when the lock kept changing hands."""
+
+    def __init__(self, where: str, holder: dict | None) -> None:
+        super().__init__(f"{where} is held by {holder}")
+        self.where, self.holder = where, holder
+
+
 class StoreLocked(RuntimeError):
     """Another build holds the store's build lock."""
 
 
 @dataclass(frozen=True)
 class BuildLock:
-    """A held build lock; release it (or use it as a context manager) when the build ends."""
+    """A held lock (the build lock, or any :func:`acquire_lock`); release it (or use it as a context manager) when
+    the work ends."""
 
     path: str
     """The lock file (a local path or a URL)."""
     info: dict
-    """What the lock file holds: pid, host, user, owner, started, token."""
+    """What the lock file holds: pid, host, user, owner, started, token (and job: the SLURM job id, under SLURM)."""
 
     def release(self) -> None:
         """Remove the lock file if it is still ours (a lock taken over by someone else is left alone)."""
-        lock = _lock_file(self.path)
+        lock = _lock_file(self.path, name=self.path.rstrip("/").rsplit("/", 1)[-1])
         held = lock.read()
         if held is not None and held.get("token") == self.info["token"]:
             lock.remove()
@@ -150,13 +162,23 @@ class _LockFile:
 
 
 def _stale(lock: _LockFile, held: dict, host: str) -> bool:
-    """A lock from this host whose process has exited, or a lock file nobody could have finished writing."""
+    """A lock from this host whose process has exited, a lock file nobody could have finished writing, or a lock
+    from another host taken by this SLURM job (a requeued job runs again with its ``SLURM_JOB_ID``: its earlier
+    incarnation, on a node that died, is gone)."""
     if held.get("note") == "unreadable lock file":
         try:
             return lock.age() > UNREADABLE_LOCK_AGE
         except FileNotFoundError:
             return False
-    return held.get("host") == host and not _pid_alive(int(held.get("pid", -1)))
+    if held.get("host") != host:
+        job = _slurm_job()
+        return job is not None and held.get("job") == job
+    return not _pid_alive(int(held.get("pid", -1)))
+
+
+def _slurm_job() -> str | None:
+    """This process's SLURM job id (``SLURM_JOB_ID``; an array task's own id), None outside SLURM."""
+    return os.environ.get("SLURM_JOB_ID") or None
 
 
 def _pid_alive(pid: int) -> bool:
@@ -175,12 +197,12 @@ def _version_tuple(v: str) -> tuple[int, ...]:
     return tuple(int(x) for x in v.split("+")[0].split(".")[:3] if x.isdigit())
 
 
-def _lock_file(path, create: bool = False) -> _LockFile:
-    """The lock file of the store at ``path`` (or the lock file itself, a path ending in :data:`LOCK_NAME`).
-    create: raise NotImplementedError (saying ``--no-lock``) where exclusive create is not trusted."""
+def _lock_file(path, create: bool = False, name: str = LOCK_NAME) -> _LockFile:
+    """The lock file ``name`` of the store (or folder) at ``path``, or the lock file itself (a path ending in
+    ``name``). create: raise NotImplementedError (saying ``--no-lock``) where exclusive create is not trusted."""
     where = store_location(path)
-    if not where.rstrip("/").endswith(LOCK_NAME):
-        where = where.rstrip("/") + "/" + LOCK_NAME
+    if not where.rstrip("/").endswith(name):
+        where = where.rstrip("/") + "/" + name
     if local_path(where) is not None:
         return _LockFile(where)
     scheme = urlsplit(where).scheme
@@ -214,15 +236,34 @@ def acquire_build_lock(path, owner: str = "uvprep build") -> BuildLock:
     local (or POSIX network) file system, a conditional PUT (``If-None-Match: *``) on S3 (:data:`EXCLUSIVE_CREATE`;
     other URL schemes raise NotImplementedError: run one build per store there, ``--no-lock``). A lock whose holder
     ran on this host and whose pid is no longer alive is stale and taken over (locally moved aside atomically with
-    ``os.rename``, so of two processes taking over only one wins). A lock from another host cannot be checked: the
-    message says how to clear it by hand.
+    ``os.rename``, so of two processes taking over only one wins), as is one left on another host by this SLURM job.
+    A lock from another host cannot be checked: the message says how to clear it by hand.
     """
-    lock = _lock_file(path, create=True)
+    try:
+        return acquire_lock(path, LOCK_NAME, owner)
+    except LockHeld as e:
+        held = e.holder
+        if held is None:
+            raise StoreLocked(f"could not take the build lock {e.where}: it kept changing hands; try again") from None
+        raise StoreLocked(
+            f"{path} is being built by pid {held.get('pid')} on {held.get('host')} (user {held.get('user', '?')}, "
+            f"{held.get('owner', '?')}, started {held.get('started')}). Wait for it to finish. If that build is dead "
+            f"(e.g. its machine crashed), delete {e.where} and run again; a lock from this host whose process has "
+            f"exited is taken over automatically.") from None
+
+
+def acquire_lock(path, name: str, owner: str) -> BuildLock:
+    """Take the lock file ``name`` inside the store or folder ``path`` (creating the folder if needed) or raise
+    :class:`LockHeld` naming its live holder. The lock and its stale-lock takeover are those of
+    :func:`acquire_build_lock`; ``owner`` says who holds it (``uvprep build``, ``uvtrain fit``)."""
+    lock = _lock_file(path, create=True, name=name)
     if lock.fs is None:
         Path(lock.where).parent.mkdir(parents=True, exist_ok=True)
     host = socket.gethostname()
     info = {"pid": os.getpid(), "host": host, "user": _user(), "owner": owner,
             "started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "token": uuid.uuid4().hex}
+    if _slurm_job() is not None:
+        info["job"] = _slurm_job()
     held = None
     for _ in range(3):
         if lock.create(info):
@@ -237,13 +278,12 @@ def acquire_build_lock(path, owner: str = "uvprep build") -> BuildLock:
                 break
             continue
         break
-    if held is None:
-        raise StoreLocked(f"could not take the build lock {lock.where}: it kept changing hands; try again")
-    raise StoreLocked(
-        f"{path} is being built by pid {held.get('pid')} on {held.get('host')} (user {held.get('user', '?')}, "
-        f"{held.get('owner', '?')}, started {held.get('started')}). Wait for it to finish. If that build is dead "
-        f"(e.g. its machine crashed), delete {lock.where} and run again; a lock from this host whose process has "
-        f"exited is taken over automatically.")
+    raise LockHeld(lock.where, held)
+
+
+def read_lock(path, name: str) -> dict | None:
+    """The current holder of the lock file ``name`` inside ``path`` (pid, host, user, owner, started), or None."""
+    return _lock_file(path, name=name).read()
 
 
 def _user() -> str:
