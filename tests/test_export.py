@@ -17,7 +17,7 @@ from train.cli import app
 from train.config import ExportConfig, InferConfig
 from train.export import export_run
 from train.infer import infer
-from train.runs import BEST, CHECKPOINT, EXPORT_MANIFEST, EXPORT_WEIGHTS, RunError, load_trained
+from train.runs import BEST, CHECKPOINT, EXPORT_MANIFEST, EXPORT_WEIGHTS, RunError, atomic_save, load_trained
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -132,7 +132,7 @@ def test_runs_that_cannot_be_exported_are_one_line_errors(trained_run, tmp_path)
     ck = torch.load(nan / CHECKPOINT, weights_only=True)
     name = next(iter(ck["models"]["generator"]))
     ck["models"]["generator"][name].view(-1)[0] = float("nan")
-    torch.save(ck, nan / CHECKPOINT)
+    atomic_save(ck, nan / CHECKPOINT)  # a valid SHA-256: the NaN is what is refused
     line = _one_line_error(runner.invoke(app, ["export", str(nan), "--out", str(tmp_path / "o3")]))
     assert "NaN or inf" in line and f"generator.{name}" in line
     assert not (tmp_path / "o1").exists() and not (tmp_path / "o3").exists()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -132,6 +133,12 @@ class OptimConfig:
     """Adam beta1."""
     beta2: float = 0.999
     """Adam beta2."""
+
+    def __post_init__(self) -> None:
+        for name in ("lr_sampler", "lr_generator", "lr_discriminator"):
+            v = getattr(self, name)
+            if not (math.isfinite(v) and v >= 0):  # inf trains to NaN weights in one step
+                raise ValueError(f"--{name.replace('_', '-')} {v}: expected a finite learning rate >= 0")
 
 
 # ------------------------------------------------------------------------------------------------------------ a run

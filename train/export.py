@@ -31,6 +31,8 @@ from train.runs import (
     EXPORT_MANIFEST,
     EXPORT_WEIGHTS,
     METRICS,
+    WEIGHT_KEYS,
+    WEIGHT_NETS,
     RunError,
     is_export,
     load_checkpoint,
@@ -177,7 +179,7 @@ def export_run(cfg: ExportConfig) -> dict:
         raise RunError(f"{rd} is an export already, not a run directory")
     train_cfg = load_run_config(rd)
     src = pick_checkpoint(rd, cfg.which)
-    ck = load_checkpoint(src)
+    ck = load_checkpoint(src, WEIGHT_KEYS, WEIGHT_NETS)  # verified: readable, its SHA-256, finite weights
     tensors = export_tensors(ck["models"])
     try:
         bundle = read_bundle(rd, train_cfg.store)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +29,7 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
+from common.configdiff import dotted_differences
 from common.store import StoreReader
 from train.bundle import layout_valid, write_bundle
 from train.config import RunOptions, TrainConfig
@@ -52,13 +54,20 @@ from train.render import PosedMesh, render_lookup
 from train.runs import (
     BEST,
     CHECKPOINT,
+    CONFIG,
+    DAMAGED_FIX,
+    DIGEST,
     SAMPLER_CHECKPOINT,
     MetricsLog,
     RunError,
     atomic_save,
+    atomic_write_text,
     load_checkpoint,
     load_identity,
+    load_networks,
+    nonfinite_tensors,
     prepare_run_dir,
+    remove_stale_temps,
     resolve_device,
     rng_state,
     sampled_inside,
@@ -145,6 +154,7 @@ class Trainer:
         self._build_models()
         self.identity = load_identity(cfg.identity, dev)
         self.step = 0
+        self.saved_step: int | None = None  # the step of checkpoint.pt, once written or resumed from
         self.log = MetricsLog(self.rd, self.world.main)
         self.validator = None if run.val_store is None else Validator(  # every rank checks it, rank 0 runs it
             run, self.face_model.fingerprint(), self.uv_size, dev,
@@ -201,31 +211,97 @@ class Trainer:
                 "scaler": self.scaler.state_dict(), "rng": rng_state(), **self.log.state_dict(),
                 "config": self.cfg.to_json(), "val_best": self.val_best}
 
-    def load_state_dict(self, ck: dict) -> None:
-        self.sampler.load_state_dict(ck["models"]["sampler"])
-        self.generator.load_state_dict(ck["models"]["generator"])
-        self.discs.load_state_dict(ck["models"]["discriminators"])
-        self.opt_s.load_state_dict(ck["optims"]["sampler"])
-        self.opt_g.load_state_dict(ck["optims"]["generator"])
-        self.opt_d.load_state_dict(ck["optims"]["discriminators"])
-        if ck["scaler"]:
-            self.scaler.load_state_dict(ck["scaler"])
-        set_rng_state(ck["rng"])
+    def load_state_dict(self, ck: dict, path: Path | None = None) -> None:
+        """Restore what :meth:`state_dict` saved (read from ``path``, which a mismatch names)."""
+        where = path or self.rd / CHECKPOINT
+        load_networks({"sampler": self.sampler, "generator": self.generator, "discriminators": self.discs},
+                      ck["models"], where)
+        try:
+            self.opt_s.load_state_dict(ck["optims"]["sampler"])
+            self.opt_g.load_state_dict(ck["optims"]["generator"])
+            self.opt_d.load_state_dict(ck["optims"]["discriminators"])
+            if ck["scaler"]:
+                self.scaler.load_state_dict(ck["scaler"])
+            set_rng_state(ck["rng"])
+        except (KeyError, ValueError, RuntimeError, TypeError) as e:
+            raise RunError(f"{where}: its optimiser, scaler or RNG state does not fit this run ({type(e).__name__}: "
+                           f"{str(e).splitlines()[0][:120]}); {DAMAGED_FIX}") from None
         self.step = int(ck["step"])
         self.log.load_state_dict(ck)
 
     def save(self, stage: Stage, path: Path | None = None) -> None:
+        """Write the state to ``path`` (default ``checkpoint.pt``) on rank 0, never with a NaN or inf in a weight or
+        an optimiser state: every rank then stops with a :class:`RunError` and the last finite checkpoint stays."""
+        state = self.state_dict(stage)
+        bad = nonfinite_tensors({"models": state["models"], "optims": state["optims"]})  # the same on every rank
+        if bad:
+            raise RunError(f"{len(bad)} tensor(s) hold NaN or inf after step {self.step} (first: {bad[0]}): "
+                           f"{(path or self.rd / CHECKPOINT).name} not written; {self._last_good()}; lower the "
+                           f"learning rates (`--overwrite` restarts the run) or try --amp none")
         if self.world.main:
-            atomic_save(self.state_dict(stage), path or self.rd / CHECKPOINT)
+            atomic_save(state, path or self.rd / CHECKPOINT)
+        if path is None or Path(path).name == CHECKPOINT:
+            self.saved_step = self.step
+
+    def _last_good(self) -> str:
+        """Which checkpoint a run stopped by a NaN or inf keeps, and its step."""
+        if self.saved_step is None:
+            return "no checkpoint was written yet (a rerun starts from step 0)"
+        return f"the last good checkpoint {self.rd / CHECKPOINT} (step {self.saved_step}) is kept"
 
     def resume(self) -> bool:
-        """Load ``checkpoint.pt`` when present; True if the run resumed."""
-        ck = load_checkpoint(self.rd / CHECKPOINT)
+        """Load ``checkpoint.pt`` when present (verified by :func:`train.runs.load_checkpoint`); True if the run
+        resumed. Rank 0 first removes the temporary files of interrupted writes; a checkpoint of another config is
+        refused, and a ``sampler.pt`` lost after the sampler phase is written again from the checkpoint."""
+        path = self.rd / CHECKPOINT
+        if self.world.main and (gone := remove_stale_temps(self.rd)):
+            self.notes.append(f"removed {len(gone)} temporary file(s) of interrupted writes "
+                              f"({sum(gone.values()) / 1e6:.1f} MB, e.g. {next(iter(gone)).name})")
+        ck = load_checkpoint(path, warn=False)
         if ck is None:
             return False
-        self.load_state_dict(ck)
+        if DIGEST not in ck:
+            self.notes.append(f"{path} has no SHA-256 (written before uvtrain checked checkpoints): resumed "
+                              f"unverified; the next checkpoint carries one")
+        self._check_config(ck, path)
+        self.load_state_dict(ck, path)
+        self.saved_step = self.step
         self.log.truncate(self.step)
+        self._restore_sampler_checkpoint()
         return True
+
+    def _check_config(self, ck: dict, path: Path) -> None:
+        """Refuse a checkpoint trained with another config than this run's (``config.json`` lost and rewritten by a
+        rerun with other flags): one line naming the fields. ``config.json`` is put back as the checkpoint has it
+        when it holds this run's config, so the corrected command is not refused in turn."""
+        if "config" not in ck:  # older than configs in checkpoints
+            return
+        ours = self.cfg.to_json()
+        diffs = dotted_differences(ck["config"], ours, old_name="checkpoint")
+        if not diffs:
+            return
+        cfg_path = self.rd / CONFIG
+        restored = ""
+        if self.world.main and cfg_path.is_file():
+            with contextlib.suppress(ValueError, OSError):
+                if json.loads(cfg_path.read_text()) == ours:
+                    atomic_write_text(cfg_path, json.dumps(ck["config"], indent=2))
+                    restored = f"; {cfg_path} holds the checkpoint's config again"
+        raise RunError(f"{path} was trained with another config ({'; '.join(diffs)}){restored}: rerun with the "
+                       f"checkpoint's settings, or pass --overwrite to restart the run")
+
+    def _restore_sampler_checkpoint(self) -> None:
+        """``sampler.pt`` again, from the state just resumed, when the sampler phase is done and the file is missing
+        (a kill while it was written). Exact when the run resumed at the phase's last step; later, the sampler is the
+        same (frozen since) but the rest of the state is the later step's (a note says so)."""
+        ns, path = self.cfg.sampler_steps, self.rd / SAMPLER_CHECKPOINT
+        if ns == 0 or self.step < ns or path.is_file():
+            return
+        last = [s for s in schedule(self.cfg, self.uv_size) if s.kind is StageKind.SAMPLER][-1]
+        self.save(last, path)
+        later = "" if self.step == ns else (f" (the sampler as the phase left it at step {ns}; the rest of the state "
+                                            f"is step {self.step}'s)")
+        self.notes.append(f"{path} was missing: written again from {CHECKPOINT} at step {self.step}{later}")
 
     def init_sampler_template(self, n: int = 64) -> None:
         """Start the sampler from the mean texel -> pixel map of up to ``n`` samples (see UVSampler.set_template)."""
@@ -256,7 +332,7 @@ class Trainer:
             target = self.posed.texel_grid(verts, stage.uv_out, stage.image_size)
             terms["loss_grid"] = grid_loss(grid, target, mask)
             terms["loss"] = terms["loss"] + w.grid * terms["loss_grid"]
-        check_finite(terms, self.step)
+        check_finite(terms, self.step + 1)  # the step being taken, as metrics.jsonl counts
         self.opt_s.zero_grad(set_to_none=True)
         self.scaler.scale(terms["loss"]).backward()
         self.scaler.step(self.opt_s)
@@ -309,7 +385,7 @@ class Trainer:
                 feat_target = self.identity(b["target"], b.get("points0"))
             terms["loss_id"] = identity_loss(self.identity(r1, b.get("points1")), feat_target)
         terms["loss"] = total_generator_loss(terms, w)
-        check_finite(terms, self.step)
+        check_finite(terms, self.step + 1)  # the step being taken, as metrics.jsonl counts
         self.opt_g.zero_grad(set_to_none=True)
         self.scaler.scale(terms["loss"]).backward()
         self.scaler.step(self.opt_g)
@@ -339,7 +415,7 @@ class Trainer:
                 loss = loss + 0.5 * self.cfg.weights.r1_gamma * r1_penalty(lr, real)
             terms[f"loss_d_{name}"] = loss.detach()
             total = total + loss
-        check_finite(terms, self.step)
+        check_finite(terms, self.step + 1)  # the step being taken, as metrics.jsonl counts
         self.opt_d.zero_grad(set_to_none=True)
         self.scaler.scale(total).backward()
         self.scaler.step(self.opt_d)
@@ -472,8 +548,8 @@ def _run_stage(tr: Trainer, stage: Stage, stop: int, on_log, on_step, signals: S
                 tr.world.barrier()  # no rank exits (torchrun then stops the rest) before the checkpoint is written
                 break
     except NonFiniteLoss as e:
-        raise RunError(f"{e}; stopped without saving, the last good checkpoint ({tr.rd / CHECKPOINT}) is intact; "
-                       f"lower the learning rates or try --amp none") from None
+        raise RunError(f"{e}; stopped without saving: {tr._last_good()}; lower the learning rates (`--overwrite` "
+                       f"restarts the run) or try --amp none") from None
     finally:
         del it, loader
     return rows

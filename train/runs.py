@@ -13,9 +13,13 @@ the flags all three commands share into a device and a network, or a one-line :c
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import pickle
 import shutil
+import warnings
+import zipfile
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -130,14 +134,34 @@ def verify_export(export_dir: Path) -> dict:
 
 
 # ------------------------------------------------------------------------------------ checkpoints
+DIGEST = "sha256"
+"""Key of a checkpoint's own SHA-256 (:func:`payload_sha256` of everything else in it), checked on every load: the
+digest lives inside the one file that is renamed into place, so a ``kill -9`` at any moment leaves a checkpoint and
+its digest that agree (a sidecar file would disagree between the two renames)."""
+TMP_INFIX = ".tmp-"
+"""Temporary files of :func:`_atomic_write`: ``.NAME.tmp-PID`` beside ``NAME`` (removed by :func:`remove_stale_temps`
+when an interrupted write left one)."""
+TRAIN_KEYS = ("step", "stage", "models", "optims", "scaler", "rng", "accum", "accum_n")
+"""What resuming a run needs from a checkpoint (:meth:`train.loop.Trainer.load_state_dict`)."""
+TRAIN_NETS = ("sampler", "generator", "discriminators")
+WEIGHT_KEYS, WEIGHT_NETS = ("step", "models"), ("sampler", "generator")
+"""What inference needs from a checkpoint (:func:`load_trained`)."""
+DAMAGED_FIX = "restore it from a backup, or start the run again with `uvtrain fit --overwrite`"
+
+
 def _atomic_write(path: Path, write) -> None:
-    """``write(f)`` into a temporary file in the same folder, fsync, then rename over ``path``."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """``write(f)`` into a temporary file in the same folder, fsync, then rename over ``path``; the temporary file is
+    removed when anything fails (a full disk, an interrupt)."""
+    tmp = path.with_name(f".{path.name}{TMP_INFIX}{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -145,16 +169,190 @@ def atomic_write_text(path: Path, text: str) -> None:
     _atomic_write(path, lambda f: f.write(text.encode()))
 
 
+def _os_error(e: BaseException) -> OSError | None:
+    """The OSError behind ``e`` (``torch.save`` wraps a failed write in a RuntimeError "unexpected pos")."""
+    while e is not None and not isinstance(e, OSError):
+        e = e.__cause__ or e.__context__
+    return e
+
+
+def payload_sha256(obj: Any) -> str:
+    """Hex SHA-256 of a checkpoint's contents: its nested dicts (keys sorted), lists, tuples and scalars, and each
+    tensor's dtype, shape and bytes. The same for the object :func:`atomic_save` is given and for what ``torch.load``
+    reads back, whatever the zip archive's layout."""
+    h = hashlib.sha256()
+
+    def feed(x: Any) -> None:
+        if isinstance(x, torch.Tensor):
+            t = x.detach().cpu().contiguous()
+            h.update(f"T{t.dtype}{tuple(t.shape)}:".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy())
+        elif isinstance(x, dict):
+            h.update(f"D{len(x)}:".encode())
+            for k in sorted(x, key=repr):
+                h.update(f"{k!r}=".encode())
+                feed(x[k])
+        elif isinstance(x, list | tuple):
+            h.update(f"{type(x).__name__}{len(x)}:".encode())
+            for v in x:
+                feed(v)
+        else:
+            h.update(f"{type(x).__name__}:{x!r};".encode())
+
+    feed(obj)
+    return h.hexdigest()
+
+
+def nonfinite_tensors(tree: Any, prefix: str = "") -> list[str]:
+    """Dotted names of the floating-point tensors in nested dicts / lists that hold a NaN or an infinity (one
+    device synchronisation for all of them)."""
+    found: list[tuple[str, torch.Tensor]] = []
+
+    def walk(x: Any, name: str) -> None:
+        if isinstance(x, torch.Tensor):
+            if x.is_floating_point() and x.numel():
+                found.append((name, x))
+        elif isinstance(x, dict):
+            for k, v in x.items():
+                walk(v, f"{name}.{k}" if name else str(k))
+        elif isinstance(x, list | tuple):
+            for i, v in enumerate(x):
+                walk(v, f"{name}.{i}" if name else str(i))
+
+    walk(tree, prefix)
+    if not found:
+        return []
+    ok = torch.stack([torch.isfinite(t).all().to(found[0][1].device) for _, t in found]).cpu()
+    return [name for (name, _), good in zip(found, ok.tolist(), strict=True) if not good]
+
+
+def _cpu(x: Any) -> Any:
+    if isinstance(x, torch.Tensor):
+        return x.detach().cpu()
+    if isinstance(x, dict):
+        return {k: _cpu(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return type(x)(_cpu(v) for v in x)
+    return x
+
+
 def atomic_save(obj: dict, path: Path) -> None:
-    """``torch.save`` a checkpoint atomically (temporary file, fsync, rename over ``path``)."""
-    _atomic_write(path, lambda f: torch.save(obj, f))
+    """``torch.save`` a checkpoint (on the CPU, with its :data:`DIGEST`) atomically: temporary file, fsync, rename over
+    ``path``. A failed write (disk full, read-only folder) is a :class:`RunError`; the previous file is untouched."""
+    payload = _cpu({k: v for k, v in obj.items() if k != DIGEST})
+    payload[DIGEST] = payload_sha256(payload)
+    try:
+        _atomic_write(Path(path), lambda f: torch.save(payload, f))
+    except Exception as e:
+        err = _os_error(e)
+        if err is None:
+            raise
+        raise RunError(f"{path}: checkpoint not written ({err.strerror or err}); the previous {Path(path).name} is "
+                       f"intact; free space in (or allow writing to) {Path(path).parent} and rerun to resume") from None
 
 
-def load_checkpoint(path: Path) -> dict | None:
-    """A checkpoint written by :func:`atomic_save`, on the CPU (``weights_only=True``); None when there is none."""
+def _read(path: Path, mmap: bool = False) -> dict:
+    """``torch.load`` (CPU, ``weights_only``) with every way a file can fail as one-line :class:`RunError`."""
+    try:
+        size = path.stat().st_size
+        if size == 0:
+            raise RunError(f"{path} is empty (0 bytes; a write cut off or a full disk?); {DAMAGED_FIX}")
+        ck = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)  # RNG states must stay CPU tensors
+    except RunError:
+        raise
+    except OSError as e:
+        raise RunError(f"{path}: cannot be read ({e.strerror or e})") from None
+    except Exception as e:  # torch's zip reader and the weights-only unpickler raise many kinds
+        if not zipfile.is_zipfile(path):
+            why = f"not a torch archive: truncated or overwritten, {size} bytes"
+        elif isinstance(e, pickle.UnpicklingError):  # its message advises weights_only=False: never here
+            why = "it holds objects that are not tensors or plain data"
+        else:
+            why = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:120] if str(e).strip() else 'unreadable'}"
+        raise RunError(f"{path} is not a readable checkpoint ({why}); {DAMAGED_FIX}") from None
+    if not isinstance(ck, dict):
+        raise RunError(f"{path} is not a uvtrain checkpoint (it holds a {type(ck).__name__}, not a dict)")
+    return ck
+
+
+def _check_keys(ck: dict, path: Path, keys: tuple[str, ...], nets: tuple[str, ...]) -> None:
+    """A :class:`RunError` naming what ``ck`` lacks of ``keys`` and of ``nets`` (in ``models``, and in ``optims``
+    where ``keys`` has it)."""
+    missing = [k for k in keys if k not in ck]
+    for group in ("models", "optims"):
+        if group in keys and isinstance(ck.get(group), dict):
+            missing += [f"{group}.{n}" for n in nets if not isinstance(ck[group].get(n), dict)]
+    if not missing:
+        return
+    what = ("is not a uvtrain checkpoint" if "models" in missing and "step" in missing else "is incomplete")
+    raise RunError(f"{path} {what} (no {', '.join(missing)}); {DAMAGED_FIX}")
+
+
+def load_checkpoint(path: Path, keys: tuple[str, ...] = TRAIN_KEYS, nets: tuple[str, ...] = TRAIN_NETS,
+                    warn: bool = True) -> dict | None:
+    """A checkpoint written by :func:`atomic_save`, on the CPU; None when there is none.
+
+    Checked before anything uses it, each failure a one-line :class:`RunError` naming the file: readable
+    (``weights_only=True``, never otherwise), its :data:`DIGEST` matches its contents, it holds ``keys`` and the
+    networks ``nets``, and those networks' weights (and optimiser states, where ``keys`` has ``optims``) are finite.
+    A checkpoint from before digests existed loads unverified, with a warning when ``warn`` (else the caller says
+    so: the returned dict then has no :data:`DIGEST`)."""
+    path = Path(path)
     if not path.exists():
         return None
-    return torch.load(path, map_location="cpu", weights_only=True)  # RNG states must stay CPU tensors
+    ck = _read(path)
+    want = ck.get(DIGEST)
+    if want is not None:
+        got = payload_sha256({k: v for k, v in ck.items() if k != DIGEST})
+        if got != want:
+            raise RunError(f"{path}: its contents hash to SHA-256 {got[:16]}…, not the {str(want)[:16]}… written "
+                           f"with it: the file was changed or damaged on disk; {DAMAGED_FIX}")
+    _check_keys(ck, path, keys, nets)
+    checked = {"models": {n: ck["models"][n] for n in nets}}
+    if "optims" in keys:
+        checked["optims"] = {n: ck["optims"][n] for n in nets}
+    bad = nonfinite_tensors(checked)
+    if bad:
+        raise RunError(f"{path} (step {ck['step']}): {len(bad)} tensor(s) hold NaN or inf (first: "
+                       f"{bad[0].removeprefix('models.')}): the run diverged before it was saved; use an earlier "
+                       f"checkpoint, or start the run again with lower learning rates (`uvtrain fit --overwrite`)")
+    if want is None and warn:
+        warnings.warn(f"{path} has no SHA-256 (written before uvtrain checked checkpoints): loaded unverified",
+                      stacklevel=2)
+    return ck
+
+
+def checkpoint_record(path: Path, key: str) -> Any:
+    """``ck[key]`` of a checkpoint file, memory-mapped (the weights are not read, nor verified); a damaged file is a
+    one-line :class:`RunError`."""
+    return _read(Path(path), mmap=True).get(key)
+
+
+def load_networks(nets: dict[str, torch.nn.Module], states: dict[str, dict], path: Path) -> None:
+    """``nets[k].load_state_dict(states[k])``; weights of other shapes or names (the store's UV size or the network
+    settings changed under the run) are a one-line :class:`RunError` naming ``path``."""
+    for name, net in nets.items():
+        try:
+            net.load_state_dict(states[name])
+        except RuntimeError as e:
+            lines = [ln.strip() for ln in str(e).splitlines()[1:] if ln.strip()]
+            first = lines[0].split(". ")[0] if lines else str(e).splitlines()[0]
+            raise RunError(f"{path}: its {name} does not fit this run's network ({first}); the store's UV size or "
+                           f"the network settings changed under the run: use the store and flags it was trained "
+                           f"with, or start it again (`uvtrain fit --overwrite`)") from None
+
+
+def remove_stale_temps(run_dir: Path) -> dict[Path, int]:
+    """Remove the temporary files interrupted writes of this run's files left (``.NAME.tmp-PID``, NAME a checkpoint,
+    ``config.json`` or ``metrics.jsonl``; nothing else); returns them with their sizes in bytes. Call it only while
+    holding the run's lock: no other process writes there then."""
+    gone: dict[Path, int] = {}
+    for name in (CHECKPOINT, SAMPLER_CHECKPOINT, BEST, CONFIG, METRICS):
+        for p in Path(run_dir).glob(f".{name}{TMP_INFIX}*"):
+            if p.name[len(name) + 1 + len(TMP_INFIX):].isdigit() and p.is_file():
+                gone[p] = p.stat().st_size
+                p.unlink(missing_ok=True)
+    return gone
 
 
 def rng_state() -> dict:
@@ -280,12 +478,11 @@ def load_trained(run_dir: Path, device: str = "cpu", bundle: InferenceBundle | N
     else:
         if not path.is_file():
             raise RunError(f"{run_dir}: no {path.name} (train with `uvtrain fit --run-dir {run_dir}` first)")
-        ck = torch.load(path, map_location="cpu", weights_only=True)
+        ck = load_checkpoint(path, WEIGHT_KEYS, WEIGHT_NETS)  # verified: readable, its SHA-256, finite weights
         models, step = ck["models"], int(ck["step"])
     uv_size = (bundle or read_bundle(Path(run_dir), cfg.store)).uv_size
     sampler, generator = UVSampler(cfg.sampler), UVGenerator(uv_size, cfg.generator)
-    sampler.load_state_dict(models["sampler"])
-    generator.load_state_dict(models["generator"])
+    load_networks({"sampler": sampler, "generator": generator}, models, path)
     return cfg, sampler.to(device).eval(), generator.to(device).eval(), step
 
 

@@ -27,7 +27,7 @@ import torch
 from common.store import StoreReader
 from train.config import HIGHER_IS_BETTER, RunOptions
 from train.evaluate import Evaluator, UVMethods, check_compatible, store_fingerprint, usable_samples
-from train.runs import BEST, RunError, rng_state, set_rng_state
+from train.runs import BEST, RunError, checkpoint_record, rng_state, set_rng_state
 
 __all__ = ["BAND_KEYS", "Validator", "best_record", "improves", "validate"]
 
@@ -66,7 +66,7 @@ def best_record(path: Path) -> dict | None:
     was written after the checkpoint (or is gone)."""
     if not path.is_file():
         return None
-    return torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("val_best")
+    return checkpoint_record(path, "val_best")  # a damaged best.pt: one line naming it
 
 
 class Validator:
