@@ -22,9 +22,10 @@ from typer.testing import CliRunner
 from tests.test_train import opts, tiny
 from train.cli import app
 from train.config import OptimConfig
-from train.loop import Trainer, fit
+from train.loop import Trainer, fit, schedule
 from train.models import UVGenerator
 from train.runs import (
+    BEST,
     CHECKPOINT,
     CONFIG,
     DIGEST,
@@ -160,6 +161,18 @@ def test_a_nan_loss_names_its_step_and_the_checkpoint_kept(train_store, tmp_path
     with pytest.raises(RunError, match=r"'loss_uv' is nan at step 3;.*checkpoint\.pt \(step 2\) is kept"):
         fit(short(train_store, sampler_steps=4), opts(rd, checkpoint_every=2))
     assert load_checkpoint(rd / CHECKPOINT)["step"] == 2
+
+
+def test_best_pt_is_skipped_not_fatal_with_nan_weights(train_store, tmp_path):
+    """Rank 0 alone writes best.pt (the other ranks wait at a barrier): NaN weights skip it there, and the next
+    checkpoint.pt, which every rank writes, stops the run."""
+    tr = Trainer(short(train_store), opts(tmp_path / "r"))
+    next(tr.generator.parameters()).data.view(-1)[0] = float("nan")
+    stage = schedule(tr.cfg, tr.uv_size)[-1]
+    tr.save(stage, tr.rd / BEST)
+    assert not (tr.rd / BEST).exists()
+    with pytest.raises(RunError, match=r"NaN or inf after step 0 \(first: models\.generator\..*no checkpoint was"):
+        tr.save(stage)
 
 
 def test_a_checkpoint_with_nan_weights_is_refused_everywhere(done, train_store, photos, tmp_path):

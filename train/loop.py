@@ -234,6 +234,8 @@ class Trainer:
         an optimiser state: every rank then stops with a :class:`RunError` and the last finite checkpoint stays."""
         state = self.state_dict(stage)
         bad = nonfinite_tensors({"models": state["models"], "optims": state["optims"]})  # the same on every rank
+        if bad and path is not None and Path(path).name == BEST:
+            return  # rank 0 alone writes best.pt: the next step's loss or checkpoint stops every rank instead
         if bad:
             raise RunError(f"{len(bad)} tensor(s) hold NaN or inf after step {self.step} (first: {bad[0]}): "
                            f"{(path or self.rd / CHECKPOINT).name} not written; {self._last_good()}; lower the "
