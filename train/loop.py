@@ -62,6 +62,8 @@ from train.runs import (
     RunError,
     atomic_save,
     atomic_write_text,
+    check_batch_size,
+    check_run_store,
     load_checkpoint,
     load_identity,
     load_networks,
@@ -70,6 +72,7 @@ from train.runs import (
     remove_stale_temps,
     resolve_device,
     rng_state,
+    run_lock,
     sampled_inside,
     set_rng_state,
 )
@@ -441,12 +444,27 @@ def fit(cfg: TrainConfig, run: RunOptions, on_log=None, on_step=None) -> dict[st
 
 def _fit(cfg: TrainConfig, run: RunOptions, on_log, on_step, signals: StopSignals) -> dict[str, Any]:
     world = Dist.from_env(run.device, run.dist_timeout)
-    prepare_run_dir(cfg, run, write=world.main)
-    world.barrier()
-    tr = Trainer(cfg, run, world)
+    prepare_run_dir(cfg, run, write=False)  # checks only: nothing is written before every start-up check passed
+    with run_lock(run.run_dir, hold=world.main):  # a second `uvtrain fit` into this run directory is refused
+        return _fit_locked(cfg, run, on_log, on_step, signals, world)
+
+
+def _fit_locked(cfg: TrainConfig, run: RunOptions, on_log, on_step, signals: StopSignals, world: Dist
+                ) -> dict[str, Any]:
+    tr = Trainer(cfg, run, world)  # the store opened, the device, the identity and validation networks
+    notes: list[str] = []
     if world.main:
+        store, notes = check_run_store(tr.rd, tr.reader.group, cfg.store, run.overwrite)
+        check_batch_size(cfg, store["samples_ok"], world.world_size)
+        prepare_run_dir(cfg, run, write=True, store=store)  # config.json only now (and --overwrite's clearing)
+        if run.overwrite:
+            tr.val_best = None  # best.pt was just deleted
         write_bundle(tr.rd, tr.reader, cfg.store)  # what infer / eval need without the store
+    world.barrier()  # no rank resumes from a checkpoint --overwrite is deleting
     resumed = tr.resume()
+    if not resumed:
+        tr.log.truncate(0)  # rows of an attempt stopped before its first checkpoint
+    tr.notes += notes + tr.log.notes
     if run.phase == "generator" and tr.step < cfg.sampler_steps:
         raise RunError(f"--phase generator: the sampler phase is not done in {run.run_dir} (step {tr.step} of "
                        f"{cfg.sampler_steps}); run --phase sampler (or all) first")

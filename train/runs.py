@@ -1,10 +1,13 @@
 """A training run's directory: the files :func:`train.loop.fit` writes, and loading a trained run back.
 
 Run directory ``R``: ``config.json`` (the :class:`TrainConfig`; a rerun with another config is refused),
-``checkpoint.pt`` (written atomically; models, optimisers, scaler, step, data position, RNG states, log
-accumulators), ``sampler.pt`` (the sampler at the end of its phase), ``metrics.jsonl`` (one row per log step),
-``previews/*.png`` and ``tb/`` (TensorBoard), and the inference bundle (:mod:`train.bundle`). Rerunning the same
-command resumes from ``checkpoint.pt``.
+``store.json`` (the training store's identity, :func:`common.store.identity.store_identity`; a rerun on a store
+rebuilt with other settings or other data is refused, and so is an incomplete store), ``.uvtrain-run.lock`` (held
+while ``uvtrain fit`` runs: a second one into the same directory is refused), ``checkpoint.pt`` (written
+atomically; models, optimisers, scaler, step, data position, RNG states, log accumulators), ``sampler.pt`` (the
+sampler at the end of its phase), ``metrics.jsonl`` (one row per log step), ``previews/*.png`` and ``tb/``
+(TensorBoard), and the inference bundle (:mod:`train.bundle`). Rerunning the same command resumes from
+``checkpoint.pt``.
 
 ``uvtrain infer`` and ``uvtrain eval`` load a run with :func:`load_trained` and apply it with :func:`predict_uv`
 (or the two networks directly), without the training loop; :func:`resolve_device` and :func:`load_identity` turn
@@ -13,6 +16,7 @@ the flags all three commands share into a device and a network, or a one-line :c
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -30,11 +34,17 @@ import torch
 from common.configdiff import dotted_differences
 from common.identity import load_identity as common_load_identity
 from common.imageio import image_grid, write_png
-from train.bundle import InferenceBundle, read_bundle
+from common.store import BuildLock, LockHeld, acquire_lock
+from common.store.identity import data_sha256, identity_differences, same_build, store_identity
+from train.bundle import BUNDLE_DIR, InferenceBundle, read_bundle
 from train.config import RunOptions, TrainConfig
 from train.models import UVGenerator, UVSampler
 
 CHECKPOINT, SAMPLER_CHECKPOINT, CONFIG, METRICS = "checkpoint.pt", "sampler.pt", "config.json", "metrics.jsonl"
+STORE_RECORD = "store.json"
+"""The identity of the store a run trains on (:func:`check_run_store`), written with ``config.json``."""
+RUN_LOCK = ".uvtrain-run.lock"
+"""The run directory's lock (:func:`run_lock`): the build lock of :mod:`common.store.lock` under another name."""
 BEST = "best.pt"
 """The checkpoint of the best held-out validation (``--val-store``, :mod:`train.validate`), as ``checkpoint.pt``."""
 PREVIEWS, TENSORBOARD = "previews", "tb"
@@ -49,7 +59,10 @@ class RunError(RuntimeError):
 
 def resolve_device(name: str) -> torch.device:
     """``--device`` as a torch device: cpu, cuda or cuda:N, the latter only where CUDA is available."""
-    dev = torch.device(name)
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise RunError(f"--device {name}: expected cpu, cuda or cuda:N") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise RunError(f"--device {name}: CUDA is not available on this machine (torch {torch.__version__}); "
                        f"use --device cpu")
@@ -71,8 +84,23 @@ def load_identity(spec: str, device: torch.device) -> torch.nn.Module | None:
 
 
 # ------------------------------------------------------------------------------------ run directory
-def prepare_run_dir(cfg: TrainConfig, run: RunOptions, write: bool) -> None:
-    """Create or check ``run.run_dir``: refuse a different config unless ``overwrite`` (which clears the state)."""
+def read_run_json(path: Path, fix: str) -> Any:
+    """The JSON in a run directory's file ``path``; a truncated or garbled file is a one-line :class:`RunError`
+    ending with ``fix`` (what to do)."""
+    try:
+        return json.loads(Path(path).read_bytes())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise RunError(f"{path} is damaged (not JSON: {e}; truncated by a crash?); {fix}") from None
+
+
+def prepare_run_dir(cfg: TrainConfig, run: RunOptions, write: bool, store: dict | None = None) -> None:
+    """Check ``run.run_dir`` (refuse a different config unless ``overwrite``); with ``write``, create it, clear its
+    state on ``overwrite``, and write ``config.json`` (and ``store.json``: ``store``, the identity from
+    :func:`check_run_store`).
+
+    :func:`train.loop.fit` calls it twice: first to check only, and to write only after every start-up check passed
+    (store, device, batch size...), so that a failed start leaves no ``config.json`` that would refuse the corrected
+    command."""
     rd = Path(run.run_dir)
     if not rd.parent.is_dir():
         raise RunError(f"run directory {rd}: its parent {rd.parent} does not exist; create it first")
@@ -80,7 +108,8 @@ def prepare_run_dir(cfg: TrainConfig, run: RunOptions, write: bool) -> None:
         raise RunError(f"run directory {rd} exists and is not a directory")
     cfg_path = rd / CONFIG
     if cfg_path.exists() and not run.overwrite:
-        diffs = dotted_differences(json.loads(cfg_path.read_text()), cfg.to_json(), old_name="run dir")
+        saved = read_run_json(cfg_path, f"restore it, or pass --overwrite to restart the run in {rd}")
+        diffs = dotted_differences(saved, cfg.to_json(), old_name="run dir")
         if diffs:
             raise RunError(f"{rd} holds a run with another config ({'; '.join(diffs)}); pass --overwrite to "
                            f"restart it or choose another --run-dir")
@@ -89,15 +118,109 @@ def prepare_run_dir(cfg: TrainConfig, run: RunOptions, write: bool) -> None:
     try:
         rd.mkdir(exist_ok=True)
         if run.overwrite:
-            for name in (CHECKPOINT, SAMPLER_CHECKPOINT, BEST, METRICS, CONFIG):
+            for name in (CHECKPOINT, SAMPLER_CHECKPOINT, BEST, METRICS, CONFIG, STORE_RECORD):
                 (rd / name).unlink(missing_ok=True)
-            for name in (PREVIEWS, TENSORBOARD):
+            for name in (PREVIEWS, TENSORBOARD, BUNDLE_DIR):  # the bundle: --overwrite may change the store
                 shutil.rmtree(rd / name, ignore_errors=True)
         (rd / PREVIEWS).mkdir(exist_ok=True)
+        if store is not None:
+            atomic_write_text(rd / STORE_RECORD, json.dumps(store, indent=2))
         if not cfg_path.exists():
             atomic_write_text(cfg_path, json.dumps(cfg.to_json(), indent=2))
-    except PermissionError as e:
-        raise RunError(f"run directory {rd} is not writable ({e.strerror})") from None
+    except OSError as e:
+        raise RunError(f"run directory {rd} is not writable ({e.strerror or e})") from None
+
+
+def check_run_store(run_dir: Path, group, store: str, overwrite: bool) -> tuple[dict, list[str]]:
+    """(identity, notes) of the training store (an open group) after checking it against the run's
+    ``store.json``; raises :class:`RunError` for an incomplete store, or a store that is not the one the run
+    trained on: rebuilt with other settings, other photos or other data (named in the message).
+
+    The data digest (:func:`common.store.identity.data_sha256`) is read again only when a build ran since the
+    record was taken (:func:`common.store.identity.same_build`). ``overwrite``: the record is ignored (the run
+    restarts). A store that was rebuilt with the same settings and identical data passes, with a note."""
+    rd = Path(run_dir)
+    ident = store_identity(group, with_data=False)
+    if not ident["complete"]:
+        raise RunError(f"{store} is INCOMPLETE: {ident['chunks_done']} of {ident['n_chunks']} chunks built (a build "
+                       f"is running or was interrupted); finish it with the same `uvprep build` command (`uvprep "
+                       f"check {store}` says more), then train")
+    path = rd / STORE_RECORD
+    recorded = None
+    if path.is_file() and not overwrite:
+        recorded = read_run_json(path, f"delete it to record the store again (only if {store} is the store this run "
+                                       f"trained on), or pass --overwrite to restart the run")
+    if recorded is not None and same_build(recorded, ident):
+        ident["data_sha256"] = recorded.get("data_sha256")
+    else:
+        ident["data_sha256"] = data_sha256(group)
+    notes: list[str] = []
+    if recorded is not None:
+        diffs = identity_differences(recorded, ident, old_name="run's store", new_name="now")
+        if diffs:
+            raise RunError(f"{store} is not the store this run trained on ({'; '.join(diffs)}; recorded in {path}): "
+                           f"it was rebuilt or changed since. Train on the store as it was, or start a new run "
+                           f"(--overwrite, or another --run-dir)")
+        if recorded.get("created") != ident["created"]:
+            notes.append(f"{store} was rebuilt (created {ident['created']}, the run started on one created "
+                         f"{recorded.get('created')}) with the same settings and identical data: resuming")
+    elif (rd / CHECKPOINT).is_file() and not overwrite:
+        notes.append(f"{rd} has no {STORE_RECORD} (a run started by an older uvtrain): the store is recorded now, but "
+                     f"the steps trained so far could not be checked against it")
+    return ident, notes
+
+
+def check_batch_size(cfg: TrainConfig, samples_ok: int, world_size: int) -> None:
+    """Refuse a batch larger than the usable samples of one data shard (a rank's loader worker draws whole batches
+    from its shard: a larger batch repeats faces within the batch and only costs memory)."""
+    shards = world_size * max(1, cfg.workers)
+    per_shard = samples_ok // shards
+    where = (f"{samples_ok} usable samples in {cfg.store} over {world_size} rank(s) x {max(1, cfg.workers)} loader "
+             f"worker(s)")
+    if per_shard == 0:
+        raise RunError(f"{where}: fewer samples than data shards; use fewer --workers or a larger store")
+    if cfg.batch_size > per_shard:
+        fewer = ", fewer --workers" if cfg.workers > 1 else ""
+        raise RunError(f"--batch-size {cfg.batch_size}: larger than the {per_shard} samples each batch is drawn from "
+                       f"({where}); use --batch-size {per_shard} or less{fewer}, or a larger store")
+
+
+def acquire_run_lock(run_dir: Path) -> BuildLock:
+    """Take the run directory's lock (:data:`RUN_LOCK`, creating the directory) or raise :class:`RunError` naming
+    the ``uvtrain fit`` that holds it. A lock left by a dead process on this host (or by an earlier incarnation of
+    this SLURM job) is taken over (:func:`common.store.acquire_lock`)."""
+    rd = Path(run_dir)
+    try:
+        return acquire_lock(rd, RUN_LOCK, "uvtrain fit")
+    except LockHeld as e:
+        h = e.holder
+        if h is None:
+            raise RunError(f"could not take the run lock {e.where}: it kept changing hands; try again") from None
+        raise RunError(f"{rd} is in use by {h.get('owner', '?')} (pid {h.get('pid')} on {h.get('host')}, user "
+                       f"{h.get('user', '?')}, started {h.get('started')}): wait for it to end or choose another "
+                       f"--run-dir; if that process is dead (its machine crashed), delete {e.where} and "
+                       f"rerun") from None
+    except OSError as e:
+        raise RunError(f"run directory {rd} is not writable ({e.strerror or e})") from None
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: Path, hold: bool = True):
+    """Hold the run directory's lock (:func:`acquire_run_lock`) while the body runs (``hold``: rank 0 only). A run
+    directory the lock had to create and that is still empty when the body fails is removed again."""
+    if not hold:
+        yield None
+        return
+    rd = Path(run_dir)
+    existed = rd.exists()
+    lock = acquire_run_lock(rd)
+    try:
+        yield lock
+    finally:
+        lock.release()
+        if not existed:
+            with contextlib.suppress(OSError):
+                rd.rmdir()  # only when empty: a failed start leaves nothing behind
 
 
 def load_run_config(run_dir: Path) -> TrainConfig:
@@ -107,7 +230,32 @@ def load_run_config(run_dir: Path) -> TrainConfig:
         verify_export(run_dir)
     if not path.is_file():
         raise RunError(f"{run_dir}: not a uvtrain run directory (no {CONFIG})")
-    return TrainConfig.from_json(json.loads(path.read_text()))
+    saved = read_run_json(path, "restore it from a copy of the run directory")
+    try:
+        return TrainConfig.from_json(saved)
+    except (TypeError, ValueError, AttributeError) as e:
+        raise RunError(f"{path} is not a uvtrain run config ({e}); restore it from a copy of the run "
+                       f"directory") from None
+
+
+def trained_run_dir(checkpoint: Path) -> Path:
+    """The run (or export) directory of ``uvtrain infer/eval --checkpoint`` (a directory, or a checkpoint file in
+    one), after checking that it holds a run and trained weights: a :class:`RunError` names what is missing (not
+    the training store the run directory would otherwise fall back to)."""
+    ck = Path(checkpoint)
+    if not ck.exists():
+        raise RunError(f"--checkpoint {ck}: no such file or directory")
+    rd = ck.parent if ck.is_file() else ck
+    if is_export(rd):
+        return rd
+    if not (rd / CONFIG).is_file():
+        raise RunError(f"--checkpoint {ck}: {rd} is not a uvtrain run directory (no {CONFIG}); pass the --run-dir "
+                       f"of a `uvtrain fit` or a `uvtrain export` folder")
+    if not ck.is_file() and not (rd / CHECKPOINT).is_file():
+        raise RunError(f"--checkpoint {ck}: the run has no {CHECKPOINT} yet (it stopped before its first checkpoint, "
+                       f"written every --checkpoint-every steps and at each stage's end); rerun its `uvtrain fit "
+                       f"--run-dir {rd}` command to train it")
+    return rd
 
 
 def is_export(path: Path) -> bool:
@@ -381,6 +529,8 @@ class MetricsLog:
         self.sums: dict[str, float] = defaultdict(float)
         self.n = 0
         self.tb = None
+        self.notes: list[str] = []
+        """What :meth:`truncate` repaired, one line each (printed as notes of the run)."""
 
     def open_tensorboard(self, enabled: bool) -> None:
         """Also write to TensorBoard (``R/tb``) when ``enabled``, on rank 0, where tensorboard is installed."""
@@ -424,11 +574,33 @@ class MetricsLog:
                         self.tb.add_scalar(f"{prefix}{k}", v, row["step"])
 
     def truncate(self, step: int) -> None:
-        """Drop rows logged after the checkpoint a run resumes from at ``step`` (they will be logged again)."""
+        """Drop rows logged after the checkpoint a run resumes from at ``step`` (they will be logged again; 0: a run
+        that starts afresh drops them all).
+
+        A line that is not a JSON row -- the torn last line of a write cut by a crash or a power loss, often padded
+        with NUL bytes -- is dropped too, with a note in :attr:`notes`. Its row is logged again when it came after
+        the checkpoint; one from before it (rows are not fsynced, the checkpoint is) stays lost."""
         path = self.rd / METRICS
         if not (self.main and path.exists()):
             return
-        keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+        lines = path.read_bytes().decode("utf-8", errors="replace").split("\n")
+        keep, torn, last = [], [], 0
+        for i, ln in enumerate(lines, 1):
+            text = ln.strip().strip("\x00")
+            if not text:
+                continue
+            last = i
+            try:
+                row = json.loads(text)
+                row_step = int(row["step"])
+            except (ValueError, TypeError, KeyError):
+                torn.append(i)
+                continue
+            if row_step <= step:
+                keep.append(text)
+        if torn:
+            which = f"its torn last line ({last})" if torn == [last] else f"lines {torn}"
+            self.notes.append(f"{path}: dropped {which}, not a JSON row (a write cut by a crash or power loss)")
         atomic_write_text(path, "".join(ln + "\n" for ln in keep))
 
     def state_dict(self) -> dict:
