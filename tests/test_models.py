@@ -208,6 +208,34 @@ def test_residual_generator_starts_as_identity_and_learns():
     torch.testing.assert_close(gen(uv_other, mask), out)
 
 
+def test_mirror_input_generator_sees_the_mirrored_map():
+    """GeneratorConfig.mirror_input: the stem reads [x, mirror(x)]; with the column-flip index, a network whose
+    stem keeps only the mirrored half answers a flipped input as the plain half answers the original."""
+    torch.manual_seed(0)
+    u = 16
+    flip = torch.arange(u * u).view(u, u).flip(-1).reshape(-1)
+    cfg = dataclasses.replace(TINY_GENERATOR, mirror_input=True)
+    gen = UVGenerator(u, cfg, mirror_index=flip)
+    assert gen.stem[0].in_channels == 8
+    torch.testing.assert_close(gen.state_dict()["mirror_index"], flip)
+    loaded = UVGenerator(u, cfg)  # built without the index, as to load a checkpoint: the state dict brings it
+    loaded.load_state_dict(gen.state_dict())
+    uv, mask = torch.rand(1, 3, u, u), (torch.rand(1, 1, u, u) > 0.3).float()
+    torch.testing.assert_close(loaded(uv, mask), gen(uv, mask))
+    with torch.no_grad():
+        gen.stem[0].weight[:, :4] = 0  # only the mirrored channels reach the network
+    with torch.no_grad():
+        a = gen(uv, mask)
+        w = gen.stem[0].weight
+        w[:, 4:], w[:, :4] = w[:, :4].clone(), w[:, 4:].clone()
+        b = gen(uv.flip(-1), mask.flip(-1))
+    torch.testing.assert_close(a, b)
+    with pytest.raises(ValueError, match="mirror_index"):
+        UVGenerator(u, cfg, mirror_index=flip[:-1])
+    with pytest.raises(ValueError, match="needs the side 16"):
+        gen(torch.rand(1, 3, 32, 32), torch.ones(1, 1, 32, 32))
+
+
 def test_generator_ignores_masked_out_texels():
     """The network sees UV_spl only through the mask: values under mask 0 do not change UV_pred."""
     torch.manual_seed(0)

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from torch.nn.utils.parametrizations import spectral_norm
 
 from train.config import DiscriminatorConfig, GeneratorConfig, SamplerConfig
-from train.uvops import expect_shape
+from train.uvops import expect_shape, mirror
 
 __all__ = [
     "SNConv2d",
@@ -245,7 +245,8 @@ _RESIDUAL_EPS = 1e-3
 class UVGenerator(nn.Module):
     """UV generator (Section 3.2): complete an incomplete UV map, (UV_spl, mask) -> UV_pred.
 
-    A U-Net: a conv3x3 stem on [UV_spl * mask in [-1, 1], mask] (4 channels), ``n_down`` levels of
+    A U-Net: a conv3x3 stem on [UV_spl * mask in [-1, 1], mask] (4 channels; 8 with ``config.mirror_input``,
+    which appends both mirrored across the face), ``n_down`` levels of
     stride-2 conv3x3 + conv3x3, ``n_res`` residual blocks at the bottleneck, and per level a resize-
     convolution (nearest x2 then conv3x3, which avoids the checkerboard of transposed convolutions)
     concatenated with the encoder's skip and fused by a conv3x3; a conv3x3 to RGB and a sigmoid. With
@@ -260,16 +261,24 @@ class UVGenerator(nn.Module):
     (U = 32, 64, 128, 152, 256 with their own automatic depths).
     """
 
-    def __init__(self, uv_size: int, config: GeneratorConfig = GeneratorConfig()) -> None:
+    def __init__(self, uv_size: int, config: GeneratorConfig = GeneratorConfig(),
+                 mirror_index: Tensor | None = None) -> None:
+        """``mirror_index`` (U * U,) int64 (the store's texel mirror, -1: none) is needed by ``config.mirror_input``;
+        it is a buffer of the state dict, so a network built without it (to load a checkpoint) gets it there."""
         super().__init__()
         self.config = c = config
         self.uv_size = int(uv_size)
+        if c.mirror_input:
+            if mirror_index is None:
+                mirror_index = torch.full((self.uv_size**2,), -1, dtype=torch.int64)
+            expect_shape("mirror_index", mirror_index, (self.uv_size**2,))
+            self.register_buffer("mirror_index", mirror_index.detach().to(torch.int64).clone())
         self.n_down = auto_n_down(self.uv_size, c.min_bottleneck) if c.n_down is None else int(c.n_down)
         if self.uv_size % 2**self.n_down:
             raise ValueError(f"uv_size {uv_size} is not divisible by 2**n_down = {2**self.n_down}; "
                              f"pass n_down=None for the automatic depth")
         widths = [min(c.channels * 2**k, c.max_channels) for k in range(self.n_down + 1)]
-        self.stem = _conv_norm_act(4, widths[0])
+        self.stem = _conv_norm_act(8 if c.mirror_input else 4, widths[0])
         self.down = nn.ModuleList(nn.Sequential(_conv_norm_act(a, b, stride=2), _conv_norm_act(b, b))
                                   for a, b in zip(widths[:-1], widths[1:], strict=True))
         self.bottleneck = nn.Sequential(*(_ResBlock(widths[-1]) for _ in range(c.n_res)))
@@ -289,7 +298,13 @@ class UVGenerator(nn.Module):
         if d["U"] % 2**self.n_down:
             raise ValueError(f"uv_spl: expected a side divisible by 2**n_down = {2**self.n_down}, found {d['U']}")
         mask = mask.to(uv_spl.dtype)
-        h = self.stem(torch.cat([(uv_spl * 2 - 1) * mask, mask], 1))
+        x = torch.cat([(uv_spl * 2 - 1) * mask, mask], 1)
+        if self.config.mirror_input:
+            if d["U"] != self.uv_size:
+                raise ValueError(f"uv_spl: mirror_input needs the side {self.uv_size} its mirror index has, "
+                                 f"found {d['U']}")
+            x = torch.cat([x, mirror(x, self.mirror_index)], 1)
+        h = self.stem(x)
         skips = [h]
         for down in self.down:
             h = down(h)
