@@ -52,6 +52,8 @@ def fit(
                                "sampler head reads."),
     generator_residual: bool = option(GeneratorConfig, "residual", help="The generator corrects UV_spl instead of "
                                       "predicting UV_pred from scratch (docs/experiments.md)."),
+    generator_mirror_input: bool = option(GeneratorConfig, "mirror_input", help="Also feed the generator UV_spl "
+                                          "mirrored across the face (docs/experiments.md)."),
     channels: int = option(SamplerConfig, "channels", min=4, help="Base channels of every network (smaller for "
                                                                   "quick tries)."),
     device: str = option(RunOptions, "device", help="cpu | cuda | cuda:N"),
@@ -126,7 +128,8 @@ def fit(
                                       lr_discriminator=lr_discriminator)),
             sampler=SamplerConfig(**given(grid_size=sampler_grid, channels=channels, n_down=sampler_n_down,
                                            pool_size=sampler_pool)),
-            generator=GeneratorConfig(**given(channels=channels, residual=generator_residual)),
+            generator=GeneratorConfig(**given(channels=channels, residual=generator_residual,
+                                              mirror_input=generator_mirror_input)),
             discriminator=DiscriminatorConfig(**given(channels=channels)))
         run = RunOptions(run_dir=run_dir, **given(
             phase=phase, device=device, overwrite=overwrite, log_every=log_every, checkpoint_every=checkpoint_every,

@@ -77,6 +77,10 @@ class GeneratorConfig:
     """Residual blocks at the bottleneck."""
     min_bottleneck: int = 8
     """Smallest bottleneck side the automatic ``n_down`` allows."""
+    mirror_input: bool = False
+    """Also feed the generator UV_spl and its mask mirrored across the face (the texel mirror of Eq. 12), so filling
+    a hidden texel from its visible twin is a local operation rather than one across the whole map
+    (docs/experiments.md)."""
     residual: bool = False
     """Predict UV_pred as a correction of UV_spl (in logit space, the last layer zero-initialised so training starts
     from UV_pred = UV_spl) instead of from scratch (docs/experiments.md)."""

@@ -175,7 +175,7 @@ class Trainer:
         cfg, dev = self.cfg, self.device
         torch.manual_seed(cfg.seed)
         self.sampler = UVSampler(cfg.sampler).to(dev)
-        self.generator = UVGenerator(self.uv_size, cfg.generator).to(dev)
+        self.generator = UVGenerator(self.uv_size, cfg.generator, mirror_index=self.mirror).to(dev)
         self.discs = torch.nn.ModuleDict({k: PatchDiscriminator(cfg.discriminator) for k in DISCRIMINATORS}).to(dev)
         o = cfg.optim
         betas = (o.beta1, o.beta2)
