@@ -67,9 +67,9 @@ def table(out: Path) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join([label, *_cells(m, with_id)]) + " |" for label, m in rows]
     steps = {stem: d.get("checkpoint_step") for stem, d in found.items()}
-    note = (f"\n{ref.get('samples', '?')} held-out faces; L1 / SSIM: Table 1's re-render of the photo; completion: MAE x "
-            f"255 against the true texture on the texels the photo saw / did not see (`uvtrain eval`). Checkpoint "
-            f"steps: {', '.join(f'{k} {v}' for k, v in steps.items())}.")
+    note = (f"\n{ref.get('samples', '?')} held-out faces; L1 / SSIM: Table 1's re-render of the photo; completion: "
+            f"MAE x 255 against the true texture on the texels the photo saw / did not see (`uvtrain eval`). "
+            f"Checkpoint steps: {', '.join(f'{k} {v}' for k, v in steps.items())}.")
     return "\n".join(lines) + "\n" + note + "\n"
 
 

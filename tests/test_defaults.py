@@ -67,9 +67,9 @@ _TRAIN = {"sampler_steps": "sampler_steps", "sampler_finetune_steps": "sampler_f
           "rotate_share": "rotate_share", "max_yaw": "max_yaw", "identity": "identity"}
 _RUN = ("phase", "device", "overwrite", "log_every", "checkpoint_every", "preview_every", "amp", "render_on", "compile",
         "progress", "tensorboard", "dist_timeout", "val_store", "val_every", "val_samples", "val_metric",
-        "val_identity")
+        "val_identity", "init_sampler")
 _WEIGHTS = {"w_face": "face", "w_uv": "uv", "w_sym": "sym", "w_tv": "tv", "w_id": "id", "w_adv": "adv",
-            "w_side": "side", "w_grid": "grid", "r1_gamma": "r1_gamma"}
+            "w_ctr": "ctr", "w_side": "side", "w_grid": "grid", "r1_gamma": "r1_gamma"}
 
 FIELDS: dict[str, dict[str, list[tuple[type, str, str]]]] = {
     # command -> option -> [(config class, field, where the command's recorded call holds it)]
@@ -81,6 +81,7 @@ FIELDS: dict[str, dict[str, list[tuple[type, str, str]]]] = {
         "sampler_grid": [(SamplerConfig, "grid_size", "cfg.sampler.grid_size")],
         "sampler_n_down": [(SamplerConfig, "n_down", "cfg.sampler.n_down")],
         "sampler_pool": [(SamplerConfig, "pool_size", "cfg.sampler.pool_size")],
+        "sampler_control_size": [(SamplerConfig, "control_size", "cfg.sampler.control_size")],
         "channels": [(SamplerConfig, "channels", "cfg.sampler.channels"),
                      (GeneratorConfig, "channels", "cfg.generator.channels"),
                      (DiscriminatorConfig, "channels", "cfg.discriminator.channels")],

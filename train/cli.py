@@ -50,6 +50,12 @@ def fit(
                                  "feature extractor; keep the last map >= 8x8 for small inputs (docs/experiments.md)."),
     sampler_pool: int = option(SamplerConfig, "pool_size", min=1, help="Side of the pooled last feature map the "
                                "sampler head reads."),
+    sampler_control_size: int = option(SamplerConfig, "control_size", min=0, help="Side of the sampler head's grid "
+                                       "of control points, bilinearly upsampled to S; 0: the paper's per-texel head "
+                                       "(2 S² outputs, docs/experiments.md)."),
+    init_sampler: Path = option(RunOptions, "init_sampler", help="Start a new run from another run's sampler (its "
+                                "run directory or sampler.pt, whose sampler flags and store must match) at the "
+                                "generator phase; ignored when the run resumes."),
     generator_residual: bool = option(GeneratorConfig, "residual", help="The generator corrects UV_spl instead of "
                                       "predicting UV_pred from scratch (docs/experiments.md)."),
     generator_mirror_input: bool = option(GeneratorConfig, "mirror_input", help="Also feed the generator UV_spl "
@@ -79,7 +85,10 @@ def fit(
                                                           "Eq. 14."),
     w_adv: float = option(LossWeights, "adv", min=0.0, help="Weight of the adversarial loss (Eq. 10), lambda_1 of "
                                                             "Eq. 14."),
-    w_side: float = option(LossWeights, "side", min=0.0, help="Extra factor of D_sd's adversarial term."),
+    w_ctr: float = option(LossWeights, "ctr", min=0.0, help="Extra factor of D_ctr's adversarial term (0: D_ctr is "
+                                                          "not trained at all)."),
+    w_side: float = option(LossWeights, "side", min=0.0, help="Extra factor of D_sd's adversarial term (0: D_sd is "
+                                                              "not trained at all)."),
     w_grid: float = option(LossWeights, "grid", min=0.0, help="Weight of the auxiliary sampling-grid L1 to the fit "
                                                               "(not in the paper; 0: Eq. 5 alone)."),
     r1_gamma: float = option(LossWeights, "r1_gamma", min=0.0, help="R1 penalty weight of the discriminators (0: "
@@ -122,12 +131,13 @@ def fit(
                 generator_steps=generator_steps, batch_size=batch_size, image_size=image_size,
                 sampler_image_size=sampler_image_size, workers=workers, seed=seed, rotate_share=rotate_share,
                 max_yaw=max_yaw, identity=identity),
-            weights=LossWeights(**given(face=w_face, uv=w_uv, sym=w_sym, tv=w_tv, id=w_id, adv=w_adv, side=w_side,
-                                        grid=w_grid, r1_gamma=r1_gamma)),
+            weights=LossWeights(**given(face=w_face, uv=w_uv, sym=w_sym, tv=w_tv, id=w_id, adv=w_adv, ctr=w_ctr,
+                                        side=w_side, grid=w_grid, r1_gamma=r1_gamma)),
             optim=OptimConfig(**given(lr_sampler=lr_sampler, lr_generator=lr_generator,
                                       lr_discriminator=lr_discriminator)),
             sampler=SamplerConfig(**given(grid_size=sampler_grid, channels=channels, n_down=sampler_n_down,
-                                           pool_size=sampler_pool)),
+                                           pool_size=sampler_pool), **({} if sampler_control_size is None else
+                                                                      {"control_size": sampler_control_size or None})),
             generator=GeneratorConfig(**given(channels=channels, residual=generator_residual,
                                               mirror_input=generator_mirror_input)),
             discriminator=DiscriminatorConfig(**given(channels=channels)))
@@ -135,7 +145,7 @@ def fit(
             phase=phase, device=device, overwrite=overwrite, log_every=log_every, checkpoint_every=checkpoint_every,
             preview_every=preview_every, amp=amp, render_on=render_on, compile=compile, progress=progress,
             tensorboard=tensorboard, dist_timeout=dist_timeout, val_store=val_store, val_every=val_every,
-            val_samples=val_samples, val_metric=val_metric, val_identity=val_identity))
+            val_samples=val_samples, val_metric=val_metric, val_identity=val_identity, init_sampler=init_sampler))
     except ValueError as e:
         _fail(str(e))
     from train.console import run_fit

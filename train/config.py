@@ -114,9 +114,12 @@ class LossWeights:
     id: float = 0.1
     """lambda_3, identity loss (Eq. 13)."""
     adv: float = 0.01
-    """lambda_1, adversarial loss (Eq. 10), summed over D_ctr, D_sd and D_face."""
+    """lambda_1, adversarial loss (Eq. 10), summed over D_ctr, D_sd and D_face (0: no discriminator is trained)."""
+    ctr: float = 1.0
+    """Extra factor on D_ctr's adversarial term (on top of ``adv``; 0: D_ctr is not trained at all)."""
     side: float = 0.5
-    """Extra factor on D_sd's adversarial term (on top of ``adv``): it sees two crops per map."""
+    """Extra factor on D_sd's adversarial term (on top of ``adv``): it sees two crops per map (0: D_sd is not trained
+    at all)."""
     grid: float = 1.0
     """Auxiliary sampler term :func:`train.losses.grid_loss` (not in the paper; 0 turns it off)."""
     r1_gamma: float = 0.0
@@ -269,6 +272,11 @@ class RunOptions:
     identity columns, lower for the rest)."""
     val_identity: str = "none"
     """Identity network of the held-out ID Recon / Front columns (as ``uvtrain eval --identity``); none: skipped."""
+    init_sampler: Path | None = None
+    """A new run starts from another run's sampler at the end of its phase (its ``sampler.pt``, or the run directory
+    holding it) and goes straight to the generator phase, at step ``sampler_steps``; the sampler-relevant config must
+    match. Ignored, with a note, when the run directory already has a checkpoint (a rerun resumes). None: train the
+    sampler."""
 
     def __post_init__(self) -> None:
         if self.phase not in PHASES:

@@ -29,10 +29,11 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from common.configdiff import dotted_differences
+from common.configdiff import dotted_differences, flatten_mapping
+from common.files import sha256_file
 from common.store import StoreReader
-from train.bundle import layout_valid, write_bundle
-from train.config import RunOptions, TrainConfig
+from train.bundle import BUNDLE_DIR, layout_valid, write_bundle
+from train.config import LossWeights, RunOptions, TrainConfig
 from train.data import DataConfig, StoreStream, add_renders, make_loader
 from train.distributed import Dist, StopSignals
 from train.losses import (
@@ -69,6 +70,7 @@ from train.runs import (
     load_networks,
     nonfinite_tensors,
     prepare_run_dir,
+    read_run_json,
     remove_stale_temps,
     resolve_device,
     rng_state,
@@ -80,6 +82,40 @@ from train.uvops import centre_crop, resize_masked, side_crops
 from train.validate import Validator, best_record, validate
 
 DISCRIMINATORS = ("ctr", "sd", "face")
+INIT_SAMPLER = "init_sampler.json"
+"""A run started by ``--init-sampler``: where its sampler came from (path, SHA-256 of the file and of its contents,
+step, the source's config), so the run can be reproduced from its own folder."""
+SAMPLER_RECIPE = ("sampler", "sampler_steps", "finetune_steps", "sampler_image_size", "image_size",
+                  "optim.lr_sampler", "weights.grid", "store.uv_size", "store.face_model")
+"""What decides the sampler at the end of its phase and must match for ``--init-sampler`` (dotted keys of
+:func:`sampler_recipe`)."""
+SAMPLER_SHARED = ("batch_size", "seed", "workers", "shuffle_window", "store.path", "weights.face", "weights.uv",
+                  "weights.tv", "optim.beta1", "optim.beta2")
+"""Settings that also shaped the sampler phase but are the generator phase's too: a difference is a note, so that
+generator variants may change them."""
+
+
+def active_discriminators(weights: LossWeights) -> tuple[str, ...]:
+    """The discriminators a run trains: those whose adversarial term weighs more than 0 in Eq. 14 (D_ctr:
+    ``adv * ctr``, D_sd: ``adv * side``, D_face: ``adv``). The others are never run: no fake crops, no step, no loss
+    rows, so an ablation without them does not pay for them."""
+    w = {"ctr": weights.adv * weights.ctr, "sd": weights.adv * weights.side, "face": weights.adv}
+    return tuple(k for k in DISCRIMINATORS if w[k] > 0)
+
+
+def sampler_recipe(cfg: TrainConfig, uv_size: int, face_model: str) -> dict[str, Any]:
+    """What decided (or will decide) a run's sampler at the end of its phase, by dotted key (:data:`SAMPLER_RECIPE`
+    and :data:`SAMPLER_SHARED`), for :func:`common.configdiff.dotted_differences`. ``uv_size`` and ``face_model``
+    (fingerprint): the training store's."""
+    full = flatten_mapping(cfg.to_json())
+    full.update({"finetune_steps": cfg.finetune_steps, "store.uv_size": uv_size, "store.face_model": face_model,
+                 "store.path": cfg.store})
+    return _pick(full, SAMPLER_RECIPE + SAMPLER_SHARED)
+
+
+def _pick(d: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
+    """The entries of flat ``d`` named by ``keys`` or under one of them (``sampler`` picks ``sampler.n_down``)."""
+    return {k: v for k, v in d.items() if any(k == key or k.startswith(key + ".") for key in keys)}
 
 
 # ------------------------------------------------------------------------------------------ schedule
@@ -150,6 +186,7 @@ class Trainer:
             raise RunError("--r1-gamma > 0 under torchrun: the R1 penalty's double backward through "
                            "DistributedDataParallel is not supported; use one process or --r1-gamma 0")
         self.amp_dtype = self._amp_dtype()
+        self.active = active_discriminators(cfg.weights)
         ro = run.render_on
         self.render_in_loader = ro == "loader" or (ro == "auto" and dev.type != "cuda")
         self.posed = PosedMesh(self.face_model, dev)
@@ -308,6 +345,59 @@ class Trainer:
                                             f"is step {self.step}'s)")
         self.notes.append(f"{path} was missing: written again from {CHECKPOINT} at step {self.step}{later}")
 
+    def read_init_sampler(self, source: Path) -> tuple[Path, dict]:
+        """(file, checkpoint) of ``--init-sampler SOURCE`` (a run's ``sampler.pt``, or the run directory holding it),
+        verified by :func:`train.runs.load_checkpoint` and checked against this run: a sampler at the end of its
+        phase, trained with this run's :data:`SAMPLER_RECIPE` on a store of the same UV size and face model (read
+        from the inference bundle beside the file); anything else is a one-line :class:`RunError`. Differences in
+        :data:`SAMPLER_SHARED` are notes."""
+        src = Path(source)
+        path = src / SAMPLER_CHECKPOINT if src.is_dir() else src
+        if not path.is_file():
+            raise RunError(f"--init-sampler {source}: no such file {path}; pass a run directory whose sampler phase "
+                           f"is done (`uvtrain fit --phase sampler`), or its {SAMPLER_CHECKPOINT}")
+        ck = load_checkpoint(path, keys=("step", "models"), nets=("sampler",))
+        try:
+            theirs = TrainConfig.from_json(ck["config"])
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise RunError(f"--init-sampler {path}: it holds no readable run config ({type(e).__name__}: {e}), so "
+                           f"what trained its sampler is unknown; use a {SAMPLER_CHECKPOINT} of a current uvtrain "
+                           f"run") from None
+        info_path = path.parent / BUNDLE_DIR / "info.json"
+        if not info_path.is_file():
+            raise RunError(f"--init-sampler {path}: no {info_path} beside it, so the store it was trained on (UV size, "
+                           f"face model) is unknown; pass the {SAMPLER_CHECKPOINT} inside its run directory")
+        info = read_run_json(info_path, "restore it from a copy of that run directory")
+        step = int(ck["step"])
+        if theirs.sampler_steps == 0 or step < theirs.sampler_steps:
+            raise RunError(f"--init-sampler {path}: it holds the sampler at step {step}, not at the end of its sampler "
+                           f"phase (step {theirs.sampler_steps}); finish that phase first (`uvtrain fit --phase "
+                           f"sampler --run-dir {path.parent}`)")
+        src = sampler_recipe(theirs, int(info["uv_size"]), str(info["face_model_hash"]))
+        ours = sampler_recipe(self.cfg, self.uv_size, self.face_model.fingerprint())
+
+        diffs = dotted_differences(_pick(src, SAMPLER_RECIPE), _pick(ours, SAMPLER_RECIPE), old_name="its sampler")
+        if diffs:
+            raise RunError(f"--init-sampler {path}: its sampler was trained with other sampler settings "
+                           f"({'; '.join(diffs)}); give this run the same sampler flags and store, or train its own "
+                           f"sampler (leave out --init-sampler)")
+        shared = dotted_differences(_pick(src, SAMPLER_SHARED), _pick(ours, SAMPLER_SHARED), old_name="its sampler")
+        if shared:
+            self.notes.append(f"--init-sampler {path}: its sampler phase ran with other shared settings "
+                              f"({'; '.join(shared)}; recorded in {INIT_SAMPLER})")
+        return path, ck
+
+    def start_from_sampler(self, path: Path, ck: dict) -> None:
+        """Begin this new run at the end of the sampler phase (step ``sampler_steps``) with the sampler of ``ck``
+        (read from ``path`` by :meth:`read_init_sampler`), everything else as built (fresh generator,
+        discriminators, optimisers). ``sampler.pt`` and ``checkpoint.pt`` are written at that step, so the run is
+        another run's source in turn and a rerun resumes there."""
+        load_networks({"sampler": self.sampler}, ck["models"], path)
+        self.step = self.cfg.sampler_steps
+        last = [s for s in schedule(self.cfg, self.uv_size) if s.kind is StageKind.SAMPLER][-1]
+        self.save(last, self.rd / SAMPLER_CHECKPOINT)
+        self.save(last)
+
     def init_sampler_template(self, n: int = 64) -> None:
         """Start the sampler from the mean texel -> pixel map of up to ``n`` samples (see UVSampler.set_template)."""
         s = self.cfg.sampler.grid_size
@@ -345,7 +435,8 @@ class Trainer:
                                   "render0": render.detach(), "target": b["target"]})
 
     def _fakes(self, b: dict, uv_pred: torch.Tensor, r0: torch.Tensor, r1: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The fake inputs of the three discriminators, masked like their real counterparts.
+        """The fake inputs of the discriminators this run trains (:func:`active_discriminators`), masked like their
+        real counterparts.
 
         Real partial crops have holes where their photo saw nothing; every fake crop takes the mask of a real
         crop of this batch (a permutation drawn from the step), so a discriminator cannot tell them by the holes.
@@ -353,15 +444,16 @@ class Trainer:
         g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + self.step)
         out = {}
         lay = self.layout
-        if "ctr_real" in b:
+        if "ctr" in self.active and "ctr_real" in b:
             perm = torch.randperm(uv_pred.shape[0], generator=g).to(uv_pred.device)
             out["ctr"] = centre_crop(uv_pred, lay.ctr_box, self.ctr_region) * b["ctr_real_mask"][perm]
-        if "sd_real" in b:
+        if "sd" in self.active and "sd_real" in b:
             perm = torch.randperm(2 * uv_pred.shape[0], generator=g).to(uv_pred.device)
             masks = torch.cat([b["sd_real_mask"], b["sd_real_mask"]])[perm]
             out["sd"] = side_crops(uv_pred, lay.sd_box, self.sd_region, self.mirror) * masks
-        face1 = (render_lookup(self.uv_valid.expand(r1.shape[0], -1, -1, -1), b["grid1"], b["cover1"]) > 0.5)
-        out["face"] = torch.cat([r0 * b["face"], r1 * face1.to(r1.dtype)])
+        if "face" in self.active:
+            face1 = (render_lookup(self.uv_valid.expand(r1.shape[0], -1, -1, -1), b["grid1"], b["cover1"]) > 0.5)
+            out["face"] = torch.cat([r0 * b["face"], r1 * face1.to(r1.dtype)])
         return out
 
     def generator_step(self, b: dict) -> StepResult:
@@ -403,7 +495,10 @@ class Trainer:
         return StepResult(terms, images, fakes)
 
     def discriminator_step(self, b: dict, fakes: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Eq. 10 for each discriminator with real data this batch: one forward over [real; fake]."""
+        """Eq. 10 for each discriminator with fakes this step (trained, with real data this batch): one forward over
+        [real; fake]. None (``--w-adv 0``): nothing to do."""
+        if not fakes:
+            return {}
         reals = {"ctr": b.get("ctr_real"), "sd": b.get("sd_real"), "face": b["target"]}
         terms: dict[str, torch.Tensor] = {}
         total = torch.zeros((), device=self.device)
@@ -452,6 +547,7 @@ def _fit(cfg: TrainConfig, run: RunOptions, on_log, on_step, signals: StopSignal
 def _fit_locked(cfg: TrainConfig, run: RunOptions, on_log, on_step, signals: StopSignals, world: Dist
                 ) -> dict[str, Any]:
     tr = Trainer(cfg, run, world)  # the store opened, the device, the identity and validation networks
+    init = _init_sampler_source(tr)
     notes: list[str] = []
     if world.main:
         store, notes = check_run_store(tr.rd, tr.reader.group, cfg.store, run.overwrite)
@@ -459,19 +555,26 @@ def _fit_locked(cfg: TrainConfig, run: RunOptions, on_log, on_step, signals: Sto
         prepare_run_dir(cfg, run, write=True, store=store)  # config.json only now (and --overwrite's clearing)
         if run.overwrite:
             tr.val_best = None  # best.pt was just deleted
+            (tr.rd / INIT_SAMPLER).unlink(missing_ok=True)
         write_bundle(tr.rd, tr.reader, cfg.store)  # what infer / eval need without the store
+        if init is not None:
+            path, ck = init
+            atomic_write_text(tr.rd / INIT_SAMPLER, json.dumps(
+                {"path": str(path.resolve()), "sha256": sha256_file(path), "checkpoint_sha256": ck.get(DIGEST),
+                 "step": int(ck["step"]), "config": ck["config"]}, indent=2))
     world.barrier()  # no rank resumes from a checkpoint --overwrite is deleting
     resumed = tr.resume()
     if not resumed:
         tr.log.truncate(0)  # rows of an attempt stopped before its first checkpoint
     tr.notes += notes + tr.log.notes
+    if not resumed and init is not None:
+        tr.start_from_sampler(*init)
     if run.phase == "generator" and tr.step < cfg.sampler_steps:
         raise RunError(f"--phase generator: the sampler phase is not done in {run.run_dir} (step {tr.step} of "
                        f"{cfg.sampler_steps}); run --phase sampler (or all) first")
-    if not resumed and cfg.sampler_steps > 0:
+    if not resumed and init is None and cfg.sampler_steps > 0:
         tr.init_sampler_template()
-    if tr.identity is None and cfg.weights.id > 0 and cfg.generator_steps > 0:
-        tr.notes.append("identity loss (Eq. 13) is off: --identity none")
+    tr.notes += _generator_notes(tr)
     end = cfg.sampler_steps if run.phase == "sampler" else cfg.total_steps
     tr.log.open_tensorboard(run.tensorboard)
     rows: list[dict] = []
@@ -491,6 +594,43 @@ def _fit_locked(cfg: TrainConfig, run: RunOptions, on_log, on_step, signals: Sto
             "val_best": tr.val_best}
 
 
+def _generator_notes(tr: Trainer) -> list[str]:
+    """What the generator phase leaves out by the run's flags: the identity loss, discriminators weighted 0."""
+    cfg, notes = tr.cfg, []
+    if cfg.generator_steps == 0:
+        return notes
+    if tr.identity is None and cfg.weights.id > 0:
+        notes.append("identity loss (Eq. 13) is off: --identity none")
+    if "face" not in tr.active:
+        notes.append("no discriminator is trained: --w-adv 0")
+    elif off := [f"D_{k} (--w-{'ctr' if k == 'ctr' else 'side'} 0)" for k in ("ctr", "sd") if k not in tr.active]:
+        notes.append(f"{' and '.join(off)} not trained: adversarial weight 0")
+    return notes
+
+
+def _init_sampler_source(tr: Trainer) -> tuple[Path, dict] | None:
+    """The checked source of ``--init-sampler`` (:meth:`Trainer.read_init_sampler`) when this invocation starts a new
+    run from it; None otherwise. The run directory's checkpoint wins: a rerun of the same command (a SLURM requeue)
+    resumes, and --init-sampler is ignored with a note. A run started from one and stopped before its first
+    checkpoint needs the flag again (its ``init_sampler.json`` says which)."""
+    run, rd = tr.run_opts, tr.rd
+    fresh = run.overwrite or not (rd / CHECKPOINT).is_file()
+    if run.init_sampler is None:
+        recorded = rd / INIT_SAMPLER
+        if fresh and not run.overwrite and recorded.is_file():
+            was = read_run_json(recorded, f"delete it, or pass --overwrite to restart the run in {rd}")
+            raise RunError(f"{rd} was started with --init-sampler {was.get('path')} ({recorded}) and has no "
+                           f"{CHECKPOINT} yet: pass --init-sampler again, or --overwrite to train its own sampler")
+        return None
+    if run.phase == "sampler":
+        raise RunError("--init-sampler starts a run at the generator phase; --phase sampler would train nothing: "
+                       "use --phase generator or all")
+    if not fresh:
+        tr.notes.append(f"--init-sampler {run.init_sampler} ignored: {rd} resumes from its {CHECKPOINT}")
+        return None
+    return tr.read_init_sampler(run.init_sampler)
+
+
 def _stage_loader(tr: Trainer, stage: Stage):
     cfg = tr.cfg
     generator = stage.kind is StageKind.GENERATOR
@@ -504,7 +644,7 @@ def _stage_loader(tr: Trainer, stage: Stage):
                        f"data shards (ranks x --workers); use fewer workers or a larger store")
     if generator:
         for key, what in (("ctr", "centre"), ("sd", "side")):
-            if not usable[key]:
+            if key in tr.active and not usable[key]:
                 tr.notes.append(f"D_{key} is off: the store has {len(getattr(ds, key))} valid {what} crops, fewer "
                                 f"than the {ds.n_shards(cfg.workers)} data shards")
     return make_loader(ds, cfg.workers, pin_memory=tr.device.type == "cuda")

@@ -203,15 +203,16 @@ GENERATOR_TERMS = ("loss_rec_uv", "loss_rec_face", "loss_adv_ctr", "loss_adv_sd"
 def total_generator_loss(terms: dict[str, Tensor], weights: LossWeights = LossWeights()) -> Tensor:  # Eq. 14
     """Generator objective, Eq. 14: "L = L_rec + lambda_1 L_adv + lambda_2 L_sym + lambda_3 L_id + lambda_4 TV".
 
-    L_rec = uv * loss_rec_uv + face * loss_rec_face (Eq. 11); L_adv = loss_adv_ctr + side * loss_adv_sd +
-    loss_adv_face (Eq. 10, generator side). terms: any subset of :data:`GENERATOR_TERMS` (missing terms,
-    e.g. loss_id without an identity network, are skipped); the derived totals ``loss_rec`` / ``loss``
+    L_rec = uv * loss_rec_uv + face * loss_rec_face (Eq. 11); L_adv = ctr * loss_adv_ctr + side * loss_adv_sd +
+    loss_adv_face (Eq. 10, generator side; ``ctr`` and ``side`` weigh D_ctr and D_sd against D_face, 1 and 1 in
+    the paper). terms: any subset of :data:`GENERATOR_TERMS` (missing terms, e.g. loss_id without an identity
+    network or the terms of a discriminator whose weight is 0, are skipped); the derived totals ``loss_rec`` / ``loss``
     are ignored; any other key is an error (a misspelt term would otherwise silently drop out).
     Returns a scalar.
     """
     w = weights
-    coef = {"loss_rec_uv": w.uv, "loss_rec_face": w.face, "loss_adv_ctr": w.adv, "loss_adv_sd": w.adv * w.side,
-            "loss_adv_face": w.adv, "loss_sym": w.sym, "loss_id": w.id, "loss_tv": w.tv}
+    coef = {"loss_rec_uv": w.uv, "loss_rec_face": w.face, "loss_adv_ctr": w.adv * w.ctr,
+            "loss_adv_sd": w.adv * w.side, "loss_adv_face": w.adv, "loss_sym": w.sym, "loss_id": w.id, "loss_tv": w.tv}
     unknown = set(terms) - set(coef) - {"loss_rec", "loss"}
     if unknown:
         raise ValueError(f"total_generator_loss: unknown terms {sorted(unknown)}; expected any of {list(coef)}")
