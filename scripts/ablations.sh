@@ -43,11 +43,11 @@ timed() {  # timed NAME COMMAND...: run, append "NAME seconds" to OUT/time.txt
 
 # (a) The stores, as scripts/train_synthetic.sh builds them (training seed 0, validation seed 1, held-out seed K).
 timed build_train $bin/uvprep build --src synthetic --count 4096 --seed 0 --out "$out/train.zarr" \
-    "${recipe_store[@]}" --pca-samples 256 --workers 2 --no-progress
+    "${recipe_store[@]}" --pca-samples 256 --workers 2
 timed build_val $bin/uvprep build --src synthetic --count 48 --seed 1 --out "$out/val.zarr" "${recipe_store[@]}" \
-    --chunk 16 --pca-samples 48 --workers 1 --no-progress
+    --chunk 16 --pca-samples 48 --workers 1
 timed build_heldout $bin/uvprep build --src synthetic --count 48 --seed "$heldout_seed" --out "$out/heldout.zarr" \
-    "${recipe_store[@]}" --chunk 16 --pca-samples 48 --workers 1 --no-progress
+    "${recipe_store[@]}" --chunk 16 --pca-samples 48 --workers 1
 
 fit() {  # fit RUN_DIR FLAGS...: the recipe's uvtrain fit into RUN_DIR, validated on OUT/val.zarr
     local run=$1; shift

@@ -34,9 +34,9 @@ timed() {  # timed NAME COMMAND...: run, append "NAME seconds" to OUT/time.txt
 source scripts/recipe_flags.sh
 store=("${recipe_store[@]}")
 timed build_train $bin/uvprep build --src synthetic --count 4096 --seed 0 --out "$out/train.zarr" "${store[@]}" \
-    --pca-samples 256 --workers 2 --no-progress
+    --pca-samples 256 --workers 2
 timed build_val $bin/uvprep build --src synthetic --count 48 --seed 1 --out "$out/val.zarr" "${store[@]}" \
-    --chunk 16 --pca-samples 48 --workers 1 --no-progress
+    --chunk 16 --pca-samples 48 --workers 1
 
 timed fit $bin/uvtrain fit --store "$out/train.zarr" --run-dir "$out/run" "${recipe_fit[@]}" \
     --val-store "$out/val.zarr" "${recipe_watch[@]}"
@@ -44,7 +44,7 @@ $bin/uvtrain plot "$out/run"
 
 # The judge: 48 faces of a seed nothing above saw, the final weights against the fit's UV_bfm and UV_bl.
 timed build_heldout $bin/uvprep build --src synthetic --count 48 --seed "$heldout_seed" --out "$out/heldout.zarr" \
-    "${store[@]}" --chunk 16 --pca-samples 48 --workers 1 --no-progress
+    "${store[@]}" --chunk 16 --pca-samples 48 --workers 1
 timed eval $bin/uvtrain eval --store "$out/heldout.zarr" --checkpoint "$out/run" --baselines --no-progress \
     --out "$out/heldout.json"
 echo "total $(awk '{s += $2} END {print s}' "$out/time.txt")" | tee -a "$out/time.txt"
