@@ -1,6 +1,6 @@
 """Configuration of the stages in ``common/`` that both sides run, as frozen dataclasses: the shape fit
 (:class:`FitConfig`, :mod:`common.faces.fit`) and the partial UV crops (:class:`CropConfig`,
-:mod:`common.uvlayout`), and the store's default chunk.
+:mod:`common.uvlayout`), the store's default chunk and the read limits of photos from outside.
 
 Standard library only, so that ``uvprep --help`` and ``uvtrain --help`` read these defaults without importing
 numpy, torch or OpenCV; the modules that implement a config import it from here.
@@ -18,6 +18,13 @@ if TYPE_CHECKING:
 STORE_CHUNK = 64
 """Samples per chunk of a store (``common.store.StoreLayout.chunk``, ``uvprep build --chunk``): one build task
 writes one chunk."""
+
+MAX_BYTES = 512 << 20
+"""Default read limit per photo file or zip member (bytes, uncompressed): larger ones fail with ``too_large``, unread
+(``uvprep build --max-bytes``, ``uvtrain infer --max-bytes``; :func:`common.imageio.read_photo`)."""
+MAX_PIXELS = 100_000_000
+"""Default limit of width x height read from a photo's header, 100 MP: larger ones fail with ``too_large``,
+undecoded (``--max-pixels`` of the same two commands)."""
 
 Fitter = Literal["given", "tddfa"]
 

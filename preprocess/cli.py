@@ -7,9 +7,10 @@ from pathlib import Path
 
 import typer
 
+from common.config import MAX_BYTES, MAX_PIXELS
 from common.options import field_default, given, option, shown
 from pipelines.dask_slurm import SlurmConfig
-from preprocess.config import MAX_BYTES, MAX_PIXELS, BuildArgs, DemoConfig, ShowConfig, UpgradeOptions
+from preprocess.config import BuildArgs, DemoConfig, ShowConfig, UpgradeOptions
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Build face-texture training stores from photo collections (Yin et al.).")

@@ -22,11 +22,8 @@ if TYPE_CHECKING:
     from pipelines.dask_slurm import SlurmConfig
 
 
-# -------------------------------------------------------------------------------------- limits of the photo sources
-MAX_BYTES = 512 << 20
-"""Default read limit per file or zip member (bytes, uncompressed): larger ones fail with ``too_large``."""
-MAX_PIXELS = 100_000_000
-"""Default limit of width x height read from an image's header before decoding (100 MP)."""
+# -------------------------------------------------------------------------------------------- the synthetic source
+# (the photo sources' read limits, MAX_BYTES and MAX_PIXELS, are common.config's: uvtrain infer shares them)
 SYNTHETIC_SEED = 0
 """Default world seed of the synthetic source (``preprocess.sources.SyntheticSource.seed``, ``uvprep build --seed``)."""
 

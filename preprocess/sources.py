@@ -23,10 +23,7 @@ from __future__ import annotations
 
 import calendar
 import dataclasses
-import errno
-import io
 import os
-import stat
 import zipfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -36,13 +33,17 @@ from typing import Any, ClassVar
 import cv2
 import numpy as np
 
+from common.config import MAX_BYTES, MAX_PIXELS
 from common.faces.fit import read_given_params
+from common.imageio import GREY, decode_image, image_size_from_header, read_regular_file
 from common.store import Reason, manifest_sha256
-from preprocess.config import MAX_BYTES, MAX_PIXELS, SYNTHETIC_SEED
+from preprocess.config import SYNTHETIC_SEED
+
+__all__ = ["AFLW2000Source", "CelebAHQSource", "DUPLICATE_MARK", "FFHQSource", "FolderSource", "GREY",
+           "IMAGE_EXTENSIONS", "Manifest", "ManifestEntry", "SOURCES", "SampleInput", "SyntheticSource", "decode_image",
+           "image_size_from_header", "make_source", "read_regular_file", "read_zip_member", "resize_square"]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
-GREY = 128
-"""Background that transparent pixels are composited over (mid-grey: neutral for detection and fitting)."""
 _ZIP_METHODS = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA)
 
 
@@ -149,113 +150,6 @@ class SampleInput:
 
 
 # ---------------------------------------------------------------------------------------- decoding
-def _sniff(data: bytes) -> str | None:
-    """Image format from the leading bytes, or None."""
-    if data[:3] == b"\xff\xd8\xff":
-        return "jpeg"
-    if data[:8] == b"\x89PNG\r\n\x1a\n":
-        return "png"
-    if data[:2] == b"BM":
-        return "bmp"
-    if data[:4] in (b"II*\x00", b"MM\x00*"):
-        return "tiff"
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return "webp"
-    if data[:6] in (b"GIF87a", b"GIF89a"):
-        return "gif"
-    return None
-
-
-def _truncated(fmt: str, data: bytes) -> bool:
-    """JPEG: no EOI marker after the last SOS (entropy-coded data never holds an unstuffed 0xFF 0xDA), or
-    anywhere when there is no SOS; PNG: no IEND chunk. Bytes after EOI / IEND are allowed. Other formats:
-    left to the decoder (cv2 5 rejects truncated files outright; it does not return partial images)."""
-    if fmt == "jpeg":
-        sos = data.rfind(b"\xff\xda")
-        return data.find(b"\xff\xd9", sos + 2 if sos >= 0 else 2) < 0
-    if fmt == "png":
-        return data.rfind(b"IEND\xaeB`\x82") < 0
-    return False
-
-
-def _composite(colour: np.ndarray, alpha: np.ndarray) -> np.ndarray:
-    """colour (H, W, C) uint8 over :data:`GREY` with alpha (H, W) uint8 -> (H, W, C) uint8."""
-    a = alpha.astype(np.float32)[..., None] / 255.0
-    return np.clip(colour.astype(np.float32) * a + GREY * (1.0 - a) + 0.5, 0, 255).astype(np.uint8)
-
-
-def _to_rgb8(img: np.ndarray) -> np.ndarray | None:
-    """cv2's decoded array (grey, grey+alpha, BGR or BGRA; uint8 or uint16) -> (H, W, 3) uint8 RGB, or None."""
-    if img.dtype == np.uint16:
-        img = ((img.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
-    if img.dtype != np.uint8:
-        return None
-    if img.ndim == 2:
-        img = img[..., None]
-    if img.ndim != 3 or img.shape[2] not in (1, 2, 3, 4):
-        return None
-    c = img.shape[2]
-    if c in (2, 4):
-        img = _composite(img[..., :c - 1], img[..., c - 1])
-    if img.shape[2] == 1:
-        return np.ascontiguousarray(np.repeat(img, 3, 2))
-    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
-
-
-def image_size_from_header(data: bytes) -> tuple[int, int] | None:
-    """(width, height) from the file's header without decoding the pixels (Pillow), or None if unreadable."""
-    from PIL import Image
-
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            return im.size
-    except Image.DecompressionBombError:  # Pillow's own guard (> 2 x its MAX_IMAGE_PIXELS): huge for sure
-        return (1 << 20, 1 << 20)
-    except Exception:  # noqa: BLE001 - any header Pillow cannot parse: leave it to the decoder
-        return None
-
-
-def decode_image(data: bytes, min_size: int = 64,
-                 max_pixels: int = MAX_PIXELS) -> tuple[np.ndarray | None, Reason | None]:
-    """Decode image file bytes into (H, W, 3) uint8 RGB; never raises for bad data.
-
-    Returns ``(rgb, None)`` or ``(None, reason)``: NOT_AN_IMAGE (empty, or no known signature:
-    JPEG, PNG, BMP, TIFF, WebP, GIF), TRUNCATED (JPEG without EOI after its last scan, PNG without
-    IEND), DECODE_ERROR (the decoder rejects the data), UNSUPPORTED_MODE (float or other exotic
-    pixel types, more than 4 channels), TOO_SMALL (``min(H, W) < min_size``), TOO_LARGE (the header says
-    ``W x H > max_pixels``: rejected before any pixel is decoded).
-
-    Conversions: grey -> RGB (replicated); 16-bit -> 8-bit (``round(v / 257)``); alpha (RGBA or grey +
-    alpha, palette PNGs with transparency) is composited over mid-grey 128 rather than dropped, since
-    fully transparent pixels often hold arbitrary colours; palette PNGs are expanded by the decoder.
-    JPEGs are decoded with ``IMREAD_COLOR``, which applies the EXIF orientation (``IMREAD_UNCHANGED``
-    ignores it) and converts CMYK / YCCK (Adobe) to RGB; other formats use ``IMREAD_UNCHANGED``
-    (their EXIF orientation, rare, is not applied).
-    """
-    data = bytes(data) if not isinstance(data, bytes) else data
-    fmt = _sniff(data) if data else None
-    if fmt is None:
-        return None, Reason.NOT_AN_IMAGE
-    if _truncated(fmt, data):
-        return None, Reason.TRUNCATED
-    wh = image_size_from_header(data)
-    if wh is not None and wh[0] * wh[1] > max_pixels:
-        return None, Reason.TOO_LARGE
-    flag = cv2.IMREAD_COLOR if fmt == "jpeg" else cv2.IMREAD_UNCHANGED
-    try:
-        img = cv2.imdecode(np.frombuffer(data, np.uint8), flag)
-    except (cv2.error, ValueError, MemoryError):
-        img = None
-    if img is None or img.size == 0:
-        return None, Reason.DECODE_ERROR
-    rgb = _to_rgb8(img)
-    if rgb is None:
-        return None, Reason.UNSUPPORTED_MODE
-    if min(rgb.shape[:2]) < min_size:
-        return None, Reason.TOO_SMALL
-    return rgb, None
-
-
 def resize_square(img: np.ndarray, size: int) -> np.ndarray:
     """Centre-crop an (H, W, C) or (H, W) image to a square and resize it to (size, size, ...).
 
@@ -312,30 +206,6 @@ def _scan_folder(root: Path, keep) -> Manifest:
                 st = os.lstat(os.path.join(dirpath, name))
                 entries.setdefault(rel, ManifestEntry(rel, int(st.st_size), float(st.st_mtime)))
     return Manifest(tuple(entries.values()))
-
-
-def read_regular_file(path: Path, max_bytes: int) -> tuple[bytes | None, Reason | None]:
-    """A file's bytes, or (None, reason): BAD_NAME (a replaced non-UTF-8 name), NOT_A_FILE (FIFO, device,
-    folder, dangling or looping link: never opened, so it cannot hang), TOO_LARGE (over ``max_bytes``, also
-    when it grows while read), READ_ERROR (missing, permission, I/O)."""
-    try:
-        st = os.stat(path)
-    except OSError as e:
-        if "\ufffd" in str(path) and e.errno == errno.ENOENT:
-            return None, Reason.BAD_NAME
-        if e.errno == errno.ELOOP or (e.errno == errno.ENOENT and os.path.islink(path)):
-            return None, Reason.NOT_A_FILE
-        return None, Reason.READ_ERROR
-    if not stat.S_ISREG(st.st_mode):
-        return None, Reason.NOT_A_FILE
-    if st.st_size > max_bytes:
-        return None, Reason.TOO_LARGE
-    try:
-        with open(path, "rb") as f:
-            data = f.read(max_bytes + 1)
-    except OSError:
-        return None, Reason.READ_ERROR
-    return (None, Reason.TOO_LARGE) if len(data) > max_bytes else (data, None)
 
 
 def read_zip_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, max_bytes: int) -> tuple[bytes | None, Reason | None]:

@@ -88,7 +88,7 @@ FIELDS: dict[str, dict[str, list[tuple[type, str, str]]]] = {
     },
     "uvtrain infer": {o: [(InferConfig, o, f"cfg.{o}")] for o in (
         "device", "batch_size", "framing", "fitter", "params", "bfm_v2_dir", "tddfa_weights", "param_stats",
-        "detector_weights", "views", "view_size", "progress")},
+        "detector_weights", "views", "view_size", "max_bytes", "max_pixels", "progress")},
     "uvtrain eval": {**{o: [(EvalConfig, o, f"cfg.{o}")] for o in (
         "checkpoint", "identity", "batch_size", "device", "limit", "progress")},
                      "method": [(EvalConfig, "methods", "cfg.methods")]},

@@ -62,7 +62,7 @@ def test_infer_writes_textures_meshes_views_and_failures(trained, photos, train_
     assert (sm.photos, sm.written, sm.meshes, sm.fitter) == (5, 3, 3, "given")
     with open(out / "failures.csv") as f:
         rows = {r["photo"]: r["reason"] for r in csv.DictReader(f)}
-    assert rows == {"broken.jpg": "unreadable", "blank.png": "no_params"}
+    assert rows == {"broken.jpg": "not_an_image", "blank.png": "no_params"}  # uvprep build's reasons
     # The UV map is the networks' output on the stored image (the given fitter keeps a working-size photo as is).
     cfg, sampler, generator, _ = load_trained(trained)
     r = StoreReader(train_store)
@@ -105,7 +105,7 @@ def test_no_fitter_writes_textures_only_and_detects_faces(trained, photos, tmp_p
     sm = infer(InferConfig(checkpoint=trained, images=photos, out=out, detector_weights=boxes, progress=False))
     assert sm.fitter == "none" and sm.detector == "FaceBoxes" and sm.meshes == 0 and not list(out.glob("*.obj"))
     reasons = {p: r for p, r, _ in sm.failures}
-    assert reasons["broken.jpg"] == "unreadable" and reasons["blank.png"] == "no_face"
+    assert reasons["broken.jpg"] == "not_an_image" and reasons["blank.png"] == "no_face"
     assert sm.written == sm.photos - len(sm.failures)
     sm = infer(InferConfig(checkpoint=trained, images=photos, out=tmp_path / "out2", framing="none",
                            progress=False))

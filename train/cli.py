@@ -178,6 +178,10 @@ def infer(
                                                                           "cascade)."),
     views: str = option(InferConfig, "views", help="Yaw angles (degrees) of NAME_views.png, comma-separated."),
     view_size: int = option(InferConfig, "view_size", help="Side of each rendered view."),
+    max_bytes: int = option(InferConfig, "max_bytes", min=1, help="Read limit per photo in bytes (as `uvprep build "
+                            "--max-bytes`): larger ones fail with too_large, unread."),
+    max_pixels: int = option(InferConfig, "max_pixels", min=1, help="Pixel limit per photo from its header (as "
+                             "`uvprep build --max-pixels`): larger ones fail with too_large, undecoded."),
     progress: bool = option(InferConfig, "progress", help="Show a progress bar and the summary."),
 ) -> None:
     """Complete UV textures (and textured meshes) from face photos with a trained run."""
@@ -186,7 +190,7 @@ def infer(
         cfg = InferConfig(checkpoint=checkpoint, images=images, out=out, **given(
             device=device, batch_size=batch_size, framing=framing, fitter=fitter, params=params, bfm_v2_dir=bfm_v2_dir,
             tddfa_weights=tddfa_weights, param_stats=param_stats, detector_weights=detector_weights, views=yaws,
-            view_size=view_size, progress=progress))
+            view_size=view_size, max_bytes=max_bytes, max_pixels=max_pixels, progress=progress))
     except ValueError as e:
         _fail(str(e))
     from train.console import run_infer

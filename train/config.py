@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from common.config import MAX_BYTES, MAX_PIXELS
+
 PHASES = ("sampler", "generator", "all")
 """``RunOptions.phase``'s choices."""
 VAL_METRICS = ("l1", "l1_face", "ssim", "seen_mae", "unseen_mae", "all_mae", "id_recon", "id_front")
@@ -336,6 +338,10 @@ class InferConfig:
     """Yaw angles (degrees) of NAME_views.png."""
     view_size: int = 256
     """Side of each rendered view."""
+    max_bytes: int = MAX_BYTES
+    """Photos larger than this (bytes) fail with ``too_large``, unread (``uvprep build``'s limit)."""
+    max_pixels: int = MAX_PIXELS
+    """Photos whose header says more pixels than this fail with ``too_large``, undecoded (``uvprep build``'s limit)."""
     progress: bool = True
     """Show a progress bar and the summary."""
 
@@ -349,6 +355,8 @@ class InferConfig:
         if self.batch_size < 1 or self.view_size < 16:
             raise ValueError(f"--batch-size >= 1 and --view-size >= 16 expected, found {self.batch_size}, "
                              f"{self.view_size}")
+        if self.max_bytes < 1 or self.max_pixels < 1:
+            raise ValueError(f"--max-bytes and --max-pixels >= 1 expected, found {self.max_bytes}, {self.max_pixels}")
         if any(not -90.0 <= y <= 90.0 for y in self.views):
             raise ValueError(f"--views: yaw angles in [-90, 90] expected, found {list(self.views)}")
 

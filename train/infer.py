@@ -13,8 +13,10 @@ For every photo (a file, or every image in a folder):
    ``NAME.obj`` + ``NAME.mtl`` (texture ``NAME_uv.png``) and rendered at ``--views`` yaw angles into
    ``NAME_views.png`` (the paper's Fig. 1: the framed photo, then the views).
 
-A photo that cannot be read, has no face, lacks parameters or fails to fit gets a line in ``OUT/failures.csv``
-and is counted in the summary; the run goes on.
+Photos are read as ``uvprep build`` reads its sources (:func:`common.imageio.read_photo`: the same ``--max-bytes`` /
+``--max-pixels`` limits, truncation check and colour conversions). A photo that cannot be read (its ``uvprep`` reason:
+``not_an_image``, ``truncated``, ``too_large``, ...), has no face, lacks parameters or fails to fit gets a line in
+``OUT/failures.csv`` and is counted in the summary; the run goes on.
 """
 
 from __future__ import annotations
@@ -32,8 +34,9 @@ from common.config import FitConfig
 from common.faces.assets import TDDFAAssets
 from common.faces.fit import FitResult, ShapeFitter, frame_face, read_given_params
 from common.geometry import split_params
-from common.imageio import image_grid, read_image, resize_image, to_uint8, write_png
+from common.imageio import image_grid, read_photo, resize_image, to_uint8, write_png
 from common.meshio import write_textured_obj
+from common.store import Reason
 from train.bundle import InferenceBundle, read_bundle
 from train.config import InferConfig
 from train.data import images_to_tensor, resize_images
@@ -181,12 +184,11 @@ class Inferencer:
     def prepare(self, path: Path, name: str) -> _Item | tuple[str, str]:
         """Read, frame and fit one photo: an item for the networks, or (reason, detail) of its failure."""
         t = time.perf_counter()
-        try:
-            photo = read_image(path)
-        except (OSError, ValueError) as e:
-            return "unreadable", str(e)
-        finally:
-            self.summary.seconds["read"] += time.perf_counter() - t
+        photo, why = read_photo(path, self.cfg.max_bytes, self.cfg.max_pixels)  # as uvprep build reads its photos
+        self.summary.seconds["read"] += time.perf_counter() - t
+        if why is not None:
+            limits = f" (--max-bytes {self.cfg.max_bytes}, --max-pixels {self.cfg.max_pixels})"
+            return why.short, why.description + (limits if why is Reason.TOO_LARGE else "")
         s = self.bundle.image_size
         if self.summary.fitter == "given":
             params = next((self.known[k] for k in (path.name, str(path), path.stem) if k in self.known), None)
