@@ -82,6 +82,8 @@ FIELDS: dict[str, dict[str, list[tuple[type, str, str]]]] = {
         "sampler_n_down": [(SamplerConfig, "n_down", "cfg.sampler.n_down")],
         "sampler_pool": [(SamplerConfig, "pool_size", "cfg.sampler.pool_size")],
         "sampler_control_size": [(SamplerConfig, "control_size", "cfg.sampler.control_size")],
+        "generator_residual": [(GeneratorConfig, "residual", "cfg.generator.residual")],
+        "generator_mirror_input": [(GeneratorConfig, "mirror_input", "cfg.generator.mirror_input")],
         "channels": [(SamplerConfig, "channels", "cfg.sampler.channels"),
                      (GeneratorConfig, "channels", "cfg.generator.channels"),
                      (DiscriminatorConfig, "channels", "cfg.discriminator.channels")],
