@@ -8,6 +8,7 @@ import typer
 
 from common.options import field_default, given, option
 from train.config import (
+    EXIT_PREEMPTED,
     METHODS,
     DiscriminatorConfig,
     EvalConfig,
@@ -28,6 +29,29 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
 def _fail(msg: str) -> None:
     typer.secho(f"error: {msg}", fg="red", err=True)
     raise typer.Exit(code=2)
+
+
+def _run(command: str, runner: str, *args) -> None:
+    """Call ``train.console.<runner>(*args)`` and exit with its code. SIGINT, SIGTERM and SIGUSR1 raise a
+    KeyboardInterrupt (:func:`common.signals.signals_interrupt`) until the runner installs its own handling (fit's stop
+    request): one line and a defined exit code for a signal at any time, also while torch loads (the longest part of
+    the start-up), where SIGTERM and SIGUSR1 ended the command silently."""
+    import signal
+
+    from common.signals import STOP_SIGNALS, interrupt_signal, interrupted_exit_code, signals_interrupt
+
+    try:
+        with signals_interrupt((signal.SIGINT, *STOP_SIGNALS)):
+            from train import console
+
+            code = getattr(console, runner)(*args)
+    except KeyboardInterrupt as e:  # before the runner could say more
+        sig = interrupt_signal(e)
+        code = interrupted_exit_code(sig, EXIT_PREEMPTED if command == "fit" else None)
+        typer.secho(f"uvtrain {command}: interrupted by {sig} during start-up: nothing written; rerun the same "
+                    f"command (exit code {code})", err=True)
+    if code:
+        raise typer.Exit(code=code)
 
 
 @app.command()
@@ -148,11 +172,7 @@ def fit(
             val_samples=val_samples, val_metric=val_metric, val_identity=val_identity, init_sampler=init_sampler))
     except ValueError as e:
         _fail(str(e))
-    from train.console import run_fit
-
-    code = run_fit(cfg, run)
-    if code:
-        raise typer.Exit(code=code)
+    _run("fit", "run_fit", cfg, run)
 
 
 @app.command()
@@ -193,11 +213,7 @@ def infer(
             view_size=view_size, max_bytes=max_bytes, max_pixels=max_pixels, progress=progress))
     except ValueError as e:
         _fail(str(e))
-    from train.console import run_infer
-
-    code = run_infer(cfg)
-    if code:
-        raise typer.Exit(code=code)
+    _run("infer", "run_infer", cfg)
 
 
 @app.command("eval")
@@ -234,11 +250,7 @@ def eval_(
             progress=progress))
     except ValueError as e:
         _fail(str(e))
-    from train.console import run_eval
-
-    code = run_eval(cfg)
-    if code:
-        raise typer.Exit(code=code)
+    _run("eval", "run_eval", cfg)
 
 
 @app.command()

@@ -25,6 +25,9 @@ VAL_METRICS = ("l1", "l1_face", "ssim", "seen_mae", "unseen_mae", "all_mae", "id
 seen / unseen / all face texels, stores with ``uv_true``)."""
 HIGHER_IS_BETTER = ("ssim", "id_recon", "id_front")
 """The metrics of :data:`VAL_METRICS` where higher is better."""
+EXIT_PREEMPTED = 124
+"""Exit code of ``uvtrain fit`` stopped by SIGUSR1 / SIGTERM: after writing its checkpoint, or during start-up before
+any step; rerun the same command to resume (``pipelines/slurm/train.sbatch`` requeues the job)."""
 
 
 # --------------------------------------------------------------------------------------------------------- networks

@@ -13,8 +13,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from common.signals import interrupt_signal, interrupted_exit_code
 from common.store import DamagedChunk, StoreMismatch
-from train.config import EvalConfig, ExportConfig, InferConfig, RunOptions, TrainConfig
+from train.config import EXIT_PREEMPTED, EvalConfig, ExportConfig, InferConfig, RunOptions, TrainConfig
 from train.data import NoUsableSamples
 from train.evaluate import YAW_BANDS, evaluate
 from train.infer import InferSummary, infer
@@ -33,8 +34,6 @@ def one_line(e: BaseException) -> str:
     last = text.splitlines()[-1]
     name = f"{type(e).__name__}: "
     return last.split(name, 1)[1] if name in last else last
-EXIT_PREEMPTED = 124
-"""Exit code of a run stopped by SIGUSR1 / SIGTERM after writing its checkpoint: requeue it (`pipelines/slurm`)."""
 
 
 def _summary(result: dict, cfg: TrainConfig, run: RunOptions) -> Table:
@@ -70,12 +69,23 @@ def run_fit(cfg: TrainConfig, run: RunOptions, console: Console | None = None) -
         loss = row.get("loss", float("nan"))
         progress.update(task, rate=f"{row['steps_per_s']:.2f} steps/s", loss=f"loss {loss:.4f}")
 
+    stepped: list[int] = []  # the last step this invocation took
+
     def on_step(step: int, phase: str) -> None:
+        stepped[:] = [step]
         progress.update(task, completed=step, description=phase)
 
     try:
         with progress:
             result = fit(cfg, run, on_log=on_log, on_step=on_step)
+    except KeyboardInterrupt as e:  # SIGINT at any time; SIGTERM / SIGUSR1 before fit installs its StopSignals
+        code = interrupted_exit_code(sig := interrupt_signal(e), EXIT_PREEMPTED)
+        where = (f"at step {stepped[0]}: the steps since the last checkpoint are lost" if stepped else
+                 "during start-up, before the first step: nothing trained")
+        if main:
+            console.print(f"uvtrain fit: interrupted by {sig} {where}; rerun the same command to resume (exit code "
+                          f"{code})", highlight=False, soft_wrap=True)
+        return code
     except USER_ERRORS as e:
         console.print(f"[red]error:[/red] {one_line(e)}", highlight=False, soft_wrap=True)
         return 2
@@ -113,24 +123,39 @@ def _infer_summary(sm: InferSummary, cfg: InferConfig) -> Table:
     return table
 
 
-def _with_progress(label: str, show: bool, console: Console, work):
-    """Call ``work(report)`` under a progress bar (``report(done, total)``); (result, None) or (None, exit code 2)
-    after printing a user error as one line."""
+def _with_progress(label: str, show: bool, console: Console, work, unfinished: str):
+    """Call ``work(report)`` under a progress bar (``report(done, total)``); (result, None) or (None, exit code) after
+    printing one line: 2 for a user error, 128 + the signal's number for SIGINT / SIGTERM / SIGUSR1 (the line says how
+    far it got and ``unfinished``: what is left incomplete)."""
     progress = Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                         console=console, disable=not show)
     task = progress.add_task(label, total=None)
+    reached: list[int] = []
+
+    def report(done: int, total: int) -> None:
+        reached[:] = [done, total]
+        progress.update(task, completed=done, total=total)
+
     try:
         with progress:
-            return work(lambda done, total: progress.update(task, completed=done, total=total)), None
+            return work(report), None
     except USER_ERRORS as e:
         console.print(f"[red]error:[/red] {one_line(e)}", highlight=False, soft_wrap=True)
         return None, 2
+    except KeyboardInterrupt as e:
+        code = interrupted_exit_code(sig := interrupt_signal(e))
+        where = f"after {reached[0]} of {reached[1]}" if reached else "during start-up"
+        console.print(f"uvtrain {label}: interrupted by {sig} {where}: {unfinished}; rerun the same command (exit code "
+                      f"{code})", highlight=False, soft_wrap=True)
+        return None, code
 
 
 def run_infer(cfg: InferConfig, console: Console | None = None) -> int:
-    """Run :func:`train.infer.infer` with a progress bar and a summary; 0 ok, 2 a user error (one line)."""
+    """Run :func:`train.infer.infer` with a progress bar and a summary; 0 ok, 2 a user error, 130 / 143 interrupted
+    (one line each)."""
     console = console or Console(stderr=True)
-    sm, code = _with_progress("infer", cfg.progress, console, lambda report: infer(cfg, on_photo=report))
+    sm, code = _with_progress("infer", cfg.progress, console, lambda report: infer(cfg, on_photo=report),
+                              f"{cfg.out} lacks the photos not done and failures.csv")
     if code:
         return code
     for note in sm.notes:
@@ -170,9 +195,11 @@ def eval_tables(result: dict) -> list[Table]:
 
 
 def run_eval(cfg: EvalConfig, console: Console | None = None) -> int:
-    """Run :func:`train.evaluate.evaluate` with a progress bar and the tables; 0 ok, 2 a user error (one line)."""
+    """Run :func:`train.evaluate.evaluate` with a progress bar and the tables; 0 ok, 2 a user error, 130 / 143
+    interrupted (one line each)."""
     console = console or Console(stderr=True)
-    result, code = _with_progress("eval", cfg.progress, console, lambda report: evaluate(cfg, on_batch=report))
+    result, code = _with_progress("eval", cfg.progress, console, lambda report: evaluate(cfg, on_batch=report),
+                                  f"{cfg.out} not written")
     if code:
         return code
     if cfg.progress:

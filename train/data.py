@@ -26,8 +26,12 @@
 
 from __future__ import annotations
 
+import functools
+import os
+import signal
+import threading
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -37,6 +41,7 @@ import zarr
 from torch.utils.data import IterableDataset, get_worker_info
 
 from common.facemodel import FaceModel
+from common.signals import blocked_signals
 from common.store import OK, ChunkVerifier, StoreReader
 from train.render import PosedMesh, render_lookup, rotated_params
 
@@ -331,8 +336,58 @@ def add_renders(batch: dict, mesh: PosedMesh, size: int) -> dict:
     return batch
 
 
-def make_loader(dataset: StoreStream, num_workers: int, pin_memory: bool = False) -> torch.utils.data.DataLoader:
-    """A DataLoader over ready-made batches (``batch_size=None``) that keeps the stream's batch order."""
-    kw = {"persistent_workers": True, "prefetch_factor": 4} if num_workers > 0 else {}
-    return torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
-                                       **kw)
+WORKER_IGNORED = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+"""Signals a loader worker ignores unless its own main process sends them: a scheduler signals the whole process
+group (SLURM's SIGTERM, its SIGUSR1 warning, Ctrl-C in a terminal), and a worker that died of it took the step and
+the checkpoint write of the main process with it (torch: "DataLoader worker is killed by signal"). The main process
+alone decides to stop (:class:`train.distributed.StopSignals`), then shuts its workers down; a SIGTERM it sends
+itself (``Process.terminate``: torch's shutdown of a worker that does not exit in time, multiprocessing's at exit)
+still ends the worker, or the main process would wait for it forever at exit."""
+
+
+def _obey_only_the_parent(parent: int) -> None:
+    """A worker thread taking :data:`WORKER_IGNORED` (blocked in every thread of the worker) as they come: SIGTERM
+    from ``parent`` ends the worker, with status 0 (the main process shutting it down asked for it: a non-zero status
+    would make torch's SIGCHLD handler report a worker failure), everything else is dropped."""
+    while True:
+        info = signal.sigwaitinfo(WORKER_IGNORED)
+        if info.si_signo == signal.SIGTERM and info.si_pid == parent:
+            os._exit(0)
+
+
+def _ignore_stop_signals(worker_id: int, then: Callable[[int], None] | None = None) -> None:
+    """A loader worker's ``worker_init_fn``: :data:`WORKER_IGNORED` stay blocked (:class:`_Loader` starts the workers
+    with them blocked, and threads inherit it) and a thread takes them with ``sigwaitinfo``, which names the sender;
+    then the caller's ``worker_init_fn``. Without ``sigwaitinfo`` (macOS) SIGINT and SIGUSR1 are ignored and SIGTERM
+    keeps torch's handling (it ends the worker)."""
+    if hasattr(signal, "sigwaitinfo"):
+        signal.pthread_sigmask(signal.SIG_BLOCK, WORKER_IGNORED)
+        threading.Thread(target=_obey_only_the_parent, args=(os.getppid(),), name="uvtrain-worker-signals",
+                         daemon=True).start()
+    else:
+        for s in (signal.SIGINT, signal.SIGUSR1):
+            signal.signal(s, signal.SIG_IGN)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, WORKER_IGNORED)
+    if then is not None:
+        then(worker_id)
+
+
+class _Loader(torch.utils.data.DataLoader):
+    """A DataLoader whose workers start with :data:`WORKER_IGNORED` blocked (workers and the pin-memory thread start in
+    ``__iter__``): a signal sent between a worker's fork and its ``worker_init_fn`` stays pending for it, instead of
+    reaching torch's worker SIGTERM handler."""
+
+    def __iter__(self):
+        with blocked_signals(WORKER_IGNORED):
+            return super().__iter__()
+
+
+def make_loader(dataset: StoreStream, num_workers: int, pin_memory: bool = False,
+                worker_init_fn: Callable[[int], None] | None = None) -> torch.utils.data.DataLoader:
+    """A DataLoader over ready-made batches (``batch_size=None``) that keeps the stream's batch order. Its workers
+    ignore SIGINT, SIGTERM and SIGUSR1 from any other process than the main one (:data:`WORKER_IGNORED`);
+    ``worker_init_fn`` runs after that is set up."""
+    if num_workers == 0:
+        return torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=0, pin_memory=pin_memory)
+    return _Loader(dataset, batch_size=None, num_workers=num_workers, pin_memory=pin_memory, persistent_workers=True,
+                   prefetch_factor=4, worker_init_fn=functools.partial(_ignore_stop_signals, then=worker_init_fn))

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from collections import defaultdict
 from dataclasses import asdict
@@ -35,7 +36,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common.files import sha256_file
+from common.files import check_output_file, sha256_file
 from common.identity import load_identity
 from common.store import OK, StoreReader, reason_name
 from train.bundle import layout_valid, read_bundle
@@ -227,6 +228,10 @@ class Evaluator:
 
 def evaluate(cfg: EvalConfig, on_batch=None) -> dict:
     """Evaluate ``cfg.methods`` on the store; returns (and writes to ``cfg.out``) every number as JSON."""
+    try:
+        out = check_output_file(cfg.out)  # before the work, not after it
+    except ValueError as e:
+        raise RunError(f"--out {cfg.out}: {e}; pass a file in a writable folder, e.g. eval/metrics.json") from None
     dev = resolve_device(cfg.device)
     try:
         reader = StoreReader(cfg.store)
@@ -241,8 +246,13 @@ def evaluate(cfg: EvalConfig, on_batch=None) -> dict:
     rows = evaluator(methods, cfg.methods, idx, cfg.batch_size, on_batch)
     result = _assemble(cfg, reader, methods, rows, idx, failed, time.perf_counter() - t0)
     text = json.dumps(result, indent=2)
-    Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(cfg.out).write_text(text)
+    tmp = out.with_name(f".{out.name}.tmp")
+    try:  # whole or not at all: an interrupted write leaves no half metrics.json
+        tmp.write_text(text)
+        os.replace(tmp, out)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise RunError(f"--out {out}: cannot write it ({e.strerror})") from None
     return json.loads(text)  # exactly what the file holds
 
 

@@ -33,6 +33,7 @@ import torch
 from common.config import FitConfig
 from common.faces.assets import TDDFAAssets
 from common.faces.fit import FitResult, ShapeFitter, frame_face, read_given_params
+from common.files import check_output_folder
 from common.geometry import split_params
 from common.imageio import image_grid, read_photo, resize_image, to_uint8, write_png
 from common.meshio import write_textured_obj
@@ -240,12 +241,16 @@ class Inferencer:
         out = Path(self.cfg.out)
         for i, it in enumerate(items):
             tex = to_uint8(uv_pred[i].permute(1, 2, 0).cpu().numpy())
-            write_png(out / f"{it.name}_uv.png", tex)
-            self.summary.written += 1
-            if it.params is not None:
-                self._write_mesh(it, out)
-                write_png(out / f"{it.name}_views.png", self._views(it, uv_pred[i]))
-                self.summary.meshes += 1
+            try:
+                write_png(out / f"{it.name}_uv.png", tex)
+                self.summary.written += 1
+                if it.params is not None:
+                    self._write_mesh(it, out)
+                    write_png(out / f"{it.name}_views.png", self._views(it, uv_pred[i]))
+                    self.summary.meshes += 1
+            except OSError as e:  # the folder was checked at the start: a disk filled or a name taken by a folder since
+                raise RunError(f"--out {out}: cannot write the outputs of {it.name} ({e}); {self.summary.written} "
+                               f"photo(s) written before it") from None
         self.summary.seconds["write"] += time.perf_counter() - t
 
     def _write_mesh(self, it: _Item, out: Path) -> None:
@@ -276,11 +281,10 @@ def infer(cfg: InferConfig, on_photo=None) -> InferSummary:
     ``OUT/failures.csv``, one line per failed photo)."""
     paths = list_images(cfg.images)
     names = _output_names(paths)
-    out = Path(cfg.out)
     try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise RunError(f"--out {out}: cannot create the folder ({e.strerror})") from None
+        out = check_output_folder(cfg.out)  # before the networks load and the photos are read
+    except ValueError as e:
+        raise RunError(f"--out {cfg.out}: {e}; pass a writable folder (it is created)") from None
     inf = Inferencer(cfg)
     sm = inf.summary
     pending: list[_Item] = []
