@@ -43,7 +43,15 @@ from train.bundle import layout_valid, read_bundle
 from train.config import EvalConfig
 from train.data import images_to_tensor, resize_images
 from train.render import PosedMesh, render_lookup, rotated_params
-from train.runs import RunError, load_run_config, load_trained, resolve_device, sampled_inside, weights_file
+from train.runs import (
+    RunError,
+    load_run_config,
+    load_trained,
+    resolve_device,
+    sampled_inside,
+    trained_run_dir,
+    weights_file,
+)
 
 __all__ = ["Evaluator", "UVMethods", "check_compatible", "evaluate", "reconstruction_metrics",
            "usable_samples", "YAW_BANDS"]
@@ -145,7 +153,7 @@ def _checkpoint_methods(cfg: EvalConfig, reader: StoreReader, device: torch.devi
     methods.checkpoint_file = methods.step = None
     if cfg.checkpoint is not None:
         ck = Path(cfg.checkpoint)
-        run_dir = ck.parent if ck.is_file() else ck
+        run_dir = trained_run_dir(ck)  # one line naming what is missing, not the store
         run_cfg = load_run_config(run_dir)
         bundle = read_bundle(run_dir, run_cfg.store)
         methods.checkpoint_file = ck if ck.is_file() else weights_file(run_dir)

@@ -42,7 +42,16 @@ from train.bundle import InferenceBundle, read_bundle
 from train.config import InferConfig
 from train.data import images_to_tensor, resize_images
 from train.render import PosedMesh, render_lookup, rotated_params
-from train.runs import BEST, CHECKPOINT, RunError, load_run_config, load_trained, resolve_device, sampled_inside
+from train.runs import (
+    BEST,
+    CHECKPOINT,
+    RunError,
+    load_run_config,
+    load_trained,
+    resolve_device,
+    sampled_inside,
+    trained_run_dir,
+)
 
 __all__ = ["IMAGE_SUFFIXES", "InferSummary", "Inferencer", "infer", "list_images"]
 
@@ -99,7 +108,7 @@ class Inferencer:
     def __init__(self, cfg: InferConfig) -> None:
         self.cfg = cfg
         ck = Path(cfg.checkpoint)
-        run_dir = ck.parent if ck.is_file() else ck
+        run_dir = trained_run_dir(ck)  # one line naming what is missing, not the store
         if ck.is_file() and ck.name not in (CHECKPOINT, BEST):
             raise RunError(f"--checkpoint {ck}: expected a run directory, its {CHECKPOINT} or its {BEST}")
         self.device = resolve_device(cfg.device)
