@@ -24,6 +24,7 @@ from common.store import LockHeld, acquire_lock, read_lock
 from tests.test_train import _metrics, opts, tiny
 from train.bundle import BUNDLE_DIR
 from train.cli import app
+from train.config import LossWeights
 from train.loop import fit
 from train.runs import CHECKPOINT, CONFIG, METRICS, RUN_LOCK, STORE_RECORD, RunError, acquire_run_lock
 
@@ -315,3 +316,17 @@ def test_a_run_without_a_checkpoint_names_the_checkpoint_not_the_store(train_sto
     code, lines = _cli(*args, "--checkpoint", rd, "--no-progress")
     assert code == 2 and len(lines) == 1 and f"the run has no {CHECKPOINT} yet" in lines[0], lines
     assert "gone.zarr" not in lines[0]
+
+
+def test_a_config_from_before_a_new_field_is_the_same_config(train_store, tmp_path):
+    """Adding a config field (default = the old behaviour) must not make older runs "another config"; a changed
+    value of a field the old config does have still does."""
+    cfg = short(train_store)
+    fit(cfg, opts(tmp_path / "r"))
+    path = tmp_path / "r" / CONFIG
+    old = json.loads(path.read_text())
+    del old["generator"]["residual"], old["generator"]["mirror_input"], old["weights"]["ctr"]
+    path.write_text(json.dumps(old))
+    fit(cfg, opts(tmp_path / "r"))  # the same run: resumes, not refused
+    with pytest.raises(RunError, match="weights.face"):
+        fit(short(train_store, weights=LossWeights(face=3.0)), opts(tmp_path / "r"))

@@ -218,6 +218,16 @@ class TrainConfig:
         return json.loads(json.dumps(dataclasses.asdict(self)))
 
     @classmethod
+    def current_json(cls, d: dict[str, Any]) -> dict[str, Any]:
+        """A stored config (``config.json``, a checkpoint's) as this version writes it: a field added since takes
+        its default, which keeps the behaviour the run was trained with, so adding a field does not make every
+        older run "another config". Unreadable input is returned as it is (the comparison then names it)."""
+        try:
+            return cls.from_json(d).to_json()
+        except (TypeError, ValueError, AttributeError):
+            return d
+
+    @classmethod
     def from_json(cls, d: dict[str, Any]) -> TrainConfig:
         sub = {"weights": LossWeights, "optim": OptimConfig, "sampler": SamplerConfig,
                "generator": GeneratorConfig, "discriminator": DiscriminatorConfig}

@@ -319,7 +319,7 @@ class Trainer:
         if "config" not in ck:  # older than configs in checkpoints
             return
         ours = self.cfg.to_json()
-        diffs = dotted_differences(ck["config"], ours, old_name="checkpoint")
+        diffs = dotted_differences(TrainConfig.current_json(ck["config"]), ours, old_name="checkpoint")
         if not diffs:
             return
         cfg_path = self.rd / CONFIG

@@ -109,7 +109,7 @@ def prepare_run_dir(cfg: TrainConfig, run: RunOptions, write: bool, store: dict 
     cfg_path = rd / CONFIG
     if cfg_path.exists() and not run.overwrite:
         saved = read_run_json(cfg_path, f"restore it, or pass --overwrite to restart the run in {rd}")
-        diffs = dotted_differences(saved, cfg.to_json(), old_name="run dir")
+        diffs = dotted_differences(TrainConfig.current_json(saved), cfg.to_json(), old_name="run dir")
         if diffs:
             raise RunError(f"{rd} holds a run with another config ({'; '.join(diffs)}); pass --overwrite to "
                            f"restart it or choose another --run-dir")
