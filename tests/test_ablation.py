@@ -19,9 +19,10 @@ from tests.test_train import _metrics, opts, tiny
 from train import console
 from train.cli import app
 from train.config import LossWeights
-from train.loop import INIT_SAMPLER, Trainer, active_discriminators, fit
+from train.loop import Trainer, active_discriminators, fit
 from train.losses import total_generator_loss
 from train.runs import CHECKPOINT, SAMPLER_CHECKPOINT, atomic_save
+from train.warmstart import INIT_SAMPLER
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
