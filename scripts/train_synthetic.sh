@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The CPU recipe that shows `uvtrain fit` learns (issue 19): build a synthetic training store, train the whole
-# method (sampler, fine-tune, generator with D_ctr, D_sd, D_face, symmetry, identity, rotate-and-render) and
+# method (sampler, generator with D_ctr, D_sd, D_face, symmetry, identity, rotate-and-render; no fine-tune at
+# one photo size, see scripts/recipe_flags.sh) and
 # evaluate it on held-out faces of a seed the run never saw. About an hour on 2 CPU cores (docs/recipe.md).
 #
 #   bash scripts/train_synthetic.sh OUT [HELDOUT_SEED]
