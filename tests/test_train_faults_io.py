@@ -8,11 +8,9 @@ import csv
 import functools
 import os
 import signal
-import struct
 import subprocess
 import sys
 import time
-import zlib
 from pathlib import Path
 
 import cv2
@@ -26,6 +24,7 @@ from common.options import field_default
 from common.signals import SignalInterrupt
 from common.store import StoreReader
 from preprocess.sources import FolderSource
+from tests.test_hostile_input import _png_header_only
 from train.cli import app
 from train.config import EXIT_PREEMPTED, EvalConfig, InferConfig
 from train.data import DataConfig, StoreStream, make_loader
@@ -192,16 +191,6 @@ def test_an_interrupted_fit_says_where_in_one_line(train_store, tmp_path, monkey
 
 
 # ---------------------------------------------------------------- item 7 and section 2: hostile photos in infer
-def _png_header_only(width: int, height: int) -> bytes:
-    """A valid, tiny PNG whose header claims width x height (its IDAT holds almost nothing)."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND",
-                                                                                                          b"")
-
-
 @pytest.fixture(scope="module")
 def hostile_photos(train_store, tmp_path_factory) -> Path:
     """A good face PNG, the same face as a JPEG cut in half, and a 1 KB PNG that declares 20000 x 20000."""
