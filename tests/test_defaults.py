@@ -69,7 +69,7 @@ _RUN = ("phase", "device", "overwrite", "log_every", "checkpoint_every", "previe
         "progress", "tensorboard", "dist_timeout", "val_store", "val_every", "val_samples", "val_metric",
         "val_identity", "init_sampler")
 _WEIGHTS = {"w_face": "face", "w_uv": "uv", "w_sym": "sym", "w_tv": "tv", "w_id": "id", "w_adv": "adv",
-            "w_ctr": "ctr", "w_side": "side", "w_grid": "grid", "r1_gamma": "r1_gamma"}
+            "w_ctr": "ctr", "w_side": "side", "w_grid": "grid", "r1_gamma": "r1_gamma", "w_vis": "vis"}
 
 FIELDS: dict[str, dict[str, list[tuple[type, str, str]]]] = {
     # command -> option -> [(config class, field, where the command's recorded call holds it)]
@@ -84,6 +84,7 @@ FIELDS: dict[str, dict[str, list[tuple[type, str, str]]]] = {
         "sampler_control_size": [(SamplerConfig, "control_size", "cfg.sampler.control_size")],
         "generator_residual": [(GeneratorConfig, "residual", "cfg.generator.residual")],
         "generator_mirror_input": [(GeneratorConfig, "mirror_input", "cfg.generator.mirror_input")],
+        "generator_visibility_gate": [(GeneratorConfig, "visibility_gate", "cfg.generator.visibility_gate")],
         "channels": [(SamplerConfig, "channels", "cfg.sampler.channels"),
                      (GeneratorConfig, "channels", "cfg.generator.channels"),
                      (DiscriminatorConfig, "channels", "cfg.discriminator.channels")],

@@ -23,6 +23,7 @@ from train.losses import (
     symmetry_loss,
     total_generator_loss,
     tv_loss,
+    visibility_loss,
 )
 from train.uvops import centre_crop, crop, expect_shape, mirror, resize_masked, side_crops
 
@@ -211,6 +212,19 @@ def test_total_generator_loss_weights_and_skips_missing_terms():
     assert total_generator_loss({"loss_rec_face": one, "loss_adv_sd": one}, w).item() == pytest.approx(2.0)
     with pytest.raises(ValueError, match="unknown terms \\['loss_sim'\\]"):
         total_generator_loss({"loss_sim": one})
+
+
+def test_visibility_loss_is_masked_binary_cross_entropy():
+    """loss_vis: mean BCE over the masked texels only; weighed by LossWeights.vis in Eq. 14's sum."""
+    logit = torch.tensor([[[[0.0, 10.0], [-10.0, 3.0]]]])
+    seen = torch.tensor([[[[1.0, 1.0], [0.0, 0.0]]]])
+    mask = torch.tensor([[[[1.0, 1.0], [1.0, 0.0]]]])  # the last texel (a confident miss) is not counted
+    expected = (math.log(2) + 2 * math.log1p(math.exp(-10))) / 3
+    assert visibility_loss(logit, seen, mask).item() == pytest.approx(expected, rel=1e-5)
+    one = torch.tensor(1.0)
+    assert total_generator_loss({"loss_vis": one}, LossWeights(vis=0.5)).item() == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="seen"):
+        visibility_loss(logit, seen[:, :, :1], mask)
 
 
 def test_total_generator_loss_backpropagates():

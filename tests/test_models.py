@@ -208,6 +208,30 @@ def test_residual_generator_starts_as_identity_and_learns():
     torch.testing.assert_close(gen(uv_other, mask), out)
 
 
+def test_visibility_gate_starts_near_uv_spl_and_blends_a_fresh_fill():
+    """GeneratorConfig.visibility_gate: UV_pred = v * corrected UV_spl + (1 - v) * fill, v = sigmoid(4) at start;
+    a gate forced shut gives the fill alone; the gate's logits come back with return_gate; no gate without residual."""
+    torch.manual_seed(0)
+    gen = UVGenerator(32, dataclasses.replace(TINY_GENERATOR, residual=True, visibility_gate=True))
+    assert gen.head.out_channels == 7
+    uv = torch.rand(2, 3, 32, 32) * 0.9 + 0.05
+    mask = torch.ones(2, 1, 32, 32)
+    out, gate = gen(uv, mask, return_gate=True)
+    v = torch.sigmoid(torch.tensor(4.0))
+    torch.testing.assert_close(gate, torch.full_like(gate, 4.0))
+    torch.testing.assert_close(out, v * uv + (1 - v) * 0.5, atol=1e-5, rtol=0)
+    torch.testing.assert_close(gen(uv, mask), out)
+    with torch.no_grad():
+        gen.head.bias[6] = -50.0  # shut: the fill (0.5 from the zero-initialised head) everywhere
+        gen.head.bias[3:6] = torch.tensor([-1.0, 0.0, 1.0])
+    torch.testing.assert_close(gen(uv, mask), torch.sigmoid(torch.tensor([-1.0, 0.0, 1.0])).view(1, 3, 1, 1)
+                               .expand_as(uv), atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="no visibility gate"):
+        UVGenerator(32, TINY_GENERATOR)(uv, mask, return_gate=True)
+    with pytest.raises(ValueError, match="needs residual"):
+        dataclasses.replace(TINY_GENERATOR, visibility_gate=True)
+
+
 def test_mirror_input_generator_sees_the_mirrored_map():
     """GeneratorConfig.mirror_input: the stem reads [x, mirror(x)]; with the column-flip index, a network whose
     stem keeps only the mirrored half answers a flipped input as the plain half answers the original."""

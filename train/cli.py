@@ -84,6 +84,9 @@ def fit(
                                       "predicting UV_pred from scratch (docs/experiments.md)."),
     generator_mirror_input: bool = option(GeneratorConfig, "mirror_input", help="Also feed the generator UV_spl "
                                           "mirrored across the face (docs/experiments.md)."),
+    generator_visibility_gate: bool = option(GeneratorConfig, "visibility_gate", help="With --generator-residual: "
+                                             "blend the corrected UV_spl with a fresh fill by a predicted map of "
+                                             "the texels the photo saw (docs/experiments.md)."),
     channels: int = option(SamplerConfig, "channels", min=4, help="Base channels of every network (smaller for "
                                                                   "quick tries)."),
     device: str = option(RunOptions, "device", help="cpu | cuda | cuda:N"),
@@ -113,6 +116,8 @@ def fit(
                                                           "not trained at all)."),
     w_side: float = option(LossWeights, "side", min=0.0, help="Extra factor of D_sd's adversarial term (0: D_sd is "
                                                               "not trained at all)."),
+    w_vis: float = option(LossWeights, "vis", min=0.0, help="Weight of the visibility gate's cross-entropy (not in "
+                                                            "the paper; with --generator-visibility-gate)."),
     w_grid: float = option(LossWeights, "grid", min=0.0, help="Weight of the auxiliary sampling-grid L1 to the fit "
                                                               "(not in the paper; 0: Eq. 5 alone)."),
     r1_gamma: float = option(LossWeights, "r1_gamma", min=0.0, help="R1 penalty weight of the discriminators (0: "
@@ -156,14 +161,15 @@ def fit(
                 sampler_image_size=sampler_image_size, workers=workers, seed=seed, rotate_share=rotate_share,
                 max_yaw=max_yaw, identity=identity),
             weights=LossWeights(**given(face=w_face, uv=w_uv, sym=w_sym, tv=w_tv, id=w_id, adv=w_adv, ctr=w_ctr,
-                                        side=w_side, grid=w_grid, r1_gamma=r1_gamma)),
+                                        side=w_side, grid=w_grid, r1_gamma=r1_gamma, vis=w_vis)),
             optim=OptimConfig(**given(lr_sampler=lr_sampler, lr_generator=lr_generator,
                                       lr_discriminator=lr_discriminator)),
             sampler=SamplerConfig(**given(grid_size=sampler_grid, channels=channels, n_down=sampler_n_down,
                                            pool_size=sampler_pool), **({} if sampler_control_size is None else
                                                                       {"control_size": sampler_control_size or None})),
             generator=GeneratorConfig(**given(channels=channels, residual=generator_residual,
-                                              mirror_input=generator_mirror_input)),
+                                              mirror_input=generator_mirror_input,
+                                              visibility_gate=generator_visibility_gate)),
             discriminator=DiscriminatorConfig(**given(channels=channels)))
         run = RunOptions(run_dir=run_dir, **given(
             phase=phase, device=device, overwrite=overwrite, log_every=log_every, checkpoint_every=checkpoint_every,

@@ -89,6 +89,16 @@ class GeneratorConfig:
     residual: bool = False
     """Predict UV_pred as a correction of UV_spl (in logit space, the last layer zero-initialised so training starts
     from UV_pred = UV_spl) instead of from scratch (docs/experiments.md)."""
+    visibility_gate: bool = False
+    """With ``residual``: UV_pred = v * (corrected UV_spl) + (1 - v) * (a fill predicted from scratch), where v is a
+    predicted map of the texels the photo saw, trained against the store's ``uv_gt_mask`` (LossWeights.vis). UV_spl
+    copies whatever the photo shows where its texel is hidden (the far cheek, hair, background); the gate lets the
+    generator drop those instead of correcting them (docs/experiments.md)."""
+
+    def __post_init__(self) -> None:
+        if self.visibility_gate and not self.residual:
+            raise ValueError("visibility_gate blends a correction of UV_spl with a fresh fill; it needs residual=True "
+                             "(--generator-residual)")
 
 
 @dataclass(frozen=True)
@@ -125,6 +135,9 @@ class LossWeights:
     side: float = 0.5
     """Extra factor on D_sd's adversarial term (on top of ``adv``): it sees two crops per map (0: D_sd is not trained
     at all)."""
+    vis: float = 1.0
+    """Visibility-gate term :func:`train.losses.visibility_loss` (not in the paper; used only with
+    GeneratorConfig.visibility_gate)."""
     grid: float = 1.0
     """Auxiliary sampler term :func:`train.losses.grid_loss` (not in the paper; 0 turns it off)."""
     r1_gamma: float = 0.0

@@ -48,6 +48,7 @@ from train.losses import (
     symmetry_loss,
     total_generator_loss,
     tv_loss,
+    visibility_loss,
 )
 from train.models import PatchDiscriminator, UVGenerator, UVSampler
 from train.render import PosedMesh, render_lookup
@@ -391,8 +392,10 @@ class Trainer:
         with torch.no_grad(), self.autocast():
             uv_spl, grid = self.sampler(b["image"], out_size=self.uv_size)
         uv_spl, inside = uv_spl.float(), sampled_inside(grid)
+        gated = self.generator.config.visibility_gate
         with self.autocast():
-            uv_pred = self.generator_t(uv_spl, inside)
+            out = self.generator_t(uv_spl, inside, return_gate=gated)
+        uv_pred, gate_logit = out if gated else (out, None)
         uv_pred = uv_pred.float()
         r0 = render_lookup(uv_pred, b["grid0"], b["cover0"])
         r1 = render_lookup(uv_pred, b["grid1"], b["cover1"])
@@ -400,6 +403,8 @@ class Trainer:
                                          b["target"], b["face"] * b["cover0"], w))
         terms["loss_sym"] = symmetry_loss(uv_pred, self.mirror, self.uv_valid)
         terms["loss_tv"] = tv_loss(uv_pred)
+        if gate_logit is not None:
+            terms["loss_vis"] = visibility_loss(gate_logit, b["uv_gt_mask"], self.uv_valid)
         fakes = self._fakes(b, uv_pred, r0, r1)
         for name in self.discs:
             self.discs[name].requires_grad_(False)

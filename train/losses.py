@@ -27,6 +27,7 @@ __all__ = [
     "reconstruction_loss",
     "symmetry_loss",
     "identity_loss",
+    "visibility_loss",
     "total_generator_loss",
     "check_finite",
     "GENERATOR_TERMS",
@@ -195,8 +196,22 @@ def grid_loss(grid: Tensor, target: Tensor, mask: Tensor) -> Tensor:
     return masked_l1(grid.permute(0, 3, 1, 2), torch.nan_to_num(target).permute(0, 3, 1, 2), mask)
 
 
+def visibility_loss(gate_logit: Tensor, seen: Tensor, mask: Tensor) -> Tensor:
+    """Generator term, **not in the paper**: binary cross-entropy of the visibility gate against the texels the
+    photo saw (GeneratorConfig.visibility_gate).
+
+    gate_logit: (B, 1, U, U) logits of v; seen: (B, 1, U, U) {0, 1}, the store's ``uv_gt_mask``; mask: (B, 1, U, U)
+    or (1, 1, U, U) {0, 1}, the texels it is averaged over (the UV map's valid texels). Returns a scalar.
+    """
+    d = expect_shape("gate_logit", gate_logit, ("B", 1, "U", "U"))
+    expect_shape("seen", seen, ("B", 1, "U", "U"), d)
+    m = mask.float().expand_as(gate_logit)
+    bce = F.binary_cross_entropy_with_logits(gate_logit.float(), seen.float(), reduction="none")
+    return (bce * m).sum() / m.sum().clamp(min=1.0)
+
+
 GENERATOR_TERMS = ("loss_rec_uv", "loss_rec_face", "loss_adv_ctr", "loss_adv_sd", "loss_adv_face",
-                   "loss_sym", "loss_id", "loss_tv")
+                   "loss_sym", "loss_id", "loss_tv", "loss_vis")
 """Keys :func:`total_generator_loss` weighs; ``loss_rec`` and ``loss`` (derived totals) are ignored."""
 
 
@@ -212,7 +227,8 @@ def total_generator_loss(terms: dict[str, Tensor], weights: LossWeights = LossWe
     """
     w = weights
     coef = {"loss_rec_uv": w.uv, "loss_rec_face": w.face, "loss_adv_ctr": w.adv * w.ctr,
-            "loss_adv_sd": w.adv * w.side, "loss_adv_face": w.adv, "loss_sym": w.sym, "loss_id": w.id, "loss_tv": w.tv}
+            "loss_adv_sd": w.adv * w.side, "loss_adv_face": w.adv, "loss_sym": w.sym, "loss_id": w.id, "loss_tv": w.tv,
+            "loss_vis": w.vis}
     unknown = set(terms) - set(coef) - {"loss_rec", "loss"}
     if unknown:
         raise ValueError(f"total_generator_loss: unknown terms {sorted(unknown)}; expected any of {list(coef)}")

@@ -240,6 +240,8 @@ class _Up(nn.Module):
 
 _RESIDUAL_EPS = 1e-3
 """UV_spl is clamped to [eps, 1 - eps] before its logit (GeneratorConfig.residual)."""
+_GATE_INIT = 4.0
+"""Initial logit of the visibility gate (GeneratorConfig.visibility_gate): training starts from UV_pred ~ UV_spl."""
 
 
 class UVGenerator(nn.Module):
@@ -251,6 +253,8 @@ class UVGenerator(nn.Module):
     convolution (nearest x2 then conv3x3, which avoids the checkerboard of transposed convolutions)
     concatenated with the encoder's skip and fused by a conv3x3; a conv3x3 to RGB and a sigmoid. With
     ``config.residual`` the conv3x3's output is added to logit(UV_spl) * mask before the sigmoid and starts at zero.
+    ``config.visibility_gate`` adds a fresh RGB fill and a gate v (4 more output channels): UV_pred = v * that
+    corrected UV_spl + (1 - v) * the fill.
 
     Normalisation: GroupNorm (up to 32 groups) after every conv. It normalises per sample, so it
     behaves the same at batch 6 (the paper's) as at batch 1 and in train and eval mode (BatchNorm's
@@ -283,16 +287,23 @@ class UVGenerator(nn.Module):
                                   for a, b in zip(widths[:-1], widths[1:], strict=True))
         self.bottleneck = nn.Sequential(*(_ResBlock(widths[-1]) for _ in range(c.n_res)))
         self.up = nn.ModuleList(_Up(a, b) for a, b in zip(widths[:0:-1], widths[-2::-1], strict=True))
-        self.head = nn.Conv2d(widths[0], 3, 3, padding=1)
+        # RGB; with the gate also a fresh RGB fill and the gate's logit
+        self.head = nn.Conv2d(widths[0], 7 if c.visibility_gate else 3, 3, padding=1)
         if c.residual:  # start as the identity: UV_pred = UV_spl
             nn.init.zeros_(self.head.weight)
             nn.init.zeros_(self.head.bias)
+            if c.visibility_gate:  # ... trusting UV_spl everywhere (gate sigmoid(4) = 0.98)
+                nn.init.constant_(self.head.bias[6:], _GATE_INIT)
 
-    def forward(self, uv_spl: Tensor, mask: Tensor) -> Tensor:
+    def forward(self, uv_spl: Tensor, mask: Tensor, return_gate: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         """uv_spl (B, 3, U, U) in [0, 1], mask (B, 1, U, U) {0, 1} (its valid texels) -> UV_pred (B, 3, U, U).
 
-        UV_pred is float32 in [0, 1] (the sigmoid is taken in float32 under autocast).
+        UV_pred is float32 in [0, 1] (the sigmoid is taken in float32 under autocast). ``return_gate`` (needs
+        ``config.visibility_gate``): also the gate's logits (B, 1, U, U) float32, for
+        :func:`train.losses.visibility_loss`.
         """
+        if return_gate and not self.config.visibility_gate:
+            raise ValueError("return_gate: this generator has no visibility gate (GeneratorConfig.visibility_gate)")
         d = expect_shape("uv_spl", uv_spl, ("B", 3, "U", "U"))
         expect_shape("mask", mask, ("B", 1, "U", "U"), d)
         if d["U"] % 2**self.n_down:
@@ -313,9 +324,16 @@ class UVGenerator(nn.Module):
         for up, skip in zip(self.up, skips[-2::-1], strict=True):
             h = up(h, skip)
         out = self.head(h).float()
+        rgb = out[:, :3]
         if self.config.residual:
-            out = out + torch.logit(uv_spl.float().clamp(_RESIDUAL_EPS, 1 - _RESIDUAL_EPS)) * mask.float()
-        return torch.sigmoid(out)
+            rgb = rgb + torch.logit(uv_spl.float().clamp(_RESIDUAL_EPS, 1 - _RESIDUAL_EPS)) * mask.float()
+        uv_pred = torch.sigmoid(rgb)
+        if not self.config.visibility_gate:
+            return uv_pred
+        gate_logit = out[:, 6:7]
+        gate = torch.sigmoid(gate_logit)
+        uv_pred = gate * uv_pred + (1 - gate) * torch.sigmoid(out[:, 3:6])
+        return (uv_pred, gate_logit) if return_gate else uv_pred
 
 
 # ---------------------------------------------------------------------------------------------------------------
