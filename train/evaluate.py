@@ -39,18 +39,15 @@ import torch.nn.functional as F
 from common.files import check_output_file, sha256_file
 from common.identity import load_identity
 from common.store import OK, StoreReader, reason_name
-from train.bundle import layout_valid, read_bundle
+from train.bundle import layout_valid
 from train.config import EvalConfig
 from train.data import images_to_tensor, resize_images
 from train.render import PosedMesh, render_lookup, rotated_params
 from train.runs import (
     RunError,
-    load_run_config,
-    load_trained,
+    open_trained,
     resolve_device,
     sampled_inside,
-    trained_run_dir,
-    weights_file,
 )
 
 __all__ = ["Evaluator", "UVMethods", "check_compatible", "evaluate", "reconstruction_metrics",
@@ -152,15 +149,11 @@ def _checkpoint_methods(cfg: EvalConfig, reader: StoreReader, device: torch.devi
     methods = UVMethods(reader, device, basis=basis)
     methods.checkpoint_file = methods.step = None
     if cfg.checkpoint is not None:
-        ck = Path(cfg.checkpoint)
-        run_dir = trained_run_dir(ck)  # one line naming what is missing, not the store
-        run_cfg = load_run_config(run_dir)
-        bundle = read_bundle(run_dir, run_cfg.store)
-        methods.checkpoint_file = ck if ck.is_file() else weights_file(run_dir)
-        train_cfg, methods.sampler, methods.generator, methods.step = load_trained(
-            run_dir, str(device), bundle, checkpoint=ck if ck.is_file() else None, config=run_cfg)
-        methods.image_size = train_cfg.image_size
-        check_compatible(reader, cfg.store, bundle.face_model.fingerprint(), bundle.uv_size, "the checkpoint")
+        run = open_trained(Path(cfg.checkpoint), str(device))
+        methods.checkpoint_file, methods.sampler, methods.generator, methods.step = (run.weights, run.sampler,
+                                                                                     run.generator, run.step)
+        methods.image_size = run.config.image_size
+        check_compatible(reader, cfg.store, run.bundle.face_model.fingerprint(), run.bundle.uv_size, "the checkpoint")
     return methods
 
 

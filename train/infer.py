@@ -38,7 +38,7 @@ from common.geometry import split_params
 from common.imageio import image_grid, read_photo, resize_image, to_uint8, write_png
 from common.meshio import write_textured_obj
 from common.store import Reason
-from train.bundle import InferenceBundle, read_bundle
+from train.bundle import InferenceBundle
 from train.config import InferConfig
 from train.data import images_to_tensor, resize_images
 from train.render import PosedMesh, render_lookup, rotated_params
@@ -46,8 +46,7 @@ from train.runs import (
     BEST,
     CHECKPOINT,
     RunError,
-    load_run_config,
-    load_trained,
+    open_trained,
     resolve_device,
     sampled_inside,
     trained_run_dir,
@@ -108,14 +107,13 @@ class Inferencer:
     def __init__(self, cfg: InferConfig) -> None:
         self.cfg = cfg
         ck = Path(cfg.checkpoint)
-        run_dir = trained_run_dir(ck)  # one line naming what is missing, not the store
+        trained_run_dir(ck)  # first: one line naming what is missing, not the store
         if ck.is_file() and ck.name not in (CHECKPOINT, BEST):
             raise RunError(f"--checkpoint {ck}: expected a run directory, its {CHECKPOINT} or its {BEST}")
         self.device = resolve_device(cfg.device)
-        run_cfg = load_run_config(run_dir)
-        self.bundle: InferenceBundle = read_bundle(run_dir, run_cfg.store)
-        self.train_cfg, self.sampler, self.generator, self.step = load_trained(
-            run_dir, str(self.device), self.bundle, checkpoint=ck if ck.is_file() else None, config=run_cfg)
+        run = open_trained(ck, str(self.device))
+        self.bundle: InferenceBundle = run.bundle
+        self.train_cfg, self.sampler, self.generator, self.step = run.config, run.sampler, run.generator, run.step
         self.model = self.bundle.face_model
         self.posed = PosedMesh(self.model, self.device)
         self.summary = InferSummary(framing=cfg.framing)

@@ -25,6 +25,7 @@ import shutil
 import warnings
 import zipfile
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -656,6 +657,34 @@ def load_trained(run_dir: Path, device: str = "cpu", bundle: InferenceBundle | N
     sampler, generator = UVSampler(cfg.sampler), UVGenerator(uv_size, cfg.generator)
     load_networks({"sampler": sampler, "generator": generator}, models, path)
     return cfg, sampler.to(device).eval(), generator.to(device).eval(), step
+
+
+@dataclass(frozen=True)
+class TrainedRun:
+    """A trained model as ``uvtrain infer`` and ``uvtrain eval`` open it from ``--checkpoint``
+    (:func:`open_trained`)."""
+
+    run_dir: Path
+    """The run or export directory."""
+    config: TrainConfig
+    bundle: InferenceBundle
+    sampler: UVSampler
+    generator: UVGenerator
+    step: int
+    weights: Path
+    """The file the weights came from."""
+
+
+def open_trained(checkpoint: Path, device: str = "cpu") -> TrainedRun:
+    """The trained networks of ``--checkpoint`` (a run or export directory, or a checkpoint file in a run), in eval
+    mode on ``device``, with the run's config and inference bundle; a :class:`RunError` names what is missing."""
+    ck = Path(checkpoint)
+    run_dir = trained_run_dir(ck)  # one line naming what is missing, not the store
+    cfg = load_run_config(run_dir)
+    bundle = read_bundle(run_dir, cfg.store)
+    chosen = ck if ck.is_file() else None
+    _, sampler, generator, step = load_trained(run_dir, device, bundle, checkpoint=chosen, config=cfg)
+    return TrainedRun(run_dir, cfg, bundle, sampler, generator, step, chosen or weights_file(run_dir))
 
 
 def weights_file(run_dir: Path) -> Path:
