@@ -276,14 +276,15 @@ def clean_mask(reject: np.ndarray, eroded: np.ndarray, protect: np.ndarray, face
 
 def occluders_from_fit(images: np.ndarray, verts_px: np.ndarray, model: FaceModel, uvgt: UVGTConfig,
                        config: OcclusionConfig = OcclusionConfig(), labels: np.ndarray | None = None,
-                       cache: UVLayoutCache | None = None) -> np.ndarray:
+                       cache: UVLayoutCache | None = None, fragments: Fragments | None = None) -> np.ndarray:
     """Occluders of a batch of fitted photos: (B, S, S) bool, each inside its eroded projected mesh mask.
 
     images: (B, S, S, 3) uint8 RGB working images; verts_px: (B, V, 3) the fitted meshes in their pixels;
     uvgt: the UV_gt settings (the erosion of the face mask, as :func:`preprocess.unwrap.uv_gt_from_images`
     without a segmentation); labels: :func:`part_labels` of the model (computed when None); cache: the
     model's :class:`~preprocess.unwrap.UVLayoutCache` (for its face weights). The texture basis is not used:
-    the build learns it from UV_gt maps read under this mask.
+    the build learns it from UV_gt maps read under this mask. fragments: optional
+    :func:`preprocess.unwrap.rasterize_fitted` of the same meshes, to reuse.
     """
     images = np.asarray(images)
     if images.ndim != 4 or images.shape[-1] != 3 or images.shape[1] != images.shape[2] or images.dtype != np.uint8:
@@ -293,7 +294,13 @@ def occluders_from_fit(images: np.ndarray, verts_px: np.ndarray, model: FaceMode
     if verts.shape != (b, model.n_vertices, 3):
         raise ValueError(f"verts_px: expected ({b}, {model.n_vertices}, 3), found {tuple(verts.shape)}")
     tris = torch.from_numpy(np.ascontiguousarray(model.triangles, np.int64))
-    frags = rasterize(verts, tris, (s, s), cull_backfaces=True)
+    if fragments is None:
+        frags = rasterize(verts, tris, (s, s), cull_backfaces=True)
+    elif fragments.tri_id.shape != (b, s, s):
+        raise ValueError(f"fragments: expected {(b, s, s)} (these meshes rasterised in these images), found "
+                         f"{tuple(fragments.tri_id.shape)}")
+    else:
+        frags = fragments
     weight = face_weight(model) if cache is None else cache.face_weight
     face = face_pixels(frags, tris, weight)
     cues = face_cues(frags, model, part_labels(model, config) if labels is None else labels)

@@ -23,6 +23,7 @@ import numpy as np
 from common.facemodel import FaceModel
 from common.faces.fit import ShapeFitter
 from common.imageio import to_uint8
+from common.render import Fragments
 from common.store import FAILED, OK, Reason
 from common.texbasis import UVTextureBasis
 from common.uvlayout import CropLayout, crop_layout
@@ -33,7 +34,7 @@ from preprocess.crops import cut_partial_crops
 from preprocess.occlusion import occluders_from_fit, part_labels
 from preprocess.shading import uv_normals
 from preprocess.texture import match_greyscale, ridge_texture_fit
-from preprocess.unwrap import UVLayoutCache, layout_cache, uv_gt_from_images
+from preprocess.unwrap import UVLayoutCache, layout_cache, rasterize_fitted, uv_gt_from_images
 
 
 def build_face_model(cfg: StageConfig) -> FaceModel:
@@ -138,11 +139,16 @@ def run_geometry(inputs, ctx: StageContext, timer: Timer) -> GeometryResult:
     t0 = time.perf_counter()
     if good:
         seg_mask = np.stack(seg) if all(m is not None for m in seg) else None
+        frags = None
         if cfg.occlusion is not None:  # rejected pixels leave the face region before it is eroded, as a parser's
-            _occlusion(out, good, verts, ctx)
+            try:  # one rasterisation of the fitted meshes for both stages (None: each redoes its own)
+                frags = rasterize_fitted(np.stack(verts), ctx.model, s)
+            except Exception:  # noqa: BLE001 - the stages below rasterise sample by sample and record the failure
+                frags = None
+            _occlusion(out, good, verts, ctx, frags)
             seg_mask = ~out.occlusion[good] if seg_mask is None else seg_mask & ~out.occlusion[good]
         try:
-            _unwrap(out, good, np.stack(verts), seg_mask, ctx)
+            _unwrap(out, good, np.stack(verts), seg_mask, ctx, frags)
         except Exception:  # noqa: BLE001 - one bad sample must not fail the batch: redo it sample by sample
             for j, k in enumerate(good):
                 try:
@@ -182,22 +188,25 @@ def _fit_one(sample, k: int, out: GeometryResult, ctx: StageContext) -> tuple[np
     return res.verts_px, _segmentation(sample, fit.image_size)
 
 
-def _unwrap(out: GeometryResult, rows: list[int], verts: np.ndarray, seg_mask, ctx: StageContext) -> None:
-    g = uv_gt_from_images(out.image[rows], verts, ctx.model, ctx.config.uvgt, seg_mask=seg_mask, cache=ctx.uv_cache)
+def _unwrap(out: GeometryResult, rows: list[int], verts: np.ndarray, seg_mask, ctx: StageContext,
+            frags: Fragments | None = None) -> None:
+    g = uv_gt_from_images(out.image[rows], verts, ctx.model, ctx.config.uvgt, seg_mask=seg_mask, cache=ctx.uv_cache,
+                          fragments=frags)
     out.uv_gt[rows], out.uv_gt_mask[rows] = g.uv, g.mask
     out.face_region[rows], out.face_mask_eroded[rows] = g.face_mask, g.eroded
     empty = [k for k, m in zip(rows, g.mask, strict=True) if not m.any()]
     out.reason[empty] = Reason.LOW_COVERAGE
 
 
-def _occlusion(out: GeometryResult, rows: list[int], verts: list[np.ndarray], ctx: StageContext) -> None:
+def _occlusion(out: GeometryResult, rows: list[int], verts: list[np.ndarray], ctx: StageContext,
+               frags: Fragments | None = None) -> None:
     """``out.occlusion`` (n, S, S) bool for the fitted rows (:func:`preprocess.occlusion.occluders_from_fit`); a
     sample it fails on gets STAGE_ERROR (its UV_gt would hold the occluders)."""
     out.occlusion = np.zeros(out.face_region.shape, bool)
     cfg = ctx.config
     try:
         out.occlusion[rows] = occluders_from_fit(out.image[rows], np.stack(verts), ctx.model, cfg.uvgt, cfg.occlusion,
-                                                 ctx.occlusion_labels, ctx.uv_cache)
+                                                 ctx.occlusion_labels, ctx.uv_cache, frags)
     except Exception:  # noqa: BLE001 - redo it sample by sample
         for j, k in enumerate(rows):
             try:
