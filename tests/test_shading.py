@@ -53,6 +53,20 @@ def test_directional_lighting_is_recovered_despite_albedo_outliers():
         assert ratio.max() / ratio.min() < 1.1
 
 
+def test_the_directional_fits_analytic_jacobian_matches_finite_differences():
+    from scipy.optimize._numdiff import approx_derivative
+
+    from preprocess.shading import _DirectionalProblem
+
+    rng = np.random.default_rng(2)
+    n = _hemisphere(20)
+    colour = 0.3 + 0.5 * np.clip(n @ np.array([0.3, 0.2, 0.93]), 0, None)[:, None] + rng.normal(0, 0.02, (len(n), 3))
+    problem = _DirectionalProblem(n, colour, np.sqrt(rng.uniform(0.2, 1.0, len(n))))
+    for p in (np.array([0.3, 0.2, 0.9]), np.array([-1.0, 0.5, 0.4]) * 3):  # any length: only p / |p| matters
+        want = approx_derivative(problem.residual, p, method="3-point")
+        np.testing.assert_allclose(problem.jacobian(p), want, atol=1e-7 * np.abs(want).max())
+
+
 def test_sh_fit_recovers_a_second_order_lighting_exactly_and_robustly():
     rng = np.random.default_rng(1)
     n = _hemisphere()
