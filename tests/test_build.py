@@ -483,6 +483,42 @@ def test_a_stage_that_raises_fails_only_its_sample(monkeypatch):
     assert arrays["uv_gt_mask"][0].any() and arrays["uv_gt_mask"][2].any()
 
 
+def test_a_sample_whose_normals_fail_fails_alone(monkeypatch):
+    """The blend stage computes the normals of a block of samples in one call (issue 21); when that call raises, they
+    are redone sample by sample, and only the sample that raises again fails."""
+    from common.config import FitConfig
+    from common.store import FAILED, OK, Reason
+    from common.synthetic import SyntheticConfig
+    from preprocess import stages
+    from preprocess.config import StageConfig, UVGTConfig
+    from preprocess.sources import SyntheticSource
+    from preprocess.texture import UVTextureBasis
+
+    src = SyntheticSource(count=3, config=SyntheticConfig(image_size=64, uv_size=32, occluder_prob=0.0))
+    inputs = src.load_many(range(3), src.manifest())
+    cfg = StageConfig(fit=FitConfig(image_size=64), uvgt=UVGTConfig(uv_size=32))
+    ctx = stages.StageContext.build(cfg)
+    ctx.basis = UVTextureBasis.from_face_model(ctx.model, 32)
+    clean, _ = stages.run_stages(inputs, ctx)
+    real = stages.uv_normals
+    singles = []
+
+    def flaky(model, params, frags):
+        if len(params) > 1:
+            raise ValueError("params: the pose matrix is a reflection")
+        singles.append(1)
+        if len(singles) == 2:
+            raise ValueError("params: the pose matrix is a reflection")
+        return real(model, params, frags)
+
+    monkeypatch.setattr(stages, "uv_normals", flaky)
+    arrays, errors = stages.run_stages(inputs, ctx)
+    assert list(arrays["status"]) == [OK, FAILED, OK]
+    assert arrays["reason"][1] == Reason.STAGE_ERROR and "reflection" in errors[0]
+    for k in (0, 2):  # the others are what the batched normals gave
+        np.testing.assert_array_equal(arrays["uv_bl"][k], clean["uv_bl"][k])
+
+
 # ------------------------------------------------------------------------------------------ worker memory
 _FAULTS = """
 import resource, numpy as np
