@@ -599,7 +599,7 @@ def pad_texture(uv: np.ndarray, layout: np.ndarray, width: int) -> np.ndarray:
     from preprocess.texture import extend_smoothly
 
     band = cv2.dilate(layout.astype(np.uint8), np.ones((2 * width + 1,) * 2, np.uint8)).astype(bool)
-    return extend_smoothly(np.where(layout[..., None], uv, 0.0), layout, band, max_rings=width)
+    return extend_smoothly(np.where(layout[..., None], uv, 0.0), layout, band, max_rings=width, fast=True)
 
 
 def blend_model_into_photo(filled: np.ndarray, known: np.ndarray, uv_bfm: np.ndarray, face_mask: np.ndarray | None,
