@@ -207,11 +207,13 @@ def _max3(t: torch.Tensor) -> torch.Tensor:
 def _rasterize_torch(verts: torch.Tensor, tris: torch.Tensor, h: int, w: int, cull: bool) -> Fragments:
     b, n_f = verts.shape[0], tris.shape[0]
     dev = verts.device
-    tv = verts.to(torch.float64).index_select(1, tris.reshape(-1)).view(b * n_f, 3, 3)  # corners
-    xy = tv[..., :2]
-    in_guard = (xy.abs() <= _GUARD).flatten(1).all(1)
-    fx = torch.round(torch.where(in_guard[:, None, None], xy, 0.0) * _SUB).to(torch.int64)  # (N, 3, 2)
-    x, y = fx[..., 0], fx[..., 1]  # (N, 3)
+    v64 = verts.to(torch.float64)
+    # snap per vertex (6x fewer than per triangle corner); a vertex beyond the guard snaps to 0 and drops its
+    # triangles below (int64 overflow otherwise)
+    v_in = (v64[..., :2].abs() <= _GUARD).all(-1)  # (B, V)
+    snapped = torch.round(torch.where(v_in[..., None], v64[..., :2], 0.0) * _SUB).to(torch.int64)  # (B, V, 2)
+    flat = tris.reshape(-1)
+    x, y = (snapped[..., k].contiguous().index_select(1, flat).view(b * n_f, 3) for k in range(2))  # (N, 3)
     area = (x[:, 1] - x[:, 0]) * (y[:, 2] - y[:, 0]) - (y[:, 1] - y[:, 0]) * (x[:, 2] - x[:, 0])
 
     # pixel j's centre is at j * SUB + HALF: j in [ceil((min - HALF) / SUB), floor((max - HALF) / SUB)]
@@ -219,33 +221,34 @@ def _rasterize_torch(verts: torch.Tensor, tris: torch.Tensor, h: int, w: int, cu
     jmax = torch.div(_max3(x) - _HALF, _SUB, rounding_mode="floor").clamp(max=w - 1)
     imin = (-torch.div(_HALF - _min3(y), _SUB, rounding_mode="floor")).clamp(min=0)
     imax = torch.div(_max3(y) - _HALF, _SUB, rounding_mode="floor").clamp(max=h - 1)
-    keep = in_guard & (area != 0) & (jmin <= jmax) & (imin <= imax)
-    if cull:
-        keep &= area < 0
+    keep = (area < 0 if cull else area != 0) & (jmin <= jmax) & (imin <= imax)  # most cover no pixel centre
+    if not bool(v_in.all()):
+        keep &= v_in.index_select(1, flat).view(b * n_f, 3).all(1)
+    gid = keep.nonzero().squeeze(1)  # compact first: culled and off-screen triangles cost nothing below
+    x, y, area, jmin, jmax, imin, imax = (t.index_select(0, gid) for t in (x, y, area, jmin, jmax, imin, imax))
+    corner = tris.index_select(0, gid % max(n_f, 1))  # (K, 3) vertex ids
+    z = v64[..., 2].reshape(-1).index_select(0, (torch.div(gid, n_f, rounding_mode="floor")[:, None] * verts.shape[1]
+                                                 + corner).reshape(-1)).view(-1, 3)
 
     buf = torch.full((b * h * w,), torch.iinfo(torch.int64).min, dtype=torch.int64, device=dev)
-    ints, floats = _triangle_setup(keep, x, y, area, tv[:, :, 2], jmin, imin, jmax - jmin + 1, imax - imin + 1,
-                                   n_f, h, w)
+    ints, floats = _triangle_setup(gid, x, y, area, z, jmin, imin, jmax - jmin + 1, imax - imin + 1, n_f, h, w)
     if ints.shape[0]:
         _scatter_candidates(buf, ints, floats, w)
-    return _fragments_from_winners(buf, tv, tris, b, h, w)
+    return _fragments_from_winners(buf, v64, tris, b, h, w)
 
 
 # columns of the per-triangle integer table built by _triangle_setup
 _W0, _AX, _BY, _BW, _BH, _PIX0, _GID = 0, 3, 6, 9, 10, 11, 12
 
 
-def _triangle_setup(keep, x, y, area, z, jmin, imin, bw, bh, n_f, h, w) -> tuple[torch.Tensor, torch.Tensor]:
+def _triangle_setup(gid, x, y, area, z, jmin, imin, bw, bh, n_f, h, w) -> tuple[torch.Tensor, torch.Tensor]:
     """Edge functions, depth planes and bbox of the kept triangles, sorted by bbox-size group.
 
-    Inputs are per global triangle (B * F): keep (N,) bool, snapped corners x, y (N, 3) int64,
-    area (N,), z (N, 3), bbox origin / size (N,). Returns ints (K, 13) int64: edge values at the
-    bbox's first pixel centre (top-left bias folded in), their x / y steps per pixel, bbox width /
-    height, first pixel's flat index, global triangle id; and floats (K, 3) float32: depth at the
-    first pixel centre, d/dx, d/dy.
+    Inputs are per kept triangle (K,): global triangle id gid (batch * F + triangle), snapped corners x, y (K, 3)
+    int64, area (K,), z (K, 3) float64, bbox origin / size (K,). Returns ints (K, 13) int64: edge values at the
+    bbox's first pixel centre (top-left bias folded in), their x / y steps per pixel, bbox width / height, first
+    pixel's flat index, global triangle id; and floats (K, 3) float32: depth at the first pixel centre, d/dx, d/dy.
     """
-    gid = keep.nonzero().squeeze(1)  # compact first: culled and off-screen triangles cost nothing below
-    x, y, area, z, jmin, imin, bw, bh = (t.index_select(0, gid) for t in (x, y, area, z, jmin, imin, bw, bh))
     sgn = torch.sign(area)
     area_abs = (area * sgn).to(torch.float64)
     ox = jmin * _SUB + _HALF  # first pixel centre of the bbox, sub-pixel units
@@ -301,17 +304,18 @@ def _scatter_group(buf: torch.Tensor, ints: torch.Tensor, floats: torch.Tensor, 
     buf.scatter_reduce_(0, sel_i[:, _PIX0] + iy * w + ix, key, reduce="amax", include_self=True)
 
 
-def _fragments_from_winners(buf: torch.Tensor, tv: torch.Tensor, tris: torch.Tensor, b: int, h: int,
+def _fragments_from_winners(buf: torch.Tensor, v64: torch.Tensor, tris: torch.Tensor, b: int, h: int,
                             w: int) -> Fragments:
     """Decode packed z-buffer keys (B*H*W,) and recompute barycentrics / depth from float vertices.
 
-    tv: (B*F, 3, 3) float64 triangle corners. Background entries hold int64 min.
+    v64: (B, V, 3) float64 vertices. Background entries hold int64 min.
     """
     n_f = tris.shape[0]
     covered = buf != torch.iinfo(torch.int64).min
     pix = covered.nonzero().squeeze(1)
     gid = buf[pix] & _ID_MASK
-    corners = tv[gid]  # (N, 3, 3)
+    vid = torch.div(gid, max(n_f, 1), rounding_mode="floor")[:, None] * v64.shape[1] + tris[gid % max(n_f, 1)]
+    corners = v64.reshape(-1, 3)[vid]  # (N, 3, 3)
     px = (pix % w).to(torch.float64) + 0.5
     py = (torch.div(pix, w, rounding_mode="floor") % h).to(torch.float64) + 0.5
     bary = _barycentric(corners[..., :2], torch.stack([px, py], -1))
@@ -380,8 +384,7 @@ def _rasterize_pytorch3d(verts: torch.Tensor, tris: torch.Tensor, h: int, w: int
     local = ids[packed.clamp(min=0)]
     gid = torch.where(packed >= 0, batch * n_f + local, -1)
     buf = torch.where(gid >= 0, gid, torch.iinfo(torch.int64).min).reshape(-1)
-    tv = verts.to(torch.float64)[:, tris].reshape(b * n_f, 3, 3)
-    return _fragments_from_winners(buf, tv, tris, b, h, w)
+    return _fragments_from_winners(buf, verts.to(torch.float64), tris, b, h, w)
 
 
 # ------------------------------------------------------------------------------- interpolation
