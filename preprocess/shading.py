@@ -129,6 +129,21 @@ def _directional_fit(lam: np.ndarray, c: np.ndarray, w: np.ndarray) -> tuple[np.
     return coef, float((w[:, None] * (a @ coef - c) ** 2).sum())
 
 
+def _huber_rho(z: np.ndarray) -> np.ndarray:
+    """least_squares' ``loss="huber"`` as a callable: (3, m) rho, rho', rho'' of z = (f / f_scale)^2 (m,).
+
+    The same values, bit for bit, as scipy's built-in (the same expressions on the same elements), indexing the few
+    outliers once instead of through six boolean masks: the built-in was a fifth of the lighting fit's time."""
+    out = np.empty((3, z.size))
+    out[0], out[1], out[2] = z, 1.0, 0.0
+    far = np.flatnonzero(~(z <= 1))  # (NaN as the built-in)
+    zf = z[far]
+    out[0, far] = 2 * zf**0.5 - 1
+    out[1, far] = zf**-0.5
+    out[2, far] = -0.5 * zf**-1.5
+    return out
+
+
 class _DirectionalProblem:
     """The variable-projection residual of :func:`fit_directional_lighting` and its analytic Jacobian.
 
@@ -201,7 +216,7 @@ def fit_directional_lighting(colour: np.ndarray, normals: np.ndarray,
     scale = 1.4826 * np.median(np.abs(c - np.median(c, 0))) + 1e-3
     best = None
     for p0 in starts:
-        r = least_squares(problem.residual, p0, jac=problem.jacobian, loss="huber", f_scale=config.huber * scale / 2,
+        r = least_squares(problem.residual, p0, jac=problem.jacobian, loss=_huber_rho, f_scale=config.huber * scale / 2,
                           max_nfev=60)
         if best is None or r.cost < best.cost:
             best = r

@@ -67,6 +67,17 @@ def test_the_directional_fits_analytic_jacobian_matches_finite_differences():
         np.testing.assert_allclose(problem.jacobian(p), want, atol=1e-7 * np.abs(want).max())
 
 
+def test_the_directional_fits_huber_loss_is_scipys_bit_for_bit():
+    from scipy.optimize._lsq.least_squares import huber
+
+    from preprocess.shading import _huber_rho
+
+    z = np.concatenate([np.random.default_rng(3).exponential(1.0, 500), [0.0, 1.0, np.nan, np.inf]])
+    want = np.empty((3, z.size))
+    huber(z, want, cost_only=False)
+    np.testing.assert_array_equal(_huber_rho(z), want)
+
+
 def test_sh_fit_recovers_a_second_order_lighting_exactly_and_robustly():
     rng = np.random.default_rng(1)
     n = _hemisphere()
