@@ -60,7 +60,8 @@ def match_greyscale(uv_bfm: np.ndarray, uv_gt: np.ndarray, mask: np.ndarray, tol
     Returns (B, U, U, 3) float32 (colour photos unchanged).
     """
     gt = _as_unit_float(uv_gt)
-    spread = gt.max(-1) - gt.min(-1)  # (B, U, U)
+    r, g, b = gt[..., 0], gt[..., 1], gt[..., 2]
+    spread = np.maximum(np.maximum(r, g), b) - np.minimum(np.minimum(r, g), b)  # (B, U, U); max(-1) is ~5x slower
     n = mask.sum((1, 2))
     grey = (n > 0) & ((spread * mask).sum((1, 2)) / np.maximum(n, 1) <= tol)
     out = np.asarray(uv_bfm, np.float32).copy()
