@@ -240,7 +240,47 @@ def run_stages(inputs, ctx: StageContext, timer: Timer | None = None) -> tuple[d
     if ctx.basis is None:
         raise ValueError("run_stages needs the texture basis (StageContext.basis)")
     timer = Timer() if timer is None else timer
-    geo = run_geometry(inputs, ctx, timer)
+    return finish_stages(run_geometry(inputs, ctx, timer), ctx, timer)
+
+
+GEOMETRY_ROWS = ("image", "face_region", "face_mask_eroded", "params", "pose", "uv_gt", "uv_gt_mask")
+"""The per-sample arrays of :class:`GeometryResult` (and ``occlusion`` when on)."""
+
+
+def merge_geometry(n: int, ctx: StageContext, fresh_rows: np.ndarray, fresh: GeometryResult, kept_rows: np.ndarray,
+                   kept: dict[str, np.ndarray], kept_keys: list[str]) -> GeometryResult:
+    """One chunk's :class:`GeometryResult` (n rows) from the rows ``fresh_rows`` computed now (``fresh``) and the
+    rows ``kept_rows`` computed earlier and kept (fitted samples: reason 0; arrays name -> (k, ...), their keys)."""
+    s, u = ctx.config.fit.image_size, ctx.config.uvgt.uv_size
+    out = GeometryResult(reason=np.zeros(n, np.uint8), image=np.zeros((n, s, s, 3), np.uint8),
+                         face_region=np.zeros((n, s, s), bool), face_mask_eroded=np.zeros((n, s, s), bool),
+                         params=np.full((n, 62), np.nan, np.float32),
+                         pose=np.full((n, 3), np.nan, np.float32), uv_gt=np.zeros((n, u, u, 3), np.float32),
+                         uv_gt_mask=np.zeros((n, u, u), bool), errors=list(fresh.errors))
+    if ctx.config.occlusion is not None:
+        out.occlusion = np.zeros((n, s, s), bool)
+        if fresh.occlusion is not None:
+            out.occlusion[fresh_rows] = fresh.occlusion
+        if "occlusion" in kept:
+            out.occlusion[kept_rows] = kept["occlusion"]
+    out.reason[fresh_rows] = fresh.reason
+    for name in GEOMETRY_ROWS:
+        getattr(out, name)[fresh_rows] = getattr(fresh, name)
+        getattr(out, name)[kept_rows] = kept[name]
+    keys = [""] * n
+    for k, key in zip(fresh_rows, fresh.keys, strict=True):
+        keys[k] = key
+    for k, key in zip(kept_rows, kept_keys, strict=True):
+        keys[k] = key
+    out.keys = keys
+    return out
+
+
+def finish_stages(geo: GeometryResult, ctx: StageContext, timer: Timer) -> tuple[dict[str, np.ndarray], list[str]]:
+    """The chain after :func:`run_geometry`: Eq. 8, Eq. 9, crops -> (store arrays, error messages) (as
+    :func:`run_stages`)."""
+    if ctx.basis is None:
+        raise ValueError("finish_stages needs the texture basis (StageContext.basis)")
     n, u = len(geo.reason), ctx.config.uvgt.uv_size
     ok = geo.reason == 0
     hc, wc = ctx.crop_layout.ctr_region.shape
