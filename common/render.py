@@ -560,7 +560,8 @@ def unwrap_to_uv(image: torch.Tensor, verts_px: torch.Tensor, triangles: torch.T
     pos = (lam[None, :, :, None] * corners).sum(2)  # (B, N, 3), differentiable w.r.t. verts
     with torch.no_grad():
         v = verts_px.detach()
-        front = (signed_area_px(v, triangles) < 0)[:, t]  # (B, N)
+        used, texel_tri = torch.unique(t, return_inverse=True)  # only the triangles some texel lies in
+        front = (signed_area_px(v, triangles[used]) < 0)[:, texel_tri]  # (B, N)
         surf, in_img = _surface_depth(fragments, pos[..., :2].detach())
         vis = front & in_img & (pos[..., 2].detach().to(torch.float64) >= surf - _as_tol(depth_tol, v)[:, None])
     grid = torch.stack([2.0 * pos[..., 0] / w - 1.0, 2.0 * pos[..., 1] / h - 1.0], -1).to(image.dtype)

@@ -171,9 +171,13 @@ def _facing(verts: torch.Tensor, tris: torch.Tensor, uv_frags: Fragments) -> tor
     Uses the normal of the texel's triangle (flat), looked up through the UV rasterisation: one gather per
     texel instead of interpolating three vertex normals (triangles are far smaller than the cut's tolerance).
     """
-    y_up = verts * torch.tensor([1.0, -1.0, 1.0])  # back to a right-handed frame for the outward normals
-    v0, v1, v2 = (y_up[:, tris[:, k]] for k in range(3))
-    n = torch.cross(v1 - v0, v2 - v0, dim=-1)  # (B, F, 3); the view direction is +z (orthographic)
-    cos = n[..., 2] / n.norm(dim=-1).clamp(min=1e-12)
     tri = uv_frags.tri_id[0]
-    return torch.where(tri >= 0, cos[:, tri.clamp(min=0)], torch.zeros(()))
+    covered = tri >= 0
+    used, texel_tri = torch.unique(tri[covered], return_inverse=True)  # only the triangles some texel lies in
+    y_up = verts * torch.tensor([1.0, -1.0, 1.0])  # back to a right-handed frame for the outward normals
+    v0, v1, v2 = (y_up[:, tris[used, k]] for k in range(3))
+    n = torch.cross(v1 - v0, v2 - v0, dim=-1)  # (B, F', 3); the view direction is +z (orthographic)
+    cos = n[..., 2] / n.norm(dim=-1).clamp(min=1e-12)
+    out = torch.zeros((verts.shape[0], *tri.shape), dtype=cos.dtype)
+    out[:, covered] = cos[:, texel_tri]
+    return out
