@@ -232,7 +232,7 @@ def _rasterize_torch(verts: torch.Tensor, tris: torch.Tensor, h: int, w: int, cu
 
     buf = torch.full((b * h * w,), torch.iinfo(torch.int64).min, dtype=torch.int64, device=dev)
     ints, floats = _triangle_setup(gid, x, y, area, z, jmin, imin, jmax - jmin + 1, imax - imin + 1, n_f, h, w)
-    if ints.shape[0]:
+    if ints.shape[1]:
         _scatter_candidates(buf, ints, floats, w)
     return _fragments_from_winners(buf, v64, tris, b, h, w)
 
@@ -245,9 +245,10 @@ def _triangle_setup(gid, x, y, area, z, jmin, imin, bw, bh, n_f, h, w) -> tuple[
     """Edge functions, depth planes and bbox of the kept triangles, sorted by bbox-size group.
 
     Inputs are per kept triangle (K,): global triangle id gid (batch * F + triangle), snapped corners x, y (K, 3)
-    int64, area (K,), z (K, 3) float64, bbox origin / size (K,). Returns ints (K, 13) int64: edge values at the
-    bbox's first pixel centre (top-left bias folded in), their x / y steps per pixel, bbox width / height, first
-    pixel's flat index, global triangle id; and floats (K, 3) float32: depth at the first pixel centre, d/dx, d/dy.
+    int64, area (K,), z (K, 3) float64, bbox origin / size (K,). Returns ints (13, K) int64, one row per quantity
+    (rows, not columns: stacked and sliced contiguously): edge values at the bbox's first pixel centre (top-left bias
+    folded in), their x / y steps per pixel, bbox width / height, first pixel's flat index, global triangle id; and
+    floats (3, K) float32: depth at the first pixel centre, d/dx, d/dy.
     """
     sgn = torch.sign(area)
     area_abs = (area * sgn).to(torch.float64)
@@ -266,15 +267,15 @@ def _triangle_setup(gid, x, y, area, z, jmin, imin, bw, bh, n_f, h, w) -> tuple[
     dzdx = sum(ax[k].to(torch.float64) * z[:, k] for k in range(3)) / area_abs
     dzdy = sum(by[k].to(torch.float64) * z[:, k] for k in range(3)) / area_abs
     pix0 = torch.div(gid, n_f, rounding_mode="floor") * (h * w) + imin * w + jmin
-    ints = torch.stack([*w0s, *ax, *by, bw, bh, pix0, gid], 1)
-    floats = torch.stack([zo, dzdx, dzdy], 1).float()
     order = torch.argsort(_size_bucket(bw) * (1 << 20) + _size_bucket(bh))
-    return ints[order], floats[order]
+    ints = torch.stack([*w0s, *ax, *by, bw, bh, pix0, gid], 0).index_select(1, order)
+    floats = torch.stack([zo, dzdx, dzdy], 0).float().index_select(1, order)
+    return ints, floats
 
 
 def _scatter_candidates(buf: torch.Tensor, ints: torch.Tensor, floats: torch.Tensor, w: int) -> None:
     """Enumerate each triangle's bbox pixels by size group and chunk, z-test with scatter_reduce(amax)."""
-    ew, eh = _size_bucket(ints[:, _BW]), _size_bucket(ints[:, _BH])
+    ew, eh = _size_bucket(ints[_BW]), _size_bucket(ints[_BH])
     groups, counts = torch.unique_consecutive(ew * (1 << 20) + eh, return_counts=True)
     start = 0
     for g, cnt in zip(groups.tolist(), counts.tolist(), strict=True):
@@ -282,26 +283,27 @@ def _scatter_candidates(buf: torch.Tensor, ints: torch.Tensor, floats: torch.Ten
         step = max(1, _MAX_CANDIDATES // (gw * gh))
         for s in range(start, start + cnt, step):
             e = min(s + step, start + cnt)
-            _scatter_group(buf, ints[s:e], floats[s:e], gw, gh, w)
+            _scatter_group(buf, ints[:, s:e], floats[:, s:e], gw, gh, w)
         start += cnt
 
 
 def _scatter_group(buf: torch.Tensor, ints: torch.Tensor, floats: torch.Tensor, gw: int, gh: int, w: int) -> None:
-    """One chunk of triangles whose bboxes fit gw x gh: coverage test on the grid, then z-buffer update."""
+    """One chunk of triangles (ints (13, n), floats (3, n)) whose bboxes fit gw x gh: coverage test on the grid,
+    then z-buffer update."""
     dev = buf.device
     dx = torch.arange(gw, device=dev, dtype=torch.int64).view(1, 1, gw)
     dy = torch.arange(gh, device=dev, dtype=torch.int64).view(1, gh, 1)
-    col = ints.unsqueeze(-1).unsqueeze(-1)  # (n, 13, 1, 1)
-    inside = (dx < col[:, _BW]) & (dy < col[:, _BH])
+    col = ints.unsqueeze(-1).unsqueeze(-1)  # (13, n, 1, 1)
+    inside = (dx < col[_BW]) & (dy < col[_BH])
     for k in range(3):
-        inside &= (col[:, _W0 + k] + col[:, _AX + k] * dx + col[:, _BY + k] * dy) > 0
+        inside &= (col[_W0 + k] + col[_AX + k] * dx + col[_BY + k] * dy) > 0
     t, iy, ix = inside.nonzero(as_tuple=True)
     if t.numel() == 0:
         return
-    sel_i, sel_f = ints[t], floats[t]
-    z = sel_f[:, 0] + sel_f[:, 1] * ix.float() + sel_f[:, 2] * iy.float()
-    key = (_ordered_int32(z) << _ID_BITS) + sel_i[:, _GID]
-    buf.scatter_reduce_(0, sel_i[:, _PIX0] + iy * w + ix, key, reduce="amax", include_self=True)
+    sel_f = floats[:, t]  # (3, m): only what the z-test needs of each candidate
+    z = sel_f[0] + sel_f[1] * ix.float() + sel_f[2] * iy.float()
+    key = (_ordered_int32(z) << _ID_BITS) + ints[_GID][t]
+    buf.scatter_reduce_(0, ints[_PIX0][t] + iy * w + ix, key, reduce="amax", include_self=True)
 
 
 def _fragments_from_winners(buf: torch.Tensor, v64: torch.Tensor, tris: torch.Tensor, b: int, h: int,
