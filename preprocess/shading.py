@@ -36,6 +36,12 @@ from preprocess.config import ShadingConfig
 # ----------------------------------------------------------------------------------------------
 
 
+def _norm3(x: np.ndarray) -> np.ndarray:
+    """``np.linalg.norm(x, axis=-1, keepdims=True)`` of (..., 3) vectors, the same values (the same sums in the same
+    order) ~10x quicker than numpy's reduction over a 3-wide axis."""
+    return np.sqrt((x[..., 0] * x[..., 0] + x[..., 1] * x[..., 1]) + x[..., 2] * x[..., 2])[..., None]
+
+
 def uv_normals(model: FaceModel, params: np.ndarray, uv_frags: Fragments) -> np.ndarray:
     """Unit normals of the fitted shapes in the camera frame, rasterised into the UV layout.
 
@@ -64,7 +70,7 @@ def uv_normals(model: FaceModel, params: np.ndarray, uv_frags: Fragments) -> np.
     incidence = sp.csr_matrix((np.ones(3 * nf), (tris.T.ravel(), np.tile(np.arange(nf), 3))), shape=(nv, nf))
     vn = (incidence @ face_n.transpose(1, 0, 2).reshape(nf, 3 * b).astype(np.float64)).astype(np.float32)
     vn = vn.reshape(nv, b, 3).transpose(1, 0, 2)
-    vn /= np.maximum(np.linalg.norm(vn, axis=-1, keepdims=True), 1e-12)
+    vn /= np.maximum(_norm3(vn), 1e-12)
     tri = uv_frags.tri_id[0].numpy().ravel()  # (U * U,): one layout for every sample
     covered = np.flatnonzero(tri >= 0)
     bary = uv_frags.bary[0].numpy().reshape(-1, 3)[covered]
@@ -72,7 +78,7 @@ def uv_normals(model: FaceModel, params: np.ndarray, uv_frags: Fragments) -> np.
     interp = sp.csr_matrix((bary.ravel().astype(np.float32), tris[tri[covered]].ravel(),
                             np.arange(0, 3 * covered.size + 1, 3)), shape=(covered.size, nv))
     vals = (interp @ vn.transpose(1, 0, 2).reshape(nv, 3 * b)).reshape(-1, b, 3).transpose(1, 0, 2)  # (B, N, 3)
-    norm = np.linalg.norm(vals, axis=-1, keepdims=True)
+    norm = _norm3(vals)
     img = np.zeros((b, tri.size, 3), np.float32)
     img[:, covered] = np.divide(vals, norm, out=np.zeros_like(vals), where=norm > 1e-6)
     return img.reshape(b, *uv_frags.tri_id.shape[1:], 3)
@@ -243,7 +249,8 @@ def estimate_shading(uv_gt: np.ndarray, mask: np.ndarray, normals: np.ndarray,
     if normals.shape != uv_gt.shape[:2] + (3,):
         raise ValueError(f"normals must be {uv_gt.shape[:2] + (3,)} (one camera-frame normal per texel), "
                          f"found {normals.shape}")
-    sel = np.flatnonzero(mask.ravel() & (np.abs(normals).sum(-1).ravel() > 0))
+    a = np.abs(normals)
+    sel = np.flatnonzero(mask.ravel() & ((a[..., 0] + a[..., 1]) + a[..., 2] > 0).ravel())  # sum(-1), ~10x quicker
     ch = uv_gt.shape[2]
     if sel.size < config.min_texels:
         return np.ones(uv_gt.shape, np.float32)

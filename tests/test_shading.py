@@ -78,6 +78,16 @@ def test_the_directional_fits_huber_loss_is_scipys_bit_for_bit():
     np.testing.assert_array_equal(_huber_rho(z), want)
 
 
+def test_norm3_is_numpys_norm_bit_for_bit():
+    from preprocess.shading import _norm3
+
+    rng = np.random.default_rng(4)
+    for dtype in (np.float32, np.float64):
+        x = rng.normal(size=(3, 500, 3)).astype(dtype)
+        for v in (x, x.transpose(1, 0, 2)):  # uv_normals passes a transposed view
+            np.testing.assert_array_equal(_norm3(v), np.linalg.norm(v, axis=-1, keepdims=True))
+
+
 def test_sh_fit_recovers_a_second_order_lighting_exactly_and_robustly():
     rng = np.random.default_rng(1)
     n = _hemisphere()
