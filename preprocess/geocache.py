@@ -74,14 +74,24 @@ def write_rows(out: str, token: str, indices: np.ndarray, geo) -> None:
     g = _open(out, token, mode="r+")
     if g is None:
         return
-    where = np.searchsorted(g["index"][...], indices)
+    index = g["index"][...]
+    where = np.searchsorted(index, indices)
+    known = (where < len(index)) & (index[np.minimum(where, len(index) - 1)] == indices)
+    ok = known & (geo.reason == 0)
+    if not ok.any():
+        return
     names = [n for n in _fields(1, 1, True) if n in g]
-    for j, pos in enumerate(where):
-        if geo.reason[j] != 0 or pos >= g["index"].shape[0] or g["index"][pos] != indices[j]:
-            continue
+    rows = np.flatnonzero(ok)
+    lo, hi = int(where[rows[0]]), int(where[rows[-1]]) + 1
+    if hi - lo == rows.size and np.array_equal(where[rows], np.arange(lo, hi)):  # a batch: one write per array
         for name in names:
-            g[name][pos] = getattr(geo, name)[j]
-        g["done"][pos] = 1
+            g[name][lo:hi] = getattr(geo, name)[rows]
+        g["done"][lo:hi] = 1
+        return
+    for j in rows:
+        for name in names:
+            g[name][where[j]] = getattr(geo, name)[j]
+        g["done"][where[j]] = 1
 
 
 def read_rows(out: str, token: str, start: int, stop: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
