@@ -6,7 +6,8 @@ PNGs laid out like FFHQ (``00000/00000.png``). Measured in one process, on the s
 (a) baseline: decoding those PNGs (``cv2.imdecode``, one thread), per sample;
 (b) the whole per-sample build (working size 256, UV 256): on the synthetic source (its ``decode`` stage
     renders the face) and, when ``../shared/assets`` holds 3DDFA_V2 and the BFM files, on the ``ffhq`` source
-    over the same PNGs with the ``tddfa`` fitter (aligned path). Per-stage ms/sample come from the build
+    over the same PNGs with the ``tddfa`` fitter (aligned path; without the pre-pass reuse, which would skip the
+    fit of every sample here, and once more with it for the whole build's wall). Per-stage ms/sample come from the build
     summary (chunk tasks only: the PCA pre-pass, learned once per store from ``pca_samples`` maps, is
     reported as a fixed cost per build; a chunk's setup -- face model, fitter, layout caches -- is reported
     per chunk and amortised over the CLI's default 64-sample chunk). Ratio: that / PNG decode (target <= 5x);
@@ -77,14 +78,15 @@ def time_decode(paths: list[Path], repeats: int) -> list[float]:
     return out
 
 
-def _build(cfg, out: Path, workers: int = 0, scheduler: str | None = None):
+def _build(cfg, out: Path, workers: int = 0, scheduler: str | None = None, reuse: bool = True):
     from common.store import StoreReader
     from preprocess.build import build_store
     from preprocess.config import RunOptions
 
     shutil.rmtree(out, ignore_errors=True)
     t0 = time.perf_counter()
-    summary = build_store(cfg, RunOptions(out=str(out), workers=workers, scheduler=scheduler, progress=False))
+    summary = build_store(cfg, RunOptions(out=str(out), workers=workers, scheduler=scheduler, progress=False,
+                                          reuse_prepass=reuse))
     wall = time.perf_counter() - t0
     if not summary.complete:
         raise RuntimeError(f"build of {out} failed: {summary.failed_chunks}")
@@ -166,8 +168,9 @@ class Table:
         print(line)
 
 
-def _build_rows(table: Table, label: str, summary, wall: float, n: int, chunk: int, base: float, note: str) -> None:
-    """Per-stage ms/sample; per-chunk setup (model, fitter, layout caches) separately, amortised over 64."""
+def _build_rows(table: Table, label: str, summary, wall: float, n: int, chunk: int, base: float, note: str) -> dict:
+    """Per-stage ms/sample; per-chunk setup (model, fitter, layout caches) separately, amortised over 64. Returns the
+    stage ms/sample (setup amortised over 64, ``total`` the whole per sample) for :func:`stage_table`."""
     sec = dict(summary.stage_seconds)
     setup = sec.pop("setup", 0.0) / max(summary.done_chunks, 1)
     for stage, s in sorted(sec.items(), key=lambda kv: -kv[1]):
@@ -178,6 +181,31 @@ def _build_rows(table: Table, label: str, summary, wall: float, n: int, chunk: i
               f"{per / base:.1f}x decode (target <= 5x){note}")
     fixed = wall - sum(summary.stage_seconds.values())
     table.add(f"(b) {label}: fixed cost per build", fixed, "s", "model load, PCA pre-pass, store creation")
+    return {**{k: 1000 * v / n for k, v in sec.items()}, "setup": 1000 * setup / 64, "total": 1000 * per,
+            "fixed": fixed}
+
+
+STAGES = ("decode", "fit", "uv_gt", "texture", "blend", "crops", "write", "setup")
+
+
+def stage_table(builds: dict[str, dict], base_ms: float, size: int) -> str:
+    """The per-stage table for docs/measurements.md (markdown): ms per sample of each build and its ratio to
+    decoding the PNG (measured in the same run); the synthetic build's 'decode' renders the face, so its total is
+    also given against that render (target <= 8x)."""
+    names = list(builds)
+    head = "| stage | " + " | ".join(f"{k} ms/sample | × PNG decode" for k in names) + " |"
+    lines = [head, "|---|" + "---|---|" * len(names)]
+    for stage in STAGES:
+        label = "setup (per chunk, over 64)" if stage == "setup" else stage
+        cells = [f"{b.get(stage, 0.0):.1f} | {b.get(stage, 0.0) / base_ms:.2f}×" for b in builds.values()]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    cells = []
+    for k, b in builds.items():
+        extra = f" ({b['total'] / b['decode']:.1f}× its render)" if k == "synthetic" and b.get("decode") else ""
+        cells.append(f"**{b['total']:.1f}** | **{b['total'] / base_ms:.1f}×**{extra}")
+    lines.append("| whole per sample | " + " | ".join(cells) + " |")
+    lines.append("| fixed cost per build (s) | " + " | ".join(f"{b['fixed']:.1f} s | " for b in builds.values()) + " |")
+    return "\n".join(lines) + f"\n\nPNG decode: {base_ms:.1f} ms per {size}² photo (one thread)."
 
 
 def main() -> None:
@@ -205,7 +233,8 @@ def main() -> None:
 
         print(f"(b) synthetic build: {bn} samples at {args.work}² / UV {args.uv}² ...")
         syn, wall, stored, raw = _build(synthetic_config(bn, args.work, args.uv, args.chunk), tmp / "syn.zarr")
-        _build_rows(table, "synthetic", syn, wall, bn, args.chunk, base, "; its 'decode' renders the face")
+        stages = {"synthetic": _build_rows(table, "synthetic", syn, wall, bn, args.chunk, base,
+                                           "; its 'decode' renders the face")}
         table.add("(d) synthetic store: stored / raw", stored / raw, "", f"{stored / 1e6:.1f} / {raw / 1e6:.1f} MB "
                   f"(target <= 0.7)")
 
@@ -215,8 +244,15 @@ def main() -> None:
             for p in paths[:bn]:
                 (sub / p.relative_to(tmp / "ffhq")).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy(p, sub / p.relative_to(tmp / "ffhq"))
-            ff, wall, stored, raw = _build(ffhq_config(sub, bn, args.work, args.uv, args.chunk), tmp / "ffhq.zarr")
-            _build_rows(table, "ffhq+tddfa", ff, wall, bn, args.chunk, base, f"; {ff.ok}/{bn} ok {dict(ff.failed)}")
+            fcfg = ffhq_config(sub, bn, args.work, args.uv, args.chunk)
+            # every sample here is also a pre-pass sample: without the reuse, so that the chunks pay what each photo
+            # of a large build (pre-pass samples a small part of it) costs
+            ff, wall, stored, raw = _build(fcfg, tmp / "ffhq.zarr", reuse=False)
+            stages["ffhq+tddfa"] = _build_rows(table, "ffhq+tddfa", ff, wall, bn, args.chunk, base,
+                                               f"; {ff.ok}/{bn} ok {dict(ff.failed)}")
+            _, wall_reuse, _, _ = _build(fcfg, tmp / "ffhq_reuse.zarr", reuse=True)
+            table.add("(b) ffhq+tddfa: whole build, pre-pass reuse on", wall_reuse, "s",
+                      f"{wall_reuse / wall:.2f}x of the build without (all {bn} samples are pre-pass samples)")
             table.add("(d) ffhq store: stored / raw", stored / raw, "", f"{stored / 1e6:.1f} / {raw / 1e6:.1f} MB "
                       f"(target <= 0.7)")
         else:
@@ -236,6 +272,8 @@ def main() -> None:
     print(f"\nbench_build: {args.n} PNGs of {args.size}², builds of {bn} samples at {args.work}² / UV {args.uv}², "
           f"chunk {args.chunk}")
     table.print()
+    print("\nper stage (for docs/measurements.md):\n")
+    print(stage_table(stages, 1000 * base, args.size))
 
 
 if __name__ == "__main__":

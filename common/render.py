@@ -207,11 +207,13 @@ def _max3(t: torch.Tensor) -> torch.Tensor:
 def _rasterize_torch(verts: torch.Tensor, tris: torch.Tensor, h: int, w: int, cull: bool) -> Fragments:
     b, n_f = verts.shape[0], tris.shape[0]
     dev = verts.device
-    tv = verts.to(torch.float64).index_select(1, tris.reshape(-1)).view(b * n_f, 3, 3)  # corners
-    xy = tv[..., :2]
-    in_guard = (xy.abs() <= _GUARD).flatten(1).all(1)
-    fx = torch.round(torch.where(in_guard[:, None, None], xy, 0.0) * _SUB).to(torch.int64)  # (N, 3, 2)
-    x, y = fx[..., 0], fx[..., 1]  # (N, 3)
+    v64 = verts.to(torch.float64)
+    # snap per vertex (6x fewer than per triangle corner); a vertex beyond the guard snaps to 0 and drops its
+    # triangles below (int64 overflow otherwise)
+    v_in = (v64[..., :2].abs() <= _GUARD).all(-1)  # (B, V)
+    snapped = torch.round(torch.where(v_in[..., None], v64[..., :2], 0.0) * _SUB).to(torch.int64)  # (B, V, 2)
+    flat = tris.reshape(-1)
+    x, y = (snapped[..., k].contiguous().index_select(1, flat).view(b * n_f, 3) for k in range(2))  # (N, 3)
     area = (x[:, 1] - x[:, 0]) * (y[:, 2] - y[:, 0]) - (y[:, 1] - y[:, 0]) * (x[:, 2] - x[:, 0])
 
     # pixel j's centre is at j * SUB + HALF: j in [ceil((min - HALF) / SUB), floor((max - HALF) / SUB)]
@@ -219,33 +221,35 @@ def _rasterize_torch(verts: torch.Tensor, tris: torch.Tensor, h: int, w: int, cu
     jmax = torch.div(_max3(x) - _HALF, _SUB, rounding_mode="floor").clamp(max=w - 1)
     imin = (-torch.div(_HALF - _min3(y), _SUB, rounding_mode="floor")).clamp(min=0)
     imax = torch.div(_max3(y) - _HALF, _SUB, rounding_mode="floor").clamp(max=h - 1)
-    keep = in_guard & (area != 0) & (jmin <= jmax) & (imin <= imax)
-    if cull:
-        keep &= area < 0
+    keep = (area < 0 if cull else area != 0) & (jmin <= jmax) & (imin <= imax)  # most cover no pixel centre
+    if not bool(v_in.all()):
+        keep &= v_in.index_select(1, flat).view(b * n_f, 3).all(1)
+    gid = keep.nonzero().squeeze(1)  # compact first: culled and off-screen triangles cost nothing below
+    x, y, area, jmin, jmax, imin, imax = (t.index_select(0, gid) for t in (x, y, area, jmin, jmax, imin, imax))
+    corner = tris.index_select(0, gid % max(n_f, 1))  # (K, 3) vertex ids
+    z = v64[..., 2].reshape(-1).index_select(0, (torch.div(gid, n_f, rounding_mode="floor")[:, None] * verts.shape[1]
+                                                 + corner).reshape(-1)).view(-1, 3)
 
     buf = torch.full((b * h * w,), torch.iinfo(torch.int64).min, dtype=torch.int64, device=dev)
-    ints, floats = _triangle_setup(keep, x, y, area, tv[:, :, 2], jmin, imin, jmax - jmin + 1, imax - imin + 1,
-                                   n_f, h, w)
-    if ints.shape[0]:
+    ints, floats = _triangle_setup(gid, x, y, area, z, jmin, imin, jmax - jmin + 1, imax - imin + 1, n_f, h, w)
+    if ints.shape[1]:
         _scatter_candidates(buf, ints, floats, w)
-    return _fragments_from_winners(buf, tv, tris, b, h, w)
+    return _fragments_from_winners(buf, v64, tris, b, h, w)
 
 
 # columns of the per-triangle integer table built by _triangle_setup
 _W0, _AX, _BY, _BW, _BH, _PIX0, _GID = 0, 3, 6, 9, 10, 11, 12
 
 
-def _triangle_setup(keep, x, y, area, z, jmin, imin, bw, bh, n_f, h, w) -> tuple[torch.Tensor, torch.Tensor]:
+def _triangle_setup(gid, x, y, area, z, jmin, imin, bw, bh, n_f, h, w) -> tuple[torch.Tensor, torch.Tensor]:
     """Edge functions, depth planes and bbox of the kept triangles, sorted by bbox-size group.
 
-    Inputs are per global triangle (B * F): keep (N,) bool, snapped corners x, y (N, 3) int64,
-    area (N,), z (N, 3), bbox origin / size (N,). Returns ints (K, 13) int64: edge values at the
-    bbox's first pixel centre (top-left bias folded in), their x / y steps per pixel, bbox width /
-    height, first pixel's flat index, global triangle id; and floats (K, 3) float32: depth at the
-    first pixel centre, d/dx, d/dy.
+    Inputs are per kept triangle (K,): global triangle id gid (batch * F + triangle), snapped corners x, y (K, 3)
+    int64, area (K,), z (K, 3) float64, bbox origin / size (K,). Returns ints (13, K) int64, one row per quantity
+    (rows, not columns: stacked and sliced contiguously): edge values at the bbox's first pixel centre (top-left bias
+    folded in), their x / y steps per pixel, bbox width / height, first pixel's flat index, global triangle id; and
+    floats (3, K) float32: depth at the first pixel centre, d/dx, d/dy.
     """
-    gid = keep.nonzero().squeeze(1)  # compact first: culled and off-screen triangles cost nothing below
-    x, y, area, z, jmin, imin, bw, bh = (t.index_select(0, gid) for t in (x, y, area, z, jmin, imin, bw, bh))
     sgn = torch.sign(area)
     area_abs = (area * sgn).to(torch.float64)
     ox = jmin * _SUB + _HALF  # first pixel centre of the bbox, sub-pixel units
@@ -263,15 +267,15 @@ def _triangle_setup(keep, x, y, area, z, jmin, imin, bw, bh, n_f, h, w) -> tuple
     dzdx = sum(ax[k].to(torch.float64) * z[:, k] for k in range(3)) / area_abs
     dzdy = sum(by[k].to(torch.float64) * z[:, k] for k in range(3)) / area_abs
     pix0 = torch.div(gid, n_f, rounding_mode="floor") * (h * w) + imin * w + jmin
-    ints = torch.stack([*w0s, *ax, *by, bw, bh, pix0, gid], 1)
-    floats = torch.stack([zo, dzdx, dzdy], 1).float()
     order = torch.argsort(_size_bucket(bw) * (1 << 20) + _size_bucket(bh))
-    return ints[order], floats[order]
+    ints = torch.stack([*w0s, *ax, *by, bw, bh, pix0, gid], 0).index_select(1, order)
+    floats = torch.stack([zo, dzdx, dzdy], 0).float().index_select(1, order)
+    return ints, floats
 
 
 def _scatter_candidates(buf: torch.Tensor, ints: torch.Tensor, floats: torch.Tensor, w: int) -> None:
     """Enumerate each triangle's bbox pixels by size group and chunk, z-test with scatter_reduce(amax)."""
-    ew, eh = _size_bucket(ints[:, _BW]), _size_bucket(ints[:, _BH])
+    ew, eh = _size_bucket(ints[_BW]), _size_bucket(ints[_BH])
     groups, counts = torch.unique_consecutive(ew * (1 << 20) + eh, return_counts=True)
     start = 0
     for g, cnt in zip(groups.tolist(), counts.tolist(), strict=True):
@@ -279,39 +283,41 @@ def _scatter_candidates(buf: torch.Tensor, ints: torch.Tensor, floats: torch.Ten
         step = max(1, _MAX_CANDIDATES // (gw * gh))
         for s in range(start, start + cnt, step):
             e = min(s + step, start + cnt)
-            _scatter_group(buf, ints[s:e], floats[s:e], gw, gh, w)
+            _scatter_group(buf, ints[:, s:e], floats[:, s:e], gw, gh, w)
         start += cnt
 
 
 def _scatter_group(buf: torch.Tensor, ints: torch.Tensor, floats: torch.Tensor, gw: int, gh: int, w: int) -> None:
-    """One chunk of triangles whose bboxes fit gw x gh: coverage test on the grid, then z-buffer update."""
+    """One chunk of triangles (ints (13, n), floats (3, n)) whose bboxes fit gw x gh: coverage test on the grid,
+    then z-buffer update."""
     dev = buf.device
     dx = torch.arange(gw, device=dev, dtype=torch.int64).view(1, 1, gw)
     dy = torch.arange(gh, device=dev, dtype=torch.int64).view(1, gh, 1)
-    col = ints.unsqueeze(-1).unsqueeze(-1)  # (n, 13, 1, 1)
-    inside = (dx < col[:, _BW]) & (dy < col[:, _BH])
+    col = ints.unsqueeze(-1).unsqueeze(-1)  # (13, n, 1, 1)
+    inside = (dx < col[_BW]) & (dy < col[_BH])
     for k in range(3):
-        inside &= (col[:, _W0 + k] + col[:, _AX + k] * dx + col[:, _BY + k] * dy) > 0
+        inside &= (col[_W0 + k] + col[_AX + k] * dx + col[_BY + k] * dy) > 0
     t, iy, ix = inside.nonzero(as_tuple=True)
     if t.numel() == 0:
         return
-    sel_i, sel_f = ints[t], floats[t]
-    z = sel_f[:, 0] + sel_f[:, 1] * ix.float() + sel_f[:, 2] * iy.float()
-    key = (_ordered_int32(z) << _ID_BITS) + sel_i[:, _GID]
-    buf.scatter_reduce_(0, sel_i[:, _PIX0] + iy * w + ix, key, reduce="amax", include_self=True)
+    sel_f = floats[:, t]  # (3, m): only what the z-test needs of each candidate
+    z = sel_f[0] + sel_f[1] * ix.float() + sel_f[2] * iy.float()
+    key = (_ordered_int32(z) << _ID_BITS) + ints[_GID][t]
+    buf.scatter_reduce_(0, ints[_PIX0][t] + iy * w + ix, key, reduce="amax", include_self=True)
 
 
-def _fragments_from_winners(buf: torch.Tensor, tv: torch.Tensor, tris: torch.Tensor, b: int, h: int,
+def _fragments_from_winners(buf: torch.Tensor, v64: torch.Tensor, tris: torch.Tensor, b: int, h: int,
                             w: int) -> Fragments:
     """Decode packed z-buffer keys (B*H*W,) and recompute barycentrics / depth from float vertices.
 
-    tv: (B*F, 3, 3) float64 triangle corners. Background entries hold int64 min.
+    v64: (B, V, 3) float64 vertices. Background entries hold int64 min.
     """
     n_f = tris.shape[0]
     covered = buf != torch.iinfo(torch.int64).min
     pix = covered.nonzero().squeeze(1)
     gid = buf[pix] & _ID_MASK
-    corners = tv[gid]  # (N, 3, 3)
+    vid = torch.div(gid, max(n_f, 1), rounding_mode="floor")[:, None] * v64.shape[1] + tris[gid % max(n_f, 1)]
+    corners = v64.reshape(-1, 3)[vid]  # (N, 3, 3)
     px = (pix % w).to(torch.float64) + 0.5
     py = (torch.div(pix, w, rounding_mode="floor") % h).to(torch.float64) + 0.5
     bary = _barycentric(corners[..., :2], torch.stack([px, py], -1))
@@ -380,8 +386,7 @@ def _rasterize_pytorch3d(verts: torch.Tensor, tris: torch.Tensor, h: int, w: int
     local = ids[packed.clamp(min=0)]
     gid = torch.where(packed >= 0, batch * n_f + local, -1)
     buf = torch.where(gid >= 0, gid, torch.iinfo(torch.int64).min).reshape(-1)
-    tv = verts.to(torch.float64)[:, tris].reshape(b * n_f, 3, 3)
-    return _fragments_from_winners(buf, tv, tris, b, h, w)
+    return _fragments_from_winners(buf, verts.to(torch.float64), tris, b, h, w)
 
 
 # ------------------------------------------------------------------------------- interpolation
@@ -557,7 +562,8 @@ def unwrap_to_uv(image: torch.Tensor, verts_px: torch.Tensor, triangles: torch.T
     pos = (lam[None, :, :, None] * corners).sum(2)  # (B, N, 3), differentiable w.r.t. verts
     with torch.no_grad():
         v = verts_px.detach()
-        front = (signed_area_px(v, triangles) < 0)[:, t]  # (B, N)
+        used, texel_tri = torch.unique(t, return_inverse=True)  # only the triangles some texel lies in
+        front = (signed_area_px(v, triangles[used]) < 0)[:, texel_tri]  # (B, N)
         surf, in_img = _surface_depth(fragments, pos[..., :2].detach())
         vis = front & in_img & (pos[..., 2].detach().to(torch.float64) >= surf - _as_tol(depth_tol, v)[:, None])
     grid = torch.stack([2.0 * pos[..., 0] / w - 1.0, 2.0 * pos[..., 1] / h - 1.0], -1).to(image.dtype)

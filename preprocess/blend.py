@@ -179,7 +179,8 @@ class _Multigrid:
     Coarse grids pool 2x2 texels (a coarse texel is unknown if all its children are: a coarse domain
     inside the fine one under-corrects near the boundary, which smoothing fixes, whereas a larger one
     over-corrects the smoothest modes), the coarse operator is the 5-point stencil rediscretised there
-    (measured: 6 PCG iterations vs 10 for 'any' pooling on a 256^2 face mask), interpolation is cell-centred
+    (measured: 6 PCG iterations vs 10 for 'any' pooling on a 256^2 face mask; with a partial Dirichlet boundary,
+    coarse texels on the Neumann side pool with 'any' instead), interpolation is cell-centred
     bilinear and restriction its transpose, smoothing is weighted Jacobi. The coarsest grid is solved
     with a dense inverse. Everything is matrix-free OpenCV filtering on (H, W, C) float32 images, so all
     channels are smoothed, restricted and interpolated together.
@@ -190,16 +191,21 @@ class _Multigrid:
         self.nu = config.smoothing_steps
         self.omega = 0.8
         self.levels = [_Level(mask, deg, channels, self.omega)]
-        known = None if boundary is None else mask | boundary  # partial Dirichlet: Neumann beyond ``known``
         while self.levels[-1].mask.sum() > config.coarsest_size:
-            m = _coarsen(self.levels[-1].mask, np.all)
+            fine = self.levels[-1].mask
+            m = _coarsen(fine, np.all)
+            if boundary is None:
+                deg_c = _degree(m.shape, sides)
+            else:  # partial Dirichlet: a coarse texel is unknown also where its children are unknown or free
+                # (Neumann) texels, Dirichlet where any child is a boundary texel, free elsewhere. Pinning the texels
+                # that straddle the Neumann side to 0 (as 'all' pooling does) took 20-63 PCG iterations on FFHQ-like
+                # mirrored halves; this 6-17 (issue 21)
+                near = _coarsen(boundary, np.any)
+                m |= _coarsen(fine, np.any) & ~near
+                boundary = near & ~m
+                deg_c = _neighbour_count(m | boundary)
             if not m.any():
                 break
-            if known is None:
-                deg_c = _degree(m.shape, sides)
-            else:  # every coarse texel holding a fine unknown or boundary texel is Dirichlet unless unknown
-                known = _coarsen(known, np.any)
-                deg_c = _neighbour_count(known)
             self.levels.append(_Level(m, deg_c, channels, self.omega))
         last = self.levels[-1]
         self.flat = np.flatnonzero(last.mask)
@@ -593,7 +599,7 @@ def pad_texture(uv: np.ndarray, layout: np.ndarray, width: int) -> np.ndarray:
     from preprocess.texture import extend_smoothly
 
     band = cv2.dilate(layout.astype(np.uint8), np.ones((2 * width + 1,) * 2, np.uint8)).astype(bool)
-    return extend_smoothly(np.where(layout[..., None], uv, 0.0), layout, band, max_rings=width)
+    return extend_smoothly(np.where(layout[..., None], uv, 0.0), layout, band, max_rings=width, fast=True)
 
 
 def blend_model_into_photo(filled: np.ndarray, known: np.ndarray, uv_bfm: np.ndarray, face_mask: np.ndarray | None,

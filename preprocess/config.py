@@ -293,6 +293,9 @@ class RunOptions:
     lock: bool = True
     """Hold the store's build lock (:func:`common.store.acquire_build_lock`). False only where the store has no
     trusted exclusive create (URL schemes other than s3://) and the user guarantees one build per store."""
+    reuse_prepass: bool = True
+    """Keep the texture-basis pre-pass's fits and unwraps in the store for the chunks that hold the same photos
+    (:mod:`preprocess.geocache`; photo sources): the same store, without fitting those photos twice."""
 
 
 @dataclass(frozen=True)

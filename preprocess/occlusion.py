@@ -158,8 +158,15 @@ def _robust_gaussian(x: np.ndarray, threshold: float, iterations: int, floor: np
 
 
 def _mahalanobis2(x: np.ndarray, mu: np.ndarray, icov: np.ndarray) -> np.ndarray:
+    """(N,) squared Mahalanobis distances of x (N, C) from mu (C,) under icov (C, C): the sum over (c, d) of
+    ``d_c icov_cd d_d`` in einsum's order (the same values, ~4x quicker than ``einsum("nc,cd,nd->n")`` for C = 2)."""
     d = x - mu
-    return np.einsum("nc,cd,nd->n", d, icov, d)
+    out = None
+    for i in range(d.shape[1]):
+        for j in range(d.shape[1]):
+            t = d[:, i] * icov[i, j] * d[:, j]
+            out = t if out is None else out + t
+    return out
 
 
 def colour_features(image: np.ndarray, chroma_space: str = "logrgb") -> np.ndarray:
@@ -276,14 +283,15 @@ def clean_mask(reject: np.ndarray, eroded: np.ndarray, protect: np.ndarray, face
 
 def occluders_from_fit(images: np.ndarray, verts_px: np.ndarray, model: FaceModel, uvgt: UVGTConfig,
                        config: OcclusionConfig = OcclusionConfig(), labels: np.ndarray | None = None,
-                       cache: UVLayoutCache | None = None) -> np.ndarray:
+                       cache: UVLayoutCache | None = None, fragments: Fragments | None = None) -> np.ndarray:
     """Occluders of a batch of fitted photos: (B, S, S) bool, each inside its eroded projected mesh mask.
 
     images: (B, S, S, 3) uint8 RGB working images; verts_px: (B, V, 3) the fitted meshes in their pixels;
     uvgt: the UV_gt settings (the erosion of the face mask, as :func:`preprocess.unwrap.uv_gt_from_images`
     without a segmentation); labels: :func:`part_labels` of the model (computed when None); cache: the
     model's :class:`~preprocess.unwrap.UVLayoutCache` (for its face weights). The texture basis is not used:
-    the build learns it from UV_gt maps read under this mask.
+    the build learns it from UV_gt maps read under this mask. fragments: optional
+    :func:`preprocess.unwrap.rasterize_fitted` of the same meshes, to reuse.
     """
     images = np.asarray(images)
     if images.ndim != 4 or images.shape[-1] != 3 or images.shape[1] != images.shape[2] or images.dtype != np.uint8:
@@ -293,7 +301,13 @@ def occluders_from_fit(images: np.ndarray, verts_px: np.ndarray, model: FaceMode
     if verts.shape != (b, model.n_vertices, 3):
         raise ValueError(f"verts_px: expected ({b}, {model.n_vertices}, 3), found {tuple(verts.shape)}")
     tris = torch.from_numpy(np.ascontiguousarray(model.triangles, np.int64))
-    frags = rasterize(verts, tris, (s, s), cull_backfaces=True)
+    if fragments is None:
+        frags = rasterize(verts, tris, (s, s), cull_backfaces=True)
+    elif fragments.tri_id.shape != (b, s, s):
+        raise ValueError(f"fragments: expected {(b, s, s)} (these meshes rasterised in these images), found "
+                         f"{tuple(fragments.tri_id.shape)}")
+    else:
+        frags = fragments
     weight = face_weight(model) if cache is None else cache.face_weight
     face = face_pixels(frags, tris, weight)
     cues = face_cues(frags, model, part_labels(model, config) if labels is None else labels)

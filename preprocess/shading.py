@@ -24,6 +24,7 @@ the cosine of the view angle of the (orthographic) camera.
 from __future__ import annotations
 
 import numpy as np
+import scipy.sparse as sp
 
 from common.facemodel import FaceModel
 from common.geometry import split_params
@@ -33,6 +34,12 @@ from preprocess.config import ShadingConfig
 # ----------------------------------------------------------------------------------------------
 # Normals in UV space
 # ----------------------------------------------------------------------------------------------
+
+
+def _norm3(x: np.ndarray) -> np.ndarray:
+    """``np.linalg.norm(x, axis=-1, keepdims=True)`` of (..., 3) vectors, the same values (the same sums in the same
+    order) ~10x quicker than numpy's reduction over a 3-wide axis."""
+    return np.sqrt((x[..., 0] * x[..., 0] + x[..., 1] * x[..., 1]) + x[..., 2] * x[..., 2])[..., None]
 
 
 def uv_normals(model: FaceModel, params: np.ndarray, uv_frags: Fragments) -> np.ndarray:
@@ -56,21 +63,25 @@ def uv_normals(model: FaceModel, params: np.ndarray, uv_frags: Fragments) -> np.
     shape = model.shape(a_id[:, :model.n_id].astype(np.float32), a_exp[:, :model.n_exp].astype(np.float32))
     frame = np.einsum("bij,bvj->bvi", pose[:, :, :3].astype(np.float32), shape)  # sR V: the y-up camera frame
     tris = np.asarray(model.triangles, np.int64)
+    b, nv, nf = len(frame), model.n_vertices, len(tris)
     v0, v1, v2 = (frame[:, tris[:, k]] for k in range(3))
     face_n = np.cross(v1 - v0, v2 - v0)  # (B, F, 3), area-weighted, outward (common.geometry.vertex_normals)
-    nv = model.n_vertices
-    vn = np.zeros((len(frame), nv, 3), np.float32)
-    for b in range(len(frame)):  # bincount scatter-add: ~20x faster than index_add_ / np.add.at here
-        for c in range(3):
-            vn[b, :, c] = sum(np.bincount(tris[:, k], face_n[b, :, c], minlength=nv) for k in range(3))
-    vn /= np.maximum(np.linalg.norm(vn, axis=-1, keepdims=True), 1e-12)
-    tri = uv_frags.tri_id[0].numpy()  # (U, U): one layout for every sample
-    vid = tris[np.maximum(tri, 0)]  # (U, U, 3)
-    bary = uv_frags.bary[0].numpy().astype(np.float32)
-    img = np.einsum("uvk,buvkc->buvc", bary, vn[:, vid])
-    img[:, tri < 0] = 0.0
-    norm = np.linalg.norm(img, axis=-1, keepdims=True)
-    return np.divide(img, norm, out=np.zeros_like(img), where=norm > 1e-6)
+    # vertex normal = sum of its faces' normals: one sparse (V, F) product for every sample and axis at once
+    incidence = sp.csr_matrix((np.ones(3 * nf), (tris.T.ravel(), np.tile(np.arange(nf), 3))), shape=(nv, nf))
+    vn = (incidence @ face_n.transpose(1, 0, 2).reshape(nf, 3 * b).astype(np.float64)).astype(np.float32)
+    vn = vn.reshape(nv, b, 3).transpose(1, 0, 2)
+    vn /= np.maximum(_norm3(vn), 1e-12)
+    tri = uv_frags.tri_id[0].numpy().ravel()  # (U * U,): one layout for every sample
+    covered = np.flatnonzero(tri >= 0)
+    bary = uv_frags.bary[0].numpy().reshape(-1, 3)[covered]
+    # barycentric interpolation of the covered texels as one sparse (N, V) product (3 vertices a row)
+    interp = sp.csr_matrix((bary.ravel().astype(np.float32), tris[tri[covered]].ravel(),
+                            np.arange(0, 3 * covered.size + 1, 3)), shape=(covered.size, nv))
+    vals = (interp @ vn.transpose(1, 0, 2).reshape(nv, 3 * b)).reshape(-1, b, 3).transpose(1, 0, 2)  # (B, N, 3)
+    norm = _norm3(vals)
+    img = np.zeros((b, tri.size, 3), np.float32)
+    img[:, covered] = np.divide(vals, norm, out=np.zeros_like(vals), where=norm > 1e-6)
+    return img.reshape(b, *uv_frags.tri_id.shape[1:], 3)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -124,6 +135,70 @@ def _directional_fit(lam: np.ndarray, c: np.ndarray, w: np.ndarray) -> tuple[np.
     return coef, float((w[:, None] * (a @ coef - c) ** 2).sum())
 
 
+def _huber_rho(z: np.ndarray) -> np.ndarray:
+    """least_squares' ``loss="huber"`` as a callable: (3, m) rho, rho', rho'' of z = (f / f_scale)^2 (m,).
+
+    The same values, bit for bit, as scipy's built-in (the same expressions on the same elements), indexing the few
+    outliers once instead of through six boolean masks: the built-in was a fifth of the lighting fit's time."""
+    out = np.empty((3, z.size))
+    out[0], out[1], out[2] = z, 1.0, 0.0
+    far = np.flatnonzero(~(z <= 1))  # (NaN as the built-in)
+    zf = z[far]
+    out[0, far] = 2 * zf**0.5 - 1
+    out[1, far] = zf**-0.5
+    out[2, far] = -0.5 * zf**-1.5
+    return out
+
+
+class _DirectionalProblem:
+    """The variable-projection residual of :func:`fit_directional_lighting` and its analytic Jacobian.
+
+    For a light direction ``p`` (3,) (any length: ``l = p / |p|``), ``lam = max(0, n . l)``, ``A = [1, lam]`` and the
+    per-channel ``coef = M^-1 A^T W c`` (``M = A^T W A``, ``W = sw^2``) in closed form; the residual is
+    ``sw (A coef - c)`` flattened (N * C,). The Jacobian differentiates through ``lam`` and ``coef``: one evaluation
+    in place of the four of 2-point differences (least_squares' default), and exact. The last evaluation is kept,
+    since least_squares asks for the residual and the Jacobian at the same ``p``.
+
+    n: (N, 3) unit normals; c: (N, C) colours; sw: (N,) square roots of the robust row weights; all float64.
+    """
+
+    def __init__(self, n: np.ndarray, c: np.ndarray, sw: np.ndarray):
+        self.n, self.c, self.sw, self.w = n, c, sw, sw ** 2
+        self._p: np.ndarray | None = None
+
+    def _evaluate(self, p: np.ndarray) -> None:
+        if self._p is not None and np.array_equal(self._p, p):
+            return
+        self.norm = max(np.linalg.norm(p), 1e-12)
+        self.t = self.n @ (p / self.norm)
+        lam = np.maximum(self.t, 0.0)
+        self.a = np.stack([np.ones_like(lam), lam], 1)
+        self.aw = self.a * self.w[:, None]
+        self.m = self.aw.T @ self.a + 1e-9 * np.eye(2)
+        self.coef = np.linalg.solve(self.m, self.aw.T @ self.c)
+        self.e = self.a @ self.coef - self.c
+        self._p = p.copy()
+
+    def residual(self, p: np.ndarray) -> np.ndarray:
+        """(N * C,) float64."""
+        self._evaluate(p)
+        return (self.sw[:, None] * self.e).ravel()
+
+    def jacobian(self, p: np.ndarray) -> np.ndarray:
+        """d residual / d p: (N * C, 3) float64."""
+        self._evaluate(p)
+        u = p / self.norm
+        dlam = np.where((self.t > 0)[:, None], (self.n - self.t[:, None] * u) / self.norm, 0.0)  # (N, 3)
+        coef = self.coef
+        q = self.aw.T @ dlam  # (2, 3): A^T W dlam_i
+        rhs = -q.T[:, :, None] * coef[1][None, None, :]  # (3, 2, C): -A^T W dA_i coef
+        rhs[:, 1, :] -= dlam.T @ (self.w[:, None] * self.e)  # - dA_i^T W e
+        dcoef = np.linalg.solve(self.m[None], rhs)  # (3, 2, C)
+        # d e[n, ch] / d p_i = dlam[n, i] coef[1, ch] + dcoef[i, 0, ch] + lam[n] dcoef[i, 1, ch], laid out (N, C, 3)
+        de = dlam[:, None, :] * coef[1][None, :, None] + dcoef[:, 0].T + self.a[:, 1, None, None] * dcoef[:, 1].T
+        return (self.sw[:, None, None] * de).reshape(-1, 3)
+
+
 def fit_directional_lighting(colour: np.ndarray, normals: np.ndarray,
                              config: ShadingConfig = ShadingConfig()) -> tuple[np.ndarray, np.ndarray]:
     """Robust ambient + clamped-Lambertian light: ``colour ~ ambient + diffuse * max(0, n . l)`` per channel.
@@ -142,15 +217,13 @@ def fit_directional_lighting(colour: np.ndarray, normals: np.ndarray,
     starts = [first / max(np.linalg.norm(first), 1e-9), np.array([0.0, 0.0, 1.0])]
     sw = np.sqrt(_huber_weights(c.mean(1) - np.median(c.mean(1)), 4 * config.huber))
 
-    def residual(p: np.ndarray) -> np.ndarray:
-        lam = np.maximum(n @ (p / max(np.linalg.norm(p), 1e-12)), 0.0)
-        coef, _ = _directional_fit(lam, c, sw ** 2)
-        return (sw[:, None] * (np.stack([np.ones_like(lam), lam], 1) @ coef - c)).ravel()
+    problem = _DirectionalProblem(n, c, sw)
 
     scale = 1.4826 * np.median(np.abs(c - np.median(c, 0))) + 1e-3
     best = None
     for p0 in starts:
-        r = least_squares(residual, p0, loss="huber", f_scale=config.huber * scale / 2, max_nfev=60)
+        r = least_squares(problem.residual, p0, jac=problem.jacobian, loss=_huber_rho, f_scale=config.huber * scale / 2,
+                          max_nfev=60)
         if best is None or r.cost < best.cost:
             best = r
     direction = best.x / max(np.linalg.norm(best.x), 1e-12)
@@ -176,7 +249,8 @@ def estimate_shading(uv_gt: np.ndarray, mask: np.ndarray, normals: np.ndarray,
     if normals.shape != uv_gt.shape[:2] + (3,):
         raise ValueError(f"normals must be {uv_gt.shape[:2] + (3,)} (one camera-frame normal per texel), "
                          f"found {normals.shape}")
-    sel = np.flatnonzero(mask.ravel() & (np.abs(normals).sum(-1).ravel() > 0))
+    a = np.abs(normals)
+    sel = np.flatnonzero(mask.ravel() & ((a[..., 0] + a[..., 1]) + a[..., 2] > 0).ravel())  # sum(-1), ~10x quicker
     ch = uv_gt.shape[2]
     if sel.size < config.min_texels:
         return np.ones(uv_gt.shape, np.float32)

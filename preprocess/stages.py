@@ -23,6 +23,7 @@ import numpy as np
 from common.facemodel import FaceModel
 from common.faces.fit import ShapeFitter
 from common.imageio import to_uint8
+from common.render import Fragments
 from common.store import FAILED, OK, Reason
 from common.texbasis import UVTextureBasis
 from common.uvlayout import CropLayout, crop_layout
@@ -33,7 +34,11 @@ from preprocess.crops import cut_partial_crops
 from preprocess.occlusion import occluders_from_fit, part_labels
 from preprocess.shading import uv_normals
 from preprocess.texture import match_greyscale, ridge_texture_fit
-from preprocess.unwrap import UVLayoutCache, layout_cache, uv_gt_from_images
+from preprocess.unwrap import UVLayoutCache, layout_cache, rasterize_fitted, uv_gt_from_images
+
+NORMALS_BLOCK = 16
+"""Samples whose UV normals (:func:`preprocess.shading.uv_normals`) are computed in one call: the per-call setup is
+shared, the memory stays at 16 x U^2 x 3 float32 (12.6 MB at U = 256)."""
 
 
 def build_face_model(cfg: StageConfig) -> FaceModel:
@@ -138,11 +143,16 @@ def run_geometry(inputs, ctx: StageContext, timer: Timer) -> GeometryResult:
     t0 = time.perf_counter()
     if good:
         seg_mask = np.stack(seg) if all(m is not None for m in seg) else None
+        frags = None
         if cfg.occlusion is not None:  # rejected pixels leave the face region before it is eroded, as a parser's
-            _occlusion(out, good, verts, ctx)
+            try:  # one rasterisation of the fitted meshes for both stages (None: each redoes its own)
+                frags = rasterize_fitted(np.stack(verts), ctx.model, s)
+            except Exception:  # noqa: BLE001 - the stages below rasterise sample by sample and record the failure
+                frags = None
+            _occlusion(out, good, verts, ctx, frags)
             seg_mask = ~out.occlusion[good] if seg_mask is None else seg_mask & ~out.occlusion[good]
         try:
-            _unwrap(out, good, np.stack(verts), seg_mask, ctx)
+            _unwrap(out, good, np.stack(verts), seg_mask, ctx, frags)
         except Exception:  # noqa: BLE001 - one bad sample must not fail the batch: redo it sample by sample
             for j, k in enumerate(good):
                 try:
@@ -182,22 +192,25 @@ def _fit_one(sample, k: int, out: GeometryResult, ctx: StageContext) -> tuple[np
     return res.verts_px, _segmentation(sample, fit.image_size)
 
 
-def _unwrap(out: GeometryResult, rows: list[int], verts: np.ndarray, seg_mask, ctx: StageContext) -> None:
-    g = uv_gt_from_images(out.image[rows], verts, ctx.model, ctx.config.uvgt, seg_mask=seg_mask, cache=ctx.uv_cache)
+def _unwrap(out: GeometryResult, rows: list[int], verts: np.ndarray, seg_mask, ctx: StageContext,
+            frags: Fragments | None = None) -> None:
+    g = uv_gt_from_images(out.image[rows], verts, ctx.model, ctx.config.uvgt, seg_mask=seg_mask, cache=ctx.uv_cache,
+                          fragments=frags)
     out.uv_gt[rows], out.uv_gt_mask[rows] = g.uv, g.mask
     out.face_region[rows], out.face_mask_eroded[rows] = g.face_mask, g.eroded
     empty = [k for k, m in zip(rows, g.mask, strict=True) if not m.any()]
     out.reason[empty] = Reason.LOW_COVERAGE
 
 
-def _occlusion(out: GeometryResult, rows: list[int], verts: list[np.ndarray], ctx: StageContext) -> None:
+def _occlusion(out: GeometryResult, rows: list[int], verts: list[np.ndarray], ctx: StageContext,
+               frags: Fragments | None = None) -> None:
     """``out.occlusion`` (n, S, S) bool for the fitted rows (:func:`preprocess.occlusion.occluders_from_fit`); a
     sample it fails on gets STAGE_ERROR (its UV_gt would hold the occluders)."""
     out.occlusion = np.zeros(out.face_region.shape, bool)
     cfg = ctx.config
     try:
         out.occlusion[rows] = occluders_from_fit(out.image[rows], np.stack(verts), ctx.model, cfg.uvgt, cfg.occlusion,
-                                                 ctx.occlusion_labels, ctx.uv_cache)
+                                                 ctx.occlusion_labels, ctx.uv_cache, frags)
     except Exception:  # noqa: BLE001 - redo it sample by sample
         for j, k in enumerate(rows):
             try:
@@ -227,7 +240,47 @@ def run_stages(inputs, ctx: StageContext, timer: Timer | None = None) -> tuple[d
     if ctx.basis is None:
         raise ValueError("run_stages needs the texture basis (StageContext.basis)")
     timer = Timer() if timer is None else timer
-    geo = run_geometry(inputs, ctx, timer)
+    return finish_stages(run_geometry(inputs, ctx, timer), ctx, timer)
+
+
+GEOMETRY_ROWS = ("image", "face_region", "face_mask_eroded", "params", "pose", "uv_gt", "uv_gt_mask")
+"""The per-sample arrays of :class:`GeometryResult` (and ``occlusion`` when on)."""
+
+
+def merge_geometry(n: int, ctx: StageContext, fresh_rows: np.ndarray, fresh: GeometryResult, kept_rows: np.ndarray,
+                   kept: dict[str, np.ndarray], kept_keys: list[str]) -> GeometryResult:
+    """One chunk's :class:`GeometryResult` (n rows) from the rows ``fresh_rows`` computed now (``fresh``) and the
+    rows ``kept_rows`` computed earlier and kept (fitted samples: reason 0; arrays name -> (k, ...), their keys)."""
+    s, u = ctx.config.fit.image_size, ctx.config.uvgt.uv_size
+    out = GeometryResult(reason=np.zeros(n, np.uint8), image=np.zeros((n, s, s, 3), np.uint8),
+                         face_region=np.zeros((n, s, s), bool), face_mask_eroded=np.zeros((n, s, s), bool),
+                         params=np.full((n, 62), np.nan, np.float32),
+                         pose=np.full((n, 3), np.nan, np.float32), uv_gt=np.zeros((n, u, u, 3), np.float32),
+                         uv_gt_mask=np.zeros((n, u, u), bool), errors=list(fresh.errors))
+    if ctx.config.occlusion is not None:
+        out.occlusion = np.zeros((n, s, s), bool)
+        if fresh.occlusion is not None:
+            out.occlusion[fresh_rows] = fresh.occlusion
+        if "occlusion" in kept:
+            out.occlusion[kept_rows] = kept["occlusion"]
+    out.reason[fresh_rows] = fresh.reason
+    for name in GEOMETRY_ROWS:
+        getattr(out, name)[fresh_rows] = getattr(fresh, name)
+        getattr(out, name)[kept_rows] = kept[name]
+    keys = [""] * n
+    for k, key in zip(fresh_rows, fresh.keys, strict=True):
+        keys[k] = key
+    for k, key in zip(kept_rows, kept_keys, strict=True):
+        keys[k] = key
+    out.keys = keys
+    return out
+
+
+def finish_stages(geo: GeometryResult, ctx: StageContext, timer: Timer) -> tuple[dict[str, np.ndarray], list[str]]:
+    """The chain after :func:`run_geometry`: Eq. 8, Eq. 9, crops -> (store arrays, error messages) (as
+    :func:`run_stages`)."""
+    if ctx.basis is None:
+        raise ValueError("finish_stages needs the texture basis (StageContext.basis)")
     n, u = len(geo.reason), ctx.config.uvgt.uv_size
     ok = geo.reason == 0
     hc, wc = ctx.crop_layout.ctr_region.shape
@@ -253,18 +306,25 @@ def run_stages(inputs, ctx: StageContext, timer: Timer | None = None) -> tuple[d
         t0 = timer.add("texture", t0)
         geo.reason[idx[~np.isfinite(coeff).all(1)]] = Reason.NAN
         nose = region_uv_mask(ctx.model, "nose", u, ctx.uv_cache.uv_frags)  # Eq. 9 fill: no mirror on the nose ridge
-        for j, k in enumerate(idx):
-            if geo.reason[k]:
-                continue
-            try:
-                normals = uv_normals(ctx.model, geo.params[k:k + 1], ctx.uv_cache.uv_frags)[0]  # relit symmetric fill
-                bl, src = blend_uv(geo.uv_gt[k], geo.uv_gt_mask[k], uv_bfm[j], face_mask=ctx.basis.valid,
-                                   mirror_index=ctx.mirror_index, config=ctx.config.blend, normals=normals,
-                                   nose_mask=nose)
-                arrays["uv_bl"][k], arrays["uv_source"][k] = to_uint8(bl), src
-            except Exception:  # noqa: BLE001 - recorded per sample, the chunk goes on
-                geo.reason[k] = Reason.STAGE_ERROR
-                geo.errors.append(f"{geo.keys[k]}: blend: {traceback.format_exc(limit=3)}")
+        row = {int(k): j for j, k in enumerate(idx)}
+        todo = [int(k) for k in idx if not geo.reason[k]]
+        for b0 in range(0, len(todo), NORMALS_BLOCK):
+            block = todo[b0:b0 + NORMALS_BLOCK]
+            try:  # the relit symmetric fill's normals, a block of samples at once
+                normals = uv_normals(ctx.model, geo.params[block], ctx.uv_cache.uv_frags)
+            except Exception:  # noqa: BLE001 - redone sample by sample below, where a bad one records its error
+                normals = None
+            for i, k in enumerate(block):
+                try:
+                    n = normals[i] if normals is not None else uv_normals(ctx.model, geo.params[k:k + 1],
+                                                                          ctx.uv_cache.uv_frags)[0]
+                    bl, src = blend_uv(geo.uv_gt[k], geo.uv_gt_mask[k], uv_bfm[row[k]], face_mask=ctx.basis.valid,
+                                       mirror_index=ctx.mirror_index, config=ctx.config.blend, normals=n,
+                                       nose_mask=nose)
+                    arrays["uv_bl"][k], arrays["uv_source"][k] = to_uint8(bl), src
+                except Exception:  # noqa: BLE001 - recorded per sample, the chunk goes on
+                    geo.reason[k] = Reason.STAGE_ERROR
+                    geo.errors.append(f"{geo.keys[k]}: blend: {traceback.format_exc(limit=3)}")
         t0 = timer.add("blend", t0)
         for k in idx[geo.reason[idx] == 0]:
             c = cut_partial_crops(arrays["uv_gt"][k], geo.uv_gt_mask[k], float(geo.pose[k, 0]), ctx.crop_layout,

@@ -60,7 +60,8 @@ def match_greyscale(uv_bfm: np.ndarray, uv_gt: np.ndarray, mask: np.ndarray, tol
     Returns (B, U, U, 3) float32 (colour photos unchanged).
     """
     gt = _as_unit_float(uv_gt)
-    spread = gt.max(-1) - gt.min(-1)  # (B, U, U)
+    r, g, b = gt[..., 0], gt[..., 1], gt[..., 2]
+    spread = np.maximum(np.maximum(r, g), b) - np.minimum(np.minimum(r, g), b)  # (B, U, U); max(-1) is ~5x slower
     n = mask.sum((1, 2))
     grey = (n > 0) & ((spread * mask).sum((1, 2)) / np.maximum(n, 1) <= tol)
     out = np.asarray(uv_bfm, np.float32).copy()
@@ -164,10 +165,13 @@ def learn_masked_pca(uv_maps: np.ndarray, masks: np.ndarray, valid: np.ndarray,
     return UVTextureBasis(mean=mean_img, basis=np.ascontiguousarray(basis_img), valid=valid.copy(), name=name)
 
 
-def extend_smoothly(img: np.ndarray, known: np.ndarray, valid: np.ndarray, max_rings: int = 4096) -> np.ndarray:
+def extend_smoothly(img: np.ndarray, known: np.ndarray, valid: np.ndarray, max_rings: int = 4096,
+                    fast: bool = False) -> np.ndarray:
     """Fill ``valid & ~known`` texels of img (H, W, C) ring by ring with the mean of their known 3x3 neighbours.
 
-    known, valid: (H, W) bool. Texels outside ``valid`` are left as they are. Vectorised per ring.
+    known, valid: (H, W) bool. Texels outside ``valid`` are left as they are. Vectorised per ring. fast: the
+    neighbourhood sums by OpenCV (~5x quicker than scipy's uniform_filter; the same values up to float32 rounding,
+    not bit for bit, so the learned texture bases keep scipy's).
     """
     from scipy.ndimage import uniform_filter
 
@@ -178,8 +182,11 @@ def extend_smoothly(img: np.ndarray, known: np.ndarray, valid: np.ndarray, max_r
         if not todo.any():
             break
         w = have.astype(np.float32)
-        num = uniform_filter(out * w[..., None], size=(3, 3, 1), mode="constant")
-        den = uniform_filter(w, size=3, mode="constant")
+        if fast:  # out is 0 wherever it is not known yet: its box sum is the known texels' sum
+            num, den = _box_sum3(out), _box_sum3(w)
+        else:
+            num = uniform_filter(out * w[..., None], size=(3, 3, 1), mode="constant")
+            den = uniform_filter(w, size=3, mode="constant")
         grow = todo & (den > 0)
         if not grow.any():  # a valid island with no known texel: fall back to the global mean
             out[todo] = out[have].mean(0) if have.any() else 0.0
@@ -187,6 +194,16 @@ def extend_smoothly(img: np.ndarray, known: np.ndarray, valid: np.ndarray, max_r
         out[grow] = num[grow] / den[grow][:, None]
         have |= grow
     return out
+
+
+def _box_sum3(x: np.ndarray) -> np.ndarray:
+    """Sum over each texel's 3x3 neighbourhood (0 beyond the border) of an (H, W) or (H, W, C) float32 image."""
+    import cv2
+
+    if x.ndim == 3 and x.shape[2] > 128:  # OpenCV's channel limit: a basis stack holds 3 (K + 1) channels
+        return np.concatenate([_box_sum3(x[..., i:i + 128]) for i in range(0, x.shape[2], 128)], 2)
+    y = cv2.boxFilter(x, -1, (3, 3), normalize=False, borderType=cv2.BORDER_CONSTANT)
+    return y[..., None] if x.ndim == 3 and y.ndim == 2 else y  # OpenCV drops a single channel
 
 
 def _as_unit_float(a: np.ndarray) -> np.ndarray:

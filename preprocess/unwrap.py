@@ -84,6 +84,16 @@ def projected_face_region(verts_px, model: FaceModel, image_size: int,
     return face_pixels(rasterize(verts, tris, (image_size, image_size), cull_backfaces=True), tris, weight)
 
 
+def rasterize_fitted(verts_px, model: FaceModel, image_size: int) -> Fragments:
+    """The fitted meshes rasterised in their working images (back faces culled): (B, S, S) Fragments, what
+    :func:`uv_gt_from_images` and :func:`preprocess.occlusion.occluders_from_fit` read (pass it to both to
+    rasterise once). verts_px: (B, V, 3) numpy or torch, the meshes in image pixels."""
+    verts = torch.as_tensor(np.asarray(verts_px) if not isinstance(verts_px, torch.Tensor) else verts_px,
+                            dtype=torch.float32)
+    tris = torch.from_numpy(np.ascontiguousarray(model.triangles, np.int64))
+    return rasterize(verts, tris, (image_size, image_size), cull_backfaces=True)
+
+
 def face_weight(model: FaceModel) -> torch.Tensor:
     """(V, 1) float32: 1 on the textured face (``face | eyes`` minus ``mouth``), 0 elsewhere."""
     weight = (model.regions["face"] | model.regions["eyes"]) & ~model.regions["mouth"]
@@ -106,12 +116,15 @@ def erode(mask: np.ndarray, radius: int) -> np.ndarray:
 
 
 def uv_gt_from_images(images: np.ndarray, verts_px, model: FaceModel, config: UVGTConfig = UVGTConfig(),
-                      seg_mask: np.ndarray | None = None, cache: UVLayoutCache | None = None) -> UVGT:
+                      seg_mask: np.ndarray | None = None, cache: UVLayoutCache | None = None,
+                      fragments: Fragments | None = None) -> UVGT:
     """UV_gt and its mask for a batch of photos (Fig. 4).
 
     images: (B, H, W, 3) uint8 RGB (or float in [0, 1]); verts_px: (B, V, 3) numpy or torch, the fitted
     mesh in image pixels (x right, y down, z nearer-is-larger; see ``common.geometry``); seg_mask:
-    optional (B, H, W) bool pixels that may be face (e.g. from a face parser). Returns :class:`UVGT`.
+    optional (B, H, W) bool pixels that may be face (e.g. from a face parser); fragments: optional
+    :func:`rasterize_fitted` of the same meshes, to reuse (the occlusion stage rasterises them too).
+    Returns :class:`UVGT`.
     """
     if images.ndim != 4 or images.shape[-1] != 3:
         raise ValueError(f"images: expected (B, H, W, 3), found {images.shape}")
@@ -126,7 +139,13 @@ def uv_gt_from_images(images: np.ndarray, verts_px, model: FaceModel, config: UV
         raise ValueError(f"seg_mask: expected {(b, h, w)}, found {seg_mask.shape}")
     cache = layout_cache(model, config) if cache is None else cache
     tris = torch.from_numpy(np.ascontiguousarray(model.triangles, np.int64))
-    frags = rasterize(verts, tris, (h, w), cull_backfaces=True)
+    if fragments is None:
+        frags = rasterize(verts, tris, (h, w), cull_backfaces=True)
+    elif fragments.tri_id.shape != (b, h, w):
+        raise ValueError(f"fragments: expected {(b, h, w)} (these meshes rasterised in these images), found "
+                         f"{tuple(fragments.tri_id.shape)}")
+    else:
+        frags = fragments
     face = face_pixels(frags, tris, cache.face_weight)  # (B, H, W)
     if seg_mask is not None:
         face &= seg_mask
@@ -152,9 +171,13 @@ def _facing(verts: torch.Tensor, tris: torch.Tensor, uv_frags: Fragments) -> tor
     Uses the normal of the texel's triangle (flat), looked up through the UV rasterisation: one gather per
     texel instead of interpolating three vertex normals (triangles are far smaller than the cut's tolerance).
     """
-    y_up = verts * torch.tensor([1.0, -1.0, 1.0])  # back to a right-handed frame for the outward normals
-    v0, v1, v2 = (y_up[:, tris[:, k]] for k in range(3))
-    n = torch.cross(v1 - v0, v2 - v0, dim=-1)  # (B, F, 3); the view direction is +z (orthographic)
-    cos = n[..., 2] / n.norm(dim=-1).clamp(min=1e-12)
     tri = uv_frags.tri_id[0]
-    return torch.where(tri >= 0, cos[:, tri.clamp(min=0)], torch.zeros(()))
+    covered = tri >= 0
+    used, texel_tri = torch.unique(tri[covered], return_inverse=True)  # only the triangles some texel lies in
+    y_up = verts * torch.tensor([1.0, -1.0, 1.0])  # back to a right-handed frame for the outward normals
+    v0, v1, v2 = (y_up[:, tris[used, k]] for k in range(3))
+    n = torch.cross(v1 - v0, v2 - v0, dim=-1)  # (B, F', 3); the view direction is +z (orthographic)
+    cos = n[..., 2] / n.norm(dim=-1).clamp(min=1e-12)
+    out = torch.zeros((verts.shape[0], *tri.shape), dtype=cos.dtype)
+    out[:, covered] = cos[:, texel_tri]
+    return out

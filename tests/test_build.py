@@ -483,6 +483,42 @@ def test_a_stage_that_raises_fails_only_its_sample(monkeypatch):
     assert arrays["uv_gt_mask"][0].any() and arrays["uv_gt_mask"][2].any()
 
 
+def test_a_sample_whose_normals_fail_fails_alone(monkeypatch):
+    """The blend stage computes the normals of a block of samples in one call (issue 21); when that call raises, they
+    are redone sample by sample, and only the sample that raises again fails."""
+    from common.config import FitConfig
+    from common.store import FAILED, OK, Reason
+    from common.synthetic import SyntheticConfig
+    from preprocess import stages
+    from preprocess.config import StageConfig, UVGTConfig
+    from preprocess.sources import SyntheticSource
+    from preprocess.texture import UVTextureBasis
+
+    src = SyntheticSource(count=3, config=SyntheticConfig(image_size=64, uv_size=32, occluder_prob=0.0))
+    inputs = src.load_many(range(3), src.manifest())
+    cfg = StageConfig(fit=FitConfig(image_size=64), uvgt=UVGTConfig(uv_size=32))
+    ctx = stages.StageContext.build(cfg)
+    ctx.basis = UVTextureBasis.from_face_model(ctx.model, 32)
+    clean, _ = stages.run_stages(inputs, ctx)
+    real = stages.uv_normals
+    singles = []
+
+    def flaky(model, params, frags):
+        if len(params) > 1:
+            raise ValueError("params: the pose matrix is a reflection")
+        singles.append(1)
+        if len(singles) == 2:
+            raise ValueError("params: the pose matrix is a reflection")
+        return real(model, params, frags)
+
+    monkeypatch.setattr(stages, "uv_normals", flaky)
+    arrays, errors = stages.run_stages(inputs, ctx)
+    assert list(arrays["status"]) == [OK, FAILED, OK]
+    assert arrays["reason"][1] == Reason.STAGE_ERROR and "reflection" in errors[0]
+    for k in (0, 2):  # the others are what the batched normals gave
+        np.testing.assert_array_equal(arrays["uv_bl"][k], clean["uv_bl"][k])
+
+
 # ------------------------------------------------------------------------------------------ worker memory
 _FAULTS = """
 import resource, numpy as np
@@ -515,3 +551,67 @@ def test_worker_arrays_come_from_the_heap_under_dask_nanny_malloc_settings():
     before, after = map(int, out.stdout.split())
     assert before > 200 * 200, f"expected a page fault per page of every array before; found {before}"
     assert after < before / 20, (before, after)
+
+
+def test_prepass_fits_are_reused_by_the_chunks_and_give_the_same_store(tmp_path, monkeypatch):
+    """Photo sources: the chunks read the pre-pass's fits and unwraps back (preprocess.geocache) instead of fitting
+    those photos again (issue 21): the store is the same as one built without, including a resumed build; the
+    scratch group is gone once the build is complete."""
+    import dataclasses
+
+    import zarr
+
+    from common.imageio import write_png
+    from common.procedural import build_procedural_model
+    from common.synthetic import SyntheticConfig, generate
+    from preprocess import build, geocache
+    from preprocess.buildcli import make_config
+    from preprocess.config import BuildArgs
+
+    model = build_procedural_model()
+    photos = tmp_path / "photos"
+    faces = [generate(i, SyntheticConfig(image_size=96, uv_size=32), model) for i in range(7)]
+    for i, f in enumerate(faces):
+        write_png(photos / f"{i}.png", f.image)
+    keys = [f"{i}.png" for i in range(7) if i != 2]  # 2.png has no parameters: fails in the pre-pass and the chunk
+    np.savez(tmp_path / "params.npz", keys=np.array(keys), params=np.stack([faces[int(k[0])].params for k in keys]))
+    args = BuildArgs(out=tmp_path / "unused", src="folder", images=photos, params=tmp_path / "params.npz",
+                     face_model="procedural", image_size=64, uv_size=32, chunk=4, pca_samples=4, n_tex=3, workers=0)
+    cfg, run = make_config(args)
+    assert cfg.stages.occlusion is not None  # on for photo sources: its mask is reused too
+
+    def built(name: str, reuse: bool) -> dict:
+        out = str(tmp_path / name)
+        summary = build.build_store(cfg, dataclasses.replace(run, out=out, progress=False, reuse_prepass=reuse))
+        assert summary.complete and summary.ok == 6, summary
+        root = zarr.open_group(out, mode="r")
+        assert geocache.GROUP not in root
+        return {k: np.asarray(a[...]) for k, a in root.arrays() if k not in ("manifest_mtime", "chunk_record")}
+
+    merged = []
+    real_merge = build.merge_geometry
+    monkeypatch.setattr(build, "merge_geometry", lambda n, ctx, fr, fresh, kr, kept, keys: merged.append(len(kr))
+                        or real_merge(n, ctx, fr, fresh, kr, kept, keys))
+    without = built("without.zarr", reuse=False)
+    assert merged == []
+    with_reuse = built("with.zarr", reuse=True)
+    assert sorted(merged) == [1, 2]  # pre-pass samples 0, 2 (failed: redone), 4, 6 in chunks [0, 4) and [4, 7)
+    assert sorted(with_reuse) == sorted(without)
+    for k in without:
+        np.testing.assert_array_equal(with_reuse[k], without[k], err_msg=k)
+
+    # a build that stops after the pre-pass keeps the rows for its resumption
+    real_chunk = build.process_chunk
+    monkeypatch.setattr(build, "process_chunk", lambda out, c, *a, **kw: (_ for _ in ()).throw(RuntimeError("x"))
+                        if c == 1 else real_chunk(out, c, *a, **kw))
+    out = str(tmp_path / "resumed.zarr")
+    first = build.build_store(cfg, dataclasses.replace(run, out=out, progress=False))
+    assert not first.complete and geocache.GROUP in zarr.open_group(out, mode="r")
+    monkeypatch.setattr(build, "process_chunk", real_chunk)
+    merged.clear()
+    second = build.build_store(cfg, dataclasses.replace(run, out=out, progress=False))
+    assert second.complete and merged == [2]
+    root = zarr.open_group(out, mode="r")
+    assert geocache.GROUP not in root
+    for k in without:
+        np.testing.assert_array_equal(np.asarray(root[k][...]), without[k], err_msg=k)

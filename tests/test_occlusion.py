@@ -170,3 +170,18 @@ def test_occlusion_defaults_and_old_stores(tmp_path):
     # resuming it with this code's default (off for synthetic) is the same build: nothing to redo, no mismatch
     _, out2, again = _build(tmp_path, "plain.zarr", occlusion=None, occluder_prob=0.3)
     assert again.skipped_chunks == 1 and again.done_chunks == 0 and StoreReader(out2).validate() == []
+
+
+def test_mahalanobis_distances_are_einsums_bit_for_bit():
+    """The skin model's distances by explicit products (issue 21: ~4x quicker) equal the einsum they replaced, on
+    strided chroma columns as the detector passes them, so the rejected pixels are the same."""
+    from preprocess.occlusion import _mahalanobis2
+
+    rng = np.random.default_rng(1)
+    for dtype in (np.float32, np.float64):
+        lab = (rng.normal(size=(5000, 3)) * 30).astype(dtype)
+        a = rng.normal(size=(2, 2))
+        icov = np.linalg.inv(a @ a.T + np.eye(2))
+        for x in (lab[:, 1:], np.ascontiguousarray(lab[:, 1:])):
+            mu = np.median(x, 0)
+            np.testing.assert_array_equal(_mahalanobis2(x, mu, icov), np.einsum("nc,cd,nd->n", x - mu, icov, x - mu))

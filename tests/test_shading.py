@@ -53,6 +53,41 @@ def test_directional_lighting_is_recovered_despite_albedo_outliers():
         assert ratio.max() / ratio.min() < 1.1
 
 
+def test_the_directional_fits_analytic_jacobian_matches_finite_differences():
+    from scipy.optimize._numdiff import approx_derivative
+
+    from preprocess.shading import _DirectionalProblem
+
+    rng = np.random.default_rng(2)
+    n = _hemisphere(20)
+    colour = 0.3 + 0.5 * np.clip(n @ np.array([0.3, 0.2, 0.93]), 0, None)[:, None] + rng.normal(0, 0.02, (len(n), 3))
+    problem = _DirectionalProblem(n, colour, np.sqrt(rng.uniform(0.2, 1.0, len(n))))
+    for p in (np.array([0.3, 0.2, 0.9]), np.array([-1.0, 0.5, 0.4]) * 3):  # any length: only p / |p| matters
+        want = approx_derivative(problem.residual, p, method="3-point")
+        np.testing.assert_allclose(problem.jacobian(p), want, atol=1e-7 * np.abs(want).max())
+
+
+def test_the_directional_fits_huber_loss_is_scipys_bit_for_bit():
+    from scipy.optimize._lsq.least_squares import huber
+
+    from preprocess.shading import _huber_rho
+
+    z = np.concatenate([np.random.default_rng(3).exponential(1.0, 500), [0.0, 1.0, np.nan, np.inf]])
+    want = np.empty((3, z.size))
+    huber(z, want, cost_only=False)
+    np.testing.assert_array_equal(_huber_rho(z), want)
+
+
+def test_norm3_is_numpys_norm_bit_for_bit():
+    from preprocess.shading import _norm3
+
+    rng = np.random.default_rng(4)
+    for dtype in (np.float32, np.float64):
+        x = rng.normal(size=(3, 500, 3)).astype(dtype)
+        for v in (x, x.transpose(1, 0, 2)):  # uv_normals passes a transposed view
+            np.testing.assert_array_equal(_norm3(v), np.linalg.norm(v, axis=-1, keepdims=True))
+
+
 def test_sh_fit_recovers_a_second_order_lighting_exactly_and_robustly():
     rng = np.random.default_rng(1)
     n = _hemisphere()

@@ -126,3 +126,20 @@ def test_bfm2009_texture_basis_file_in_the_bfm_uv_layout(assets, tmp_path):
     np.testing.assert_allclose(ridge_texture_fit(uv, mask, basis, lam=0.0), c, atol=1e-3)
     basis.save(tmp_path / "b.npz")
     assert UVTextureBasis.load(tmp_path / "b.npz").n_components == 4
+
+
+@pytest.mark.parametrize("channels", [1, 3, 130])
+def test_extend_smoothly_fast_sums_give_the_same_rings(channels):
+    """``fast`` (OpenCV box sums, what the blend's texture padding uses) = scipy's uniform_filter to float32
+    rounding, also past OpenCV's channel limit."""
+    from preprocess.texture import extend_smoothly
+
+    rng = np.random.default_rng(0)
+    img = rng.random((24, 24, channels)).astype(np.float32)
+    known = np.zeros((24, 24), bool)
+    known[6:14, 5:17] = True
+    valid = np.ones_like(known)
+    valid[:, -2:] = False
+    slow, fast = (extend_smoothly(img, known, valid, max_rings=6, fast=f) for f in (False, True))
+    np.testing.assert_allclose(fast, slow, atol=1e-6)
+    assert (fast[valid & ~known] != 0).any() and (fast[~valid] == 0).all()

@@ -81,3 +81,21 @@ def test_erode_disc():
     m[5:16, 5:16] = True
     assert erode(m, 2).sum() == 7 * 7
     assert erode(m, 0).sum() == 121
+
+
+def test_reused_rasterisation_gives_the_same_uv_gt_and_occluders(world):
+    """The build rasterises the fitted meshes once for the occlusion and UV_gt stages (issue 21)."""
+    from preprocess.occlusion import occluders_from_fit
+    from preprocess.unwrap import rasterize_fitted
+
+    model, cfg, faces, verts = world
+    images = np.stack([f.image for f in faces])
+    uvgt = UVGTConfig(uv_size=64)
+    frags = rasterize_fitted(verts, model, cfg.image_size)
+    own, reused = (uv_gt_from_images(images, verts, model, uvgt, fragments=f) for f in (None, frags))
+    for name in ("uv", "mask", "face_mask", "eroded"):
+        np.testing.assert_array_equal(getattr(own, name), getattr(reused, name), err_msg=name)
+    np.testing.assert_array_equal(occluders_from_fit(images, verts, model, uvgt),
+                                  occluders_from_fit(images, verts, model, uvgt, fragments=frags))
+    with pytest.raises(ValueError, match="fragments"):
+        uv_gt_from_images(images[:2], verts[:2], model, uvgt, fragments=frags)
