@@ -84,6 +84,7 @@ FIELDS: dict[str, dict[str, list[tuple[type, str, str]]]] = {
         "sampler_control_size": [(SamplerConfig, "control_size", "cfg.sampler.control_size")],
         "generator_residual": [(GeneratorConfig, "residual", "cfg.generator.residual")],
         "generator_mirror_input": [(GeneratorConfig, "mirror_input", "cfg.generator.mirror_input")],
+        "generator_grid_input": [(GeneratorConfig, "grid_input", "cfg.generator.grid_input")],
         "generator_visibility_gate": [(GeneratorConfig, "visibility_gate", "cfg.generator.visibility_gate")],
         "channels": [(SamplerConfig, "channels", "cfg.sampler.channels"),
                      (GeneratorConfig, "channels", "cfg.generator.channels"),

@@ -232,6 +232,21 @@ def test_visibility_gate_starts_near_uv_spl_and_blends_a_fresh_fill():
         dataclasses.replace(TINY_GENERATOR, visibility_gate=True)
 
 
+def test_grid_input_generator_reads_the_sampling_grid():
+    """GeneratorConfig.grid_input: two more stem channels; the grid changes UV_pred; a missing or misshapen grid is
+    an error."""
+    torch.manual_seed(0)
+    gen = UVGenerator(16, dataclasses.replace(TINY_GENERATOR, grid_input=True))
+    assert gen.stem[0].in_channels == 6
+    uv, mask = torch.rand(2, 3, 16, 16), torch.ones(2, 1, 16, 16)
+    grid = torch.rand(2, 16, 16, 2) * 2 - 1
+    assert not torch.allclose(gen(uv, mask, grid=grid), gen(uv, mask, grid=-grid))
+    with pytest.raises(ValueError, match="pass it"):
+        gen(uv, mask)
+    with pytest.raises(ValueError, match="grid"):
+        gen(uv, mask, grid=grid[:, :8])
+
+
 def test_mirror_input_generator_sees_the_mirrored_map():
     """GeneratorConfig.mirror_input: the stem reads [x, mirror(x)]; with the column-flip index, a network whose
     stem keeps only the mirrored half answers a flipped input as the plain half answers the original."""

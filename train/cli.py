@@ -84,6 +84,8 @@ def fit(
                                       "predicting UV_pred from scratch (docs/experiments.md)."),
     generator_mirror_input: bool = option(GeneratorConfig, "mirror_input", help="Also feed the generator UV_spl "
                                           "mirrored across the face (docs/experiments.md)."),
+    generator_grid_input: bool = option(GeneratorConfig, "grid_input", help="Also feed the generator the sampler's "
+                                        "sampling grid (docs/experiments.md)."),
     generator_visibility_gate: bool = option(GeneratorConfig, "visibility_gate", help="With --generator-residual: "
                                              "blend the corrected UV_spl with a fresh fill by a predicted map of "
                                              "the texels the photo saw (docs/experiments.md)."),
@@ -169,7 +171,8 @@ def fit(
                                                                       {"control_size": sampler_control_size or None})),
             generator=GeneratorConfig(**given(channels=channels, residual=generator_residual,
                                               mirror_input=generator_mirror_input,
-                                              visibility_gate=generator_visibility_gate)),
+                                              visibility_gate=generator_visibility_gate,
+                                              grid_input=generator_grid_input)),
             discriminator=DiscriminatorConfig(**given(channels=channels)))
         run = RunOptions(run_dir=run_dir, **given(
             phase=phase, device=device, overwrite=overwrite, log_every=log_every, checkpoint_every=checkpoint_every,

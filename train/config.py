@@ -89,6 +89,9 @@ class GeneratorConfig:
     residual: bool = False
     """Predict UV_pred as a correction of UV_spl (in logit space, the last layer zero-initialised so training starts
     from UV_pred = UV_spl) instead of from scratch (docs/experiments.md)."""
+    grid_input: bool = False
+    """Also feed the generator the sampler's sampling grid (where in the photo each texel was read: 2 channels), from
+    which the pose, and so which texels the photo can see, can be read (docs/experiments.md)."""
     visibility_gate: bool = False
     """With ``residual``: UV_pred = v * (corrected UV_spl) + (1 - v) * (a fill predicted from scratch), where v is a
     predicted map of the texels the photo saw, trained against the store's ``uv_gt_mask`` (LossWeights.vis). UV_spl

@@ -127,7 +127,7 @@ class UVMethods:
         inside = sampled_inside(grid)
         if name == "sampler":
             return inside * uv_spl + (1.0 - inside) * self.uv_bfm(b["tex_coeff"])
-        return self.generator(uv_spl, inside).clamp(0.0, 1.0)
+        return self.generator(uv_spl, inside, grid=grid).clamp(0.0, 1.0)
 
 
 def check_compatible(reader: StoreReader, where: str, face_model_hash: str, uv_size: int, what: str) -> None:

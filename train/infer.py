@@ -241,7 +241,7 @@ class Inferencer:
         _sync(self.device)
         self.summary.seconds["sampler"] += time.perf_counter() - t
         t = time.perf_counter()
-        uv_pred = self.generator(uv_spl, sampled_inside(grid)).clamp(0, 1)
+        uv_pred = self.generator(uv_spl, sampled_inside(grid), grid=grid).clamp(0, 1)
         _sync(self.device)
         self.summary.seconds["generator"] += time.perf_counter() - t
         t = time.perf_counter()

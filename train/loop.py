@@ -394,7 +394,7 @@ class Trainer:
         uv_spl, inside = uv_spl.float(), sampled_inside(grid)
         gated = self.generator.config.visibility_gate
         with self.autocast():
-            out = self.generator_t(uv_spl, inside, return_gate=gated)
+            out = self.generator_t(uv_spl, inside, grid=grid, return_gate=gated)
         uv_pred, gate_logit = out if gated else (out, None)
         uv_pred = uv_pred.float()
         r0 = render_lookup(uv_pred, b["grid0"], b["cover0"])

@@ -248,7 +248,8 @@ class UVGenerator(nn.Module):
     """UV generator (Section 3.2): complete an incomplete UV map, (UV_spl, mask) -> UV_pred.
 
     A U-Net: a conv3x3 stem on [UV_spl * mask in [-1, 1], mask] (4 channels; 8 with ``config.mirror_input``,
-    which appends both mirrored across the face), ``n_down`` levels of
+    which appends both mirrored across the face; 2 more with ``config.grid_input``: the sampler's grid), ``n_down``
+    levels of
     stride-2 conv3x3 + conv3x3, ``n_res`` residual blocks at the bottleneck, and per level a resize-
     convolution (nearest x2 then conv3x3, which avoids the checkerboard of transposed convolutions)
     concatenated with the encoder's skip and fused by a conv3x3; a conv3x3 to RGB and a sigmoid. With
@@ -282,7 +283,7 @@ class UVGenerator(nn.Module):
             raise ValueError(f"uv_size {uv_size} is not divisible by 2**n_down = {2**self.n_down}; "
                              f"pass n_down=None for the automatic depth")
         widths = [min(c.channels * 2**k, c.max_channels) for k in range(self.n_down + 1)]
-        self.stem = _conv_norm_act(8 if c.mirror_input else 4, widths[0])
+        self.stem = _conv_norm_act((8 if c.mirror_input else 4) + (2 if c.grid_input else 0), widths[0])
         self.down = nn.ModuleList(nn.Sequential(_conv_norm_act(a, b, stride=2), _conv_norm_act(b, b))
                                   for a, b in zip(widths[:-1], widths[1:], strict=True))
         self.bottleneck = nn.Sequential(*(_ResBlock(widths[-1]) for _ in range(c.n_res)))
@@ -295,8 +296,12 @@ class UVGenerator(nn.Module):
             if c.visibility_gate:  # ... trusting UV_spl everywhere (gate sigmoid(4) = 0.98)
                 nn.init.constant_(self.head.bias[6:], _GATE_INIT)
 
-    def forward(self, uv_spl: Tensor, mask: Tensor, return_gate: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+    def forward(self, uv_spl: Tensor, mask: Tensor, grid: Tensor | None = None, return_gate: bool = False
+                ) -> Tensor | tuple[Tensor, Tensor]:
         """uv_spl (B, 3, U, U) in [0, 1], mask (B, 1, U, U) {0, 1} (its valid texels) -> UV_pred (B, 3, U, U).
+
+        grid: (B, U, U, 2) the sampler's sampling grid in grid_sample's [-1, 1] coordinates; needed by
+        ``config.grid_input``, ignored otherwise.
 
         UV_pred is float32 in [0, 1] (the sigmoid is taken in float32 under autocast). ``return_gate`` (needs
         ``config.visibility_gate``): also the gate's logits (B, 1, U, U) float32, for
@@ -315,6 +320,11 @@ class UVGenerator(nn.Module):
                 raise ValueError(f"uv_spl: mirror_input needs the side {self.uv_size} its mirror index has, "
                                  f"found {d['U']}")
             x = torch.cat([x, mirror(x, self.mirror_index)], 1)
+        if self.config.grid_input:
+            if grid is None:
+                raise ValueError("grid: this generator reads the sampler's grid (GeneratorConfig.grid_input); pass it")
+            expect_shape("grid", grid, (d["B"], d["U"], d["U"], 2))
+            x = torch.cat([x, grid.permute(0, 3, 1, 2).clamp(-2.0, 2.0).to(x.dtype)], 1)
         h = self.stem(x)
         skips = [h]
         for down in self.down:

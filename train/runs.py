@@ -719,4 +719,4 @@ def predict_uv(sampler: UVSampler, generator: UVGenerator, image: torch.Tensor, 
                ) -> tuple[torch.Tensor, torch.Tensor]:
     """UV_spl and UV_pred of images (B, 3, S, S) in [0, 1]: ((B, 3, U, U), (B, 3, U, U)), as the generator phase."""
     uv_spl, grid = sampler(image, out_size=uv_size)
-    return uv_spl, generator(uv_spl, sampled_inside(grid))
+    return uv_spl, generator(uv_spl, sampled_inside(grid), grid=grid)
