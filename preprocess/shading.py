@@ -61,14 +61,23 @@ def uv_normals(model: FaceModel, params: np.ndarray, uv_frags: Fragments) -> np.
     if np.linalg.det(pose[:, :, :3]).min() < 0:
         raise ValueError("params: the pose matrix is a reflection (det < 0); normals would point inwards")
     shape = model.shape(a_id[:, :model.n_id].astype(np.float32), a_exp[:, :model.n_exp].astype(np.float32))
-    frame = np.einsum("bij,bvj->bvi", pose[:, :, :3].astype(np.float32), shape)  # sR V: the y-up camera frame
+    rot = pose[:, :, :3].astype(np.float32)
     tris = np.asarray(model.triangles, np.int64)
-    b, nv, nf = len(frame), model.n_vertices, len(tris)
-    v0, v1, v2 = (frame[:, tris[:, k]] for k in range(3))
-    face_n = np.cross(v1 - v0, v2 - v0)  # (B, F, 3), area-weighted, outward (common.geometry.vertex_normals)
+    b, nv, nf = len(shape), model.n_vertices, len(tris)
+    # sR V, the y-up camera frame, one (V, B) array per axis: einsum("bij,bvj->bvi")'s sums in its order (the same
+    # values), and every later step reads contiguous rows of B values instead of 3-wide strided ones (~3x quicker)
+    xyz = np.ascontiguousarray(shape.transpose(2, 1, 0))
+    corner = [[((rot[:, i, 0] * xyz[0] + rot[:, i, 1] * xyz[1]) + rot[:, i, 2] * xyz[2])[tris[:, k]] for k in range(3)]
+              for i in range(3)]  # corner[i][k]: axis i of the triangles' corner k, (F, B)
+    e1 = [corner[i][1] - corner[i][0] for i in range(3)]
+    e2 = [corner[i][2] - corner[i][0] for i in range(3)]
+    face_n = np.empty((nf, b, 3))  # e1 x e2 as np.cross computes it: area-weighted, outward (geometry.vertex_normals)
+    for i in range(3):
+        j, k = (i + 1) % 3, (i + 2) % 3
+        face_n[:, :, i] = e1[j] * e2[k] - e1[k] * e2[j]
     # vertex normal = sum of its faces' normals: one sparse (V, F) product for every sample and axis at once
     incidence = sp.csr_matrix((np.ones(3 * nf), (tris.T.ravel(), np.tile(np.arange(nf), 3))), shape=(nv, nf))
-    vn = (incidence @ face_n.transpose(1, 0, 2).reshape(nf, 3 * b).astype(np.float64)).astype(np.float32)
+    vn = (incidence @ face_n.reshape(nf, 3 * b)).astype(np.float32)
     vn = vn.reshape(nv, b, 3).transpose(1, 0, 2)
     vn /= np.maximum(_norm3(vn), 1e-12)
     tri = uv_frags.tri_id[0].numpy().ravel()  # (U * U,): one layout for every sample

@@ -170,6 +170,38 @@ def test_uv_normals_face_the_camera_where_the_photo_sees_the_face(profiles):
     assert np.median(n[..., 2][gt.mask]) > 0.6
 
 
+def test_uv_normals_are_the_einsum_and_cross_product_normals_bit_for_bit(profiles):
+    """uv_normals computes the camera frame and the face normals axis by axis (issue 21); the values are those of the
+    straightforward einsum / np.cross formulation, bit for bit."""
+    import scipy.sparse as sp
+
+    from preprocess.shading import _norm3
+
+    model, params = build_procedural_model(), np.stack([f.params for f in profiles["faces"]])
+    cache = layout_cache(model, UVGTConfig(uv_size=64))
+    pose, a_id, a_exp = split_params(params)
+    shape = model.shape(a_id[:, :model.n_id].astype(np.float32), a_exp[:, :model.n_exp].astype(np.float32))
+    frame = np.einsum("bij,bvj->bvi", pose[:, :, :3].astype(np.float32), shape)
+    tris = np.asarray(model.triangles, np.int64)
+    b, nv, nf = len(frame), model.n_vertices, len(tris)
+    v0, v1, v2 = (frame[:, tris[:, k]] for k in range(3))
+    face_n = np.cross(v1 - v0, v2 - v0)
+    incidence = sp.csr_matrix((np.ones(3 * nf), (tris.T.ravel(), np.tile(np.arange(nf), 3))), shape=(nv, nf))
+    vn = (incidence @ face_n.transpose(1, 0, 2).reshape(nf, 3 * b).astype(np.float64)).astype(np.float32)
+    vn = vn.reshape(nv, b, 3).transpose(1, 0, 2)
+    vn /= np.maximum(_norm3(vn), 1e-12)
+    tri = cache.uv_frags.tri_id[0].numpy().ravel()
+    covered = np.flatnonzero(tri >= 0)
+    bary = cache.uv_frags.bary[0].numpy().reshape(-1, 3)[covered]
+    interp = sp.csr_matrix((bary.ravel().astype(np.float32), tris[tri[covered]].ravel(),
+                            np.arange(0, 3 * covered.size + 1, 3)), shape=(covered.size, nv))
+    vals = (interp @ vn.transpose(1, 0, 2).reshape(nv, 3 * b)).reshape(-1, b, 3).transpose(1, 0, 2)
+    norm = _norm3(vals)
+    want = np.zeros((b, tri.size, 3), np.float32)
+    want[:, covered] = np.divide(vals, norm, out=np.zeros_like(vals), where=norm > 1e-6)
+    np.testing.assert_array_equal(profiles["normals"], want.reshape(profiles["normals"].shape))
+
+
 def test_relit_mirror_removes_the_brightness_bias_of_the_plain_mirror(profiles):
     """The plain mirror copies the lit side onto the side facing away from the light (measured bias +40 / 255);
     relit, the mirrored texels are within +-5 / 255 of the truth on average (measured +0.3)."""
