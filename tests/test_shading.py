@@ -219,6 +219,25 @@ def test_relit_mirror_removes_the_brightness_bias_of_the_plain_mirror(profiles):
     assert abs(np.mean(bias_relit)) < 5
 
 
+def test_a_blocks_relit_shadings_give_each_photo_the_uv_bl_of_its_own_fit(profiles):
+    """The blend stage fits a block's lights together (relit_shadings) and passes each photo's shading to blend_uv:
+    the same UV_bl, bit for bit, as blend_uv estimating it alone (a failing block is redone that way)."""
+    from preprocess.blend import relit_shadings
+
+    gt, valid, cfg = profiles["gt"], profiles["valid"], BlendConfig()
+    uv_bfm = np.full(gt.uv.shape[1:], 0.5, np.float32)
+    shadings = relit_shadings(gt.uv, gt.mask, profiles["normals"], valid, cfg)
+    assert shadings.shape == gt.uv.shape and not np.all(shadings == 1.0)
+    for i in range(len(gt.uv)):
+        kw = dict(face_mask=valid, mirror_index=profiles["mirror"], config=cfg, normals=profiles["normals"][i],
+                  nose_mask=profiles["nose"])
+        alone = blend_uv(gt.uv[i], gt.mask[i], uv_bfm, **kw)
+        in_block = blend_uv(gt.uv[i], gt.mask[i], uv_bfm, shading=shadings[i], **kw)
+        np.testing.assert_array_equal(in_block[0], alone[0])
+        np.testing.assert_array_equal(in_block[1], alone[1])
+    assert relit_shadings(gt.uv, gt.mask, profiles["normals"], valid, BlendConfig.paper_mirror()) is None
+
+
 def test_seam_between_observed_and_mirrored_texels_is_as_smooth_as_the_photo(profiles):
     """Gradient across observed | mirrored over the gradient inside the observed texture. A seamless fill of this
     texture scores ~1 (its own texture continues); 1.5 leaves room for the doubled skin detail at the seam. The
