@@ -279,3 +279,14 @@ def test_multigrid_coarsening_is_numpys_2x2_any_and_all():
             blocks = padded.reshape(padded.shape[0] // 2, 2, padded.shape[1] // 2, 2)
             for op in (np.any, np.all):
                 np.testing.assert_array_equal(_coarsen(m, op), op(blocks, axis=(1, 3)))
+
+
+def test_mirror_gather_is_fancy_indexing():
+    from preprocess.blend import _gather
+
+    rng = np.random.default_rng(8)
+    mirror = rng.permutation(36).astype(np.int64)
+    mirror[rng.random(36) < 0.2] = -1
+    safe = np.where(mirror >= 0, mirror, 0)
+    for x in (rng.random((6, 6, 3), dtype=np.float32), rng.random((6, 6)) < 0.5, np.arange(36).reshape(6, 6)):
+        np.testing.assert_array_equal(_gather(x, mirror), x.reshape(36, *x.shape[2:])[safe].reshape(x.shape))
