@@ -28,7 +28,7 @@ import scipy.sparse as sp
 import scipy.sparse.linalg as spla
 
 from preprocess.config import BlendConfig, ShadingConfig
-from preprocess.shading import estimate_shading
+from preprocess.shading import estimate_shading, estimate_shading_batch
 
 SOURCE_MODEL = 0
 """``source_map`` code: texel comes from the model texture UV_bfm (via the Poisson solution)."""
@@ -166,11 +166,15 @@ def _neighbour_count(mask: np.ndarray) -> np.ndarray:
 
 
 def _coarsen(mask: np.ndarray, op) -> np.ndarray:
-    """2x2 pooling (``op`` = np.any / np.all) of a (H, W) bool mask; odd sizes padded with False."""
+    """2x2 pooling (``op`` = np.any / np.all) of a (H, W) bool mask; odd sizes padded with False.
+
+    The four children combined elementwise (| or &): the same mask as ``op`` over a (H/2, 2, W/2, 2) view, ~10x
+    quicker than numpy's reduction over the two 2-wide axes."""
     h, w = mask.shape
     m = np.zeros((h + h % 2, w + w % 2), bool)
     m[:h, :w] = mask
-    return op(m.reshape(m.shape[0] // 2, 2, m.shape[1] // 2, 2), axis=(1, 3))
+    both = np.logical_or if op is np.any else np.logical_and
+    return both(both(m[0::2, 0::2], m[0::2, 1::2]), both(m[1::2, 0::2], m[1::2, 1::2]))
 
 
 class _Multigrid:
@@ -403,9 +407,11 @@ def _mirror_or_flip(mirror_index: np.ndarray | None, size: int) -> np.ndarray:
 
 
 def _gather(x: np.ndarray, mirror_index: np.ndarray) -> np.ndarray:
-    """``x`` read at each texel's mirror texel (texel 0 where there is none): (U, U, ...) -> (U, U, ...)."""
+    """``x`` read at each texel's mirror texel (texel 0 where there is none): (U, U, ...) -> (U, U, ...).
+
+    np.take along the texel axis: the same copy as fancy indexing, ~5x quicker for (U, U, 3) rows."""
     safe = np.where(mirror_index >= 0, mirror_index, 0)
-    return x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])[safe].reshape(x.shape)
+    return np.take(x.reshape(x.shape[0] * x.shape[1], *x.shape[2:]), safe, axis=0).reshape(x.shape)
 
 
 def symmetric_fill(uv_gt: np.ndarray, mask: np.ndarray, mirror_index: np.ndarray | None = None,
@@ -474,19 +480,22 @@ def mirror_exclusion(mirror_index: np.ndarray | None, size: int, normals: np.nda
 
 
 def relit_mirror(uv_gt: np.ndarray, mask: np.ndarray, normals: np.ndarray, mirror_index: np.ndarray | None,
-                 config: ShadingConfig = ShadingConfig()) -> tuple[np.ndarray, np.ndarray]:
+                 config: ShadingConfig = ShadingConfig(), shading: np.ndarray | None = None
+                 ) -> tuple[np.ndarray, np.ndarray]:
     """Mirror the albedo, not the colour (beyond the paper): ``uv_gt[m(t)] * S(n_t) / S(n_m(t))``.
 
     The lighting ``S`` is fitted on the observed texels (:func:`preprocess.shading.estimate_shading`).
 
     uv_gt: (U, U, 3) float in [0, 1]; mask: (U, U) bool observed texels; normals: (U, U, 3) camera-frame unit
-    normals; mirror_index: (U*U,) int64 or None (column flip).
+    normals; mirror_index: (U*U,) int64 or None (column flip); shading: (U, U, 3) float32, ``S`` already estimated
+    (:func:`relit_shadings` of a block of photos), or None (estimated here).
     Returns the relit mirror value of every texel (U, U, 3) float32 in [0, 1] (meaningful where the mirror was
     observed) and the shading (U, U, 3) float32.
     """
     size = uv_gt.shape[0]
     mirror_index = _mirror_or_flip(mirror_index, size)
-    shading = estimate_shading(uv_gt, mask, normals, config)
+    if shading is None:
+        shading = estimate_shading(uv_gt, mask, normals, config)
     ratio = shading / _gather(shading, mirror_index)
     return np.clip(_gather(uv_gt, mirror_index) * ratio, 0.0, 1.0).astype(np.float32), shading
 
@@ -534,9 +543,35 @@ def blend_mirrored(filled: np.ndarray, observed: np.ndarray, mirrored: np.ndarra
     return out
 
 
+def _eroded(uv_mask: np.ndarray, config: BlendConfig) -> np.ndarray:
+    """The observed texels :func:`blend_uv` trusts: ``uv_mask`` eroded by ``config.erode_px``."""
+    if config.erode_px <= 0:
+        return uv_mask
+    kernel = np.ones((2 * config.erode_px + 1,) * 2, np.uint8)
+    return cv2.erode(uv_mask.astype(np.uint8), kernel, borderType=cv2.BORDER_REPLICATE).astype(bool)
+
+
+def relit_shadings(uv_gt: np.ndarray, uv_mask: np.ndarray, normals: np.ndarray, face_mask: np.ndarray | None,
+                   config: BlendConfig = BlendConfig()) -> np.ndarray | None:
+    """The lighting :func:`blend_uv`'s relit fill estimates, for B photos at once (their directional fits solved
+    together: :func:`preprocess.shading.estimate_shading_batch`).
+
+    uv_gt: (B, U, U, 3) float in [0, 1]; uv_mask: (B, U, U) bool; normals: (B, U, U, 3); face_mask: (U, U) bool or
+    None. Returns (B, U, U, 3) float32, each what ``blend_uv`` computes for its photo (pass it as ``shading``), or
+    None when ``config`` has no relit fill.
+    """
+    if not (config.symmetric_fill and config.fill_mode == "relit"):
+        return None
+    observed = np.stack([_eroded(m, config) for m in uv_mask])
+    if face_mask is not None:
+        observed &= face_mask
+    return estimate_shading_batch(uv_gt, observed, normals, config.shading)
+
+
 def blend_uv(uv_gt: np.ndarray, uv_mask: np.ndarray, uv_bfm: np.ndarray, face_mask: np.ndarray | None = None,
              mirror_index: np.ndarray | None = None, config: BlendConfig = BlendConfig(),
-             normals: np.ndarray | None = None, nose_mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+             normals: np.ndarray | None = None, nose_mask: np.ndarray | None = None,
+             shading: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The pseudo ground truth UV_bl: symmetric fill of UV_gt (Fig. 5h), then Poisson blend into UV_bfm (Eq. 9).
 
     Args:
@@ -549,6 +584,8 @@ def blend_uv(uv_gt: np.ndarray, uv_mask: np.ndarray, uv_bfm: np.ndarray, face_ma
         normals: (U, U, 3) float unit normals of the fitted shape in the camera frame
             (:func:`preprocess.shading.uv_normals`); needed by ``fill_mode="relit"`` and ``mirror_min_facing``.
         nose_mask: optional (U, U) bool, the layout's nose region (for ``nose_strip``).
+        shading: optional (U, U, 3) float32, the relit fill's lighting already estimated for a block of photos
+            (:func:`relit_shadings`, the same numbers); None = estimated here when ``fill_mode="relit"``.
 
     Returns:
         ``uv_bl``: (U, U, 3) float32 in [0, 1].
@@ -567,14 +604,12 @@ def blend_uv(uv_gt: np.ndarray, uv_mask: np.ndarray, uv_bfm: np.ndarray, face_ma
         raise ValueError(f"blend_uv: fill_mode={config.fill_mode!r} / mirror_min_facing={config.mirror_min_facing} "
                          f"need normals ({size}, {size}, 3) (preprocess.shading.uv_normals of the fitted shape), "
                          f"found {getattr(normals, 'shape', None)}; or use BlendConfig.paper_mirror()")
-    if config.erode_px > 0:
-        kernel = np.ones((2 * config.erode_px + 1,) * 2, np.uint8)
-        uv_mask = cv2.erode(uv_mask.astype(np.uint8), kernel, borderType=cv2.BORDER_REPLICATE).astype(bool)
+    uv_mask = _eroded(uv_mask, config)
     if config.symmetric_fill:
         observed = uv_mask if face_mask is None else uv_mask & face_mask
         values = None
         if config.fill_mode == "relit":
-            values, _ = relit_mirror(uv_gt, observed, normals, mirror_index, config.shading)
+            values, _ = relit_mirror(uv_gt, observed, normals, mirror_index, config.shading, shading)
         exclude = mirror_exclusion(mirror_index, size, normals if config.mirror_min_facing is not None else None,
                                    nose_mask, config)
         filled, fill_mask, source_map = symmetric_fill(uv_gt, uv_mask, mirror_index, face_mask, exclude, values)

@@ -28,7 +28,7 @@ from common.store import FAILED, OK, Reason
 from common.texbasis import UVTextureBasis
 from common.uvlayout import CropLayout, crop_layout
 from common.uvtools import region_uv_mask, texel_mirror_index
-from preprocess.blend import blend_uv
+from preprocess.blend import blend_uv, relit_shadings
 from preprocess.config import StageConfig
 from preprocess.crops import cut_partial_crops
 from preprocess.occlusion import occluders_from_fit, part_labels
@@ -37,8 +37,9 @@ from preprocess.texture import match_greyscale, ridge_texture_fit
 from preprocess.unwrap import UVLayoutCache, layout_cache, rasterize_fitted, uv_gt_from_images
 
 NORMALS_BLOCK = 16
-"""Samples whose UV normals (:func:`preprocess.shading.uv_normals`) are computed in one call: the per-call setup is
-shared, the memory stays at 16 x U^2 x 3 float32 (12.6 MB at U = 256)."""
+"""Samples whose UV normals (:func:`preprocess.shading.uv_normals`) and relit-fill lighting fits
+(:func:`preprocess.blend.relit_shadings`) are computed in one call: the per-call setup and the fit's iterations are
+shared, the memory stays at 2 x 16 x U^2 x 3 float32 (25 MB at U = 256)."""
 
 
 def build_face_model(cfg: StageConfig) -> FaceModel:
@@ -310,17 +311,19 @@ def finish_stages(geo: GeometryResult, ctx: StageContext, timer: Timer) -> tuple
         todo = [int(k) for k in idx if not geo.reason[k]]
         for b0 in range(0, len(todo), NORMALS_BLOCK):
             block = todo[b0:b0 + NORMALS_BLOCK]
-            try:  # the relit symmetric fill's normals, a block of samples at once
+            try:  # the relit symmetric fill's normals and lighting fits, a block of samples at once
                 normals = uv_normals(ctx.model, geo.params[block], ctx.uv_cache.uv_frags)
+                shadings = relit_shadings(geo.uv_gt[block], geo.uv_gt_mask[block], normals, ctx.basis.valid,
+                                          ctx.config.blend)
             except Exception:  # noqa: BLE001 - redone sample by sample below, where a bad one records its error
-                normals = None
+                normals = shadings = None
             for i, k in enumerate(block):
                 try:
                     n = normals[i] if normals is not None else uv_normals(ctx.model, geo.params[k:k + 1],
                                                                           ctx.uv_cache.uv_frags)[0]
                     bl, src = blend_uv(geo.uv_gt[k], geo.uv_gt_mask[k], uv_bfm[row[k]], face_mask=ctx.basis.valid,
                                        mirror_index=ctx.mirror_index, config=ctx.config.blend, normals=n,
-                                       nose_mask=nose)
+                                       nose_mask=nose, shading=None if shadings is None else shadings[i])
                     arrays["uv_bl"][k], arrays["uv_source"][k] = to_uint8(bl), src
                 except Exception:  # noqa: BLE001 - recorded per sample, the chunk goes on
                     geo.reason[k] = Reason.STAGE_ERROR

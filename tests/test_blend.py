@@ -265,3 +265,28 @@ def test_mirrored_half_multigrid_converges_fast_and_matches_direct(monkeypatch):
     ref = blend_mirrored(filled, observed, mirrored, DIRECT)
     assert iterations == [pytest.approx(6, abs=4)]
     assert np.abs(out - ref).max() < 0.1 / 255  # measured 0.03 / 255
+
+
+def test_multigrid_coarsening_is_numpys_2x2_any_and_all():
+    from preprocess.blend import _coarsen
+
+    rng = np.random.default_rng(7)
+    for shape in ((256, 256), (179, 177), (1, 1), (3, 2)):
+        for p in (0.1, 0.5, 0.9):
+            m = rng.random(shape) < p
+            padded = np.zeros((shape[0] + shape[0] % 2, shape[1] + shape[1] % 2), bool)
+            padded[:shape[0], :shape[1]] = m
+            blocks = padded.reshape(padded.shape[0] // 2, 2, padded.shape[1] // 2, 2)
+            for op in (np.any, np.all):
+                np.testing.assert_array_equal(_coarsen(m, op), op(blocks, axis=(1, 3)))
+
+
+def test_mirror_gather_is_fancy_indexing():
+    from preprocess.blend import _gather
+
+    rng = np.random.default_rng(8)
+    mirror = rng.permutation(36).astype(np.int64)
+    mirror[rng.random(36) < 0.2] = -1
+    safe = np.where(mirror >= 0, mirror, 0)
+    for x in (rng.random((6, 6, 3), dtype=np.float32), rng.random((6, 6)) < 0.5, np.arange(36).reshape(6, 6)):
+        np.testing.assert_array_equal(_gather(x, mirror), x.reshape(36, *x.shape[2:])[safe].reshape(x.shape))

@@ -53,29 +53,73 @@ def test_directional_lighting_is_recovered_despite_albedo_outliers():
         assert ratio.max() / ratio.min() < 1.1
 
 
-def test_the_directional_fits_analytic_jacobian_matches_finite_differences():
-    from scipy.optimize._numdiff import approx_derivative
-
-    from preprocess.shading import _DirectionalProblem
-
-    rng = np.random.default_rng(2)
-    n = _hemisphere(20)
-    colour = 0.3 + 0.5 * np.clip(n @ np.array([0.3, 0.2, 0.93]), 0, None)[:, None] + rng.normal(0, 0.02, (len(n), 3))
-    problem = _DirectionalProblem(n, colour, np.sqrt(rng.uniform(0.2, 1.0, len(n))))
-    for p in (np.array([0.3, 0.2, 0.9]), np.array([-1.0, 0.5, 0.4]) * 3):  # any length: only p / |p| matters
-        want = approx_derivative(problem.residual, p, method="3-point")
-        np.testing.assert_allclose(problem.jacobian(p), want, atol=1e-7 * np.abs(want).max())
+def _lit_hemisphere(seed: int, light=(0.3, 0.2, 0.93)) -> tuple[np.ndarray, np.ndarray]:
+    """Normals of the camera-facing hemisphere lit by a directional light, with noise and 10% dark outliers."""
+    rng = np.random.default_rng(seed)
+    n = _hemisphere(30)
+    light = np.asarray(light) / np.linalg.norm(light)
+    colour = 0.3 + 0.5 * np.clip(n @ light, 0, None)[:, None] + rng.normal(0, 0.02, (len(n), 3))
+    colour[rng.random(len(n)) < 0.1] *= 0.35
+    return colour, n
 
 
-def test_the_directional_fits_huber_loss_is_scipys_bit_for_bit():
-    from scipy.optimize._lsq.least_squares import huber
+def test_the_directional_fits_gradient_matches_finite_differences_of_its_cost():
+    from preprocess.shading import _directional_starts, _DirectionalBatch, _tangent
 
-    from preprocess.shading import _huber_rho
+    colour, n = _lit_hemisphere(2)
+    _, sw, f_scale = _directional_starts(colour, n, ShadingConfig())
+    problem = _DirectionalBatch(n.T[None], colour.T[None], sw[None], np.array([f_scale]))
+    for u in (np.array([0.3, 0.2, 0.9]), np.array([-0.6, 0.5, 0.4])):
+        u = (u / np.linalg.norm(u))[None]
+        tangent = _tangent(u)
+        _, g = problem.normal_equations(problem.evaluate(np.arange(1), u), np.ones(1, bool), tangent)
 
-    z = np.concatenate([np.random.default_rng(3).exponential(1.0, 500), [0.0, 1.0, np.nan, np.inf]])
-    want = np.empty((3, z.size))
-    huber(z, want, cost_only=False)
-    np.testing.assert_array_equal(_huber_rho(z), want)
+        def cost(d, u=u, tangent=tangent):
+            p = u + tangent @ d
+            return problem.evaluate(np.arange(1), p / np.linalg.norm(p))["cost"][0]
+
+        h = 1e-6
+        want = [(cost(h * e) - cost(-h * e)) / (2 * h) for e in np.eye(2)]
+        np.testing.assert_allclose(g[0], want, rtol=1e-5, atol=1e-7 * np.abs(want).max())
+
+
+def test_the_directional_fit_reaches_the_optimum_of_scipys_least_squares():
+    """The batched Levenberg-Marquardt minimises the same Huber cost as scipy's least_squares did (the fit's solver
+    until issue 21): run to tight tolerances from the same starts, the directions agree."""
+    from scipy.optimize import least_squares
+
+    from preprocess.shading import _directional_fit, _directional_starts
+
+    config = ShadingConfig()
+    for seed, light in ((0, (0.3, 0.2, 0.93)), (1, (-0.6, 0.3, 0.5)), (2, (0.1, -0.7, 0.4))):
+        colour, n = _lit_hemisphere(seed, light)
+        starts, sw, f_scale = _directional_starts(colour, n, config)
+
+        def residual(p, n=n, colour=colour, sw=sw):
+            lam = np.maximum(n @ (p / np.linalg.norm(p)), 0.0)
+            coef, _ = _directional_fit(lam, colour, sw ** 2)
+            return (sw[:, None] * (coef[0] + lam[:, None] * coef[1] - colour)).ravel()
+
+        fits = [least_squares(residual, p0, loss="huber", f_scale=f_scale, ftol=1e-14, xtol=1e-14, gtol=1e-14,
+                              max_nfev=500) for p0 in starts]
+        best = min(fits, key=lambda r: r.cost).x
+        want = best / np.linalg.norm(best)
+        coef, direction = fit_directional_lighting(colour, n, config)
+        assert np.degrees(np.arccos(min(direction @ want, 1.0))) < 1e-3
+        np.testing.assert_allclose(coef, _directional_fit(np.maximum(n @ want, 0.0), colour, sw ** 2)[0], atol=1e-5)
+
+
+def test_a_directional_fit_is_the_same_alone_and_in_a_batch():
+    from preprocess.shading import fit_directional_lighting_batch
+
+    lights = [(0.3, 0.2, 0.9), (-0.5, 0.1, 0.6), (0.0, 0.8, 0.3)]
+    problems = [_lit_hemisphere(seed, light) for seed, light in enumerate(lights)]
+    problems[1] = (problems[1][0][::3], problems[1][1][::3])  # another length
+    coef, direction = fit_directional_lighting_batch([c for c, _ in problems], [n for _, n in problems])
+    for i, (c, n) in enumerate(problems):
+        alone = fit_directional_lighting(c, n)
+        np.testing.assert_array_equal(alone[0], coef[i])
+        np.testing.assert_array_equal(alone[1], direction[i])
 
 
 def test_norm3_is_numpys_norm_bit_for_bit():
@@ -126,6 +170,38 @@ def test_uv_normals_face_the_camera_where_the_photo_sees_the_face(profiles):
     assert np.median(n[..., 2][gt.mask]) > 0.6
 
 
+def test_uv_normals_are_the_einsum_and_cross_product_normals_bit_for_bit(profiles):
+    """uv_normals computes the camera frame and the face normals axis by axis (issue 21); the values are those of the
+    straightforward einsum / np.cross formulation, bit for bit."""
+    import scipy.sparse as sp
+
+    from preprocess.shading import _norm3
+
+    model, params = build_procedural_model(), np.stack([f.params for f in profiles["faces"]])
+    cache = layout_cache(model, UVGTConfig(uv_size=64))
+    pose, a_id, a_exp = split_params(params)
+    shape = model.shape(a_id[:, :model.n_id].astype(np.float32), a_exp[:, :model.n_exp].astype(np.float32))
+    frame = np.einsum("bij,bvj->bvi", pose[:, :, :3].astype(np.float32), shape)
+    tris = np.asarray(model.triangles, np.int64)
+    b, nv, nf = len(frame), model.n_vertices, len(tris)
+    v0, v1, v2 = (frame[:, tris[:, k]] for k in range(3))
+    face_n = np.cross(v1 - v0, v2 - v0)
+    incidence = sp.csr_matrix((np.ones(3 * nf), (tris.T.ravel(), np.tile(np.arange(nf), 3))), shape=(nv, nf))
+    vn = (incidence @ face_n.transpose(1, 0, 2).reshape(nf, 3 * b).astype(np.float64)).astype(np.float32)
+    vn = vn.reshape(nv, b, 3).transpose(1, 0, 2)
+    vn /= np.maximum(_norm3(vn), 1e-12)
+    tri = cache.uv_frags.tri_id[0].numpy().ravel()
+    covered = np.flatnonzero(tri >= 0)
+    bary = cache.uv_frags.bary[0].numpy().reshape(-1, 3)[covered]
+    interp = sp.csr_matrix((bary.ravel().astype(np.float32), tris[tri[covered]].ravel(),
+                            np.arange(0, 3 * covered.size + 1, 3)), shape=(covered.size, nv))
+    vals = (interp @ vn.transpose(1, 0, 2).reshape(nv, 3 * b)).reshape(-1, b, 3).transpose(1, 0, 2)
+    norm = _norm3(vals)
+    want = np.zeros((b, tri.size, 3), np.float32)
+    want[:, covered] = np.divide(vals, norm, out=np.zeros_like(vals), where=norm > 1e-6)
+    np.testing.assert_array_equal(profiles["normals"], want.reshape(profiles["normals"].shape))
+
+
 def test_relit_mirror_removes_the_brightness_bias_of_the_plain_mirror(profiles):
     """The plain mirror copies the lit side onto the side facing away from the light (measured bias +40 / 255);
     relit, the mirrored texels are within +-5 / 255 of the truth on average (measured +0.3)."""
@@ -141,6 +217,25 @@ def test_relit_mirror_removes_the_brightness_bias_of_the_plain_mirror(profiles):
         bias_relit.append((relit - f.uv_true)[sel].mean() * 255)
     assert np.mean(bias_plain) > 15
     assert abs(np.mean(bias_relit)) < 5
+
+
+def test_a_blocks_relit_shadings_give_each_photo_the_uv_bl_of_its_own_fit(profiles):
+    """The blend stage fits a block's lights together (relit_shadings) and passes each photo's shading to blend_uv:
+    the same UV_bl, bit for bit, as blend_uv estimating it alone (a failing block is redone that way)."""
+    from preprocess.blend import relit_shadings
+
+    gt, valid, cfg = profiles["gt"], profiles["valid"], BlendConfig()
+    uv_bfm = np.full(gt.uv.shape[1:], 0.5, np.float32)
+    shadings = relit_shadings(gt.uv, gt.mask, profiles["normals"], valid, cfg)
+    assert shadings.shape == gt.uv.shape and not np.all(shadings == 1.0)
+    for i in range(len(gt.uv)):
+        kw = dict(face_mask=valid, mirror_index=profiles["mirror"], config=cfg, normals=profiles["normals"][i],
+                  nose_mask=profiles["nose"])
+        alone = blend_uv(gt.uv[i], gt.mask[i], uv_bfm, **kw)
+        in_block = blend_uv(gt.uv[i], gt.mask[i], uv_bfm, shading=shadings[i], **kw)
+        np.testing.assert_array_equal(in_block[0], alone[0])
+        np.testing.assert_array_equal(in_block[1], alone[1])
+    assert relit_shadings(gt.uv, gt.mask, profiles["normals"], valid, BlendConfig.paper_mirror()) is None
 
 
 def test_seam_between_observed_and_mirrored_texels_is_as_smooth_as_the_photo(profiles):
