@@ -169,6 +169,22 @@ def _size_bucket(n: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------- rasterise
+def fragments_or_rasterize(verts_px: torch.Tensor, triangles: torch.Tensor, image_size: tuple[int, int],
+                           fragments: Fragments | None = None) -> Fragments:
+    """``fragments`` when a caller rasterised these meshes already (one rasterisation shared by several build
+    stages), checked to be B meshes in (H, W) images; else :func:`rasterize` of them with back faces culled.
+
+    verts_px: (B, V, 3) as :func:`rasterize`; image_size: (H, W).
+    """
+    shape = (verts_px.shape[0], *image_size)
+    if fragments is None:
+        return rasterize(verts_px, triangles, image_size, cull_backfaces=True)
+    if tuple(fragments.tri_id.shape) != shape:
+        raise ValueError(f"fragments: expected {shape} (these meshes rasterised in these images), found "
+                         f"{tuple(fragments.tri_id.shape)}")
+    return fragments
+
+
 def rasterize(verts_px: torch.Tensor, triangles: torch.Tensor, image_size, cull_backfaces: bool = True,
               backend: str = "torch") -> Fragments:
     """Rasterise a batch of meshes (z-buffer, one fragment per pixel).

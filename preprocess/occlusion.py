@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from common.facemodel import FaceModel
-from common.render import Fragments, rasterize
+from common.render import Fragments, fragments_or_rasterize
 from preprocess.config import OcclusionConfig, UVGTConfig
 from preprocess.unwrap import UVLayoutCache, erode, erosion_radius, face_pixels, face_weight
 
@@ -301,13 +301,7 @@ def occluders_from_fit(images: np.ndarray, verts_px: np.ndarray, model: FaceMode
     if verts.shape != (b, model.n_vertices, 3):
         raise ValueError(f"verts_px: expected ({b}, {model.n_vertices}, 3), found {tuple(verts.shape)}")
     tris = torch.from_numpy(np.ascontiguousarray(model.triangles, np.int64))
-    if fragments is None:
-        frags = rasterize(verts, tris, (s, s), cull_backfaces=True)
-    elif fragments.tri_id.shape != (b, s, s):
-        raise ValueError(f"fragments: expected {(b, s, s)} (these meshes rasterised in these images), found "
-                         f"{tuple(fragments.tri_id.shape)}")
-    else:
-        frags = fragments
+    frags = fragments_or_rasterize(verts, tris, (s, s), fragments)
     weight = face_weight(model) if cache is None else cache.face_weight
     face = face_pixels(frags, tris, weight)
     cues = face_cues(frags, model, part_labels(model, config) if labels is None else labels)

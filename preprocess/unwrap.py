@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from common.facemodel import FaceModel
-from common.render import Fragments, rasterize, unwrap_to_uv
+from common.render import Fragments, fragments_or_rasterize, rasterize, unwrap_to_uv
 from common.uvtools import model_uv_fragments, region_uv_mask
 from preprocess.config import UVGTConfig
 
@@ -139,13 +139,7 @@ def uv_gt_from_images(images: np.ndarray, verts_px, model: FaceModel, config: UV
         raise ValueError(f"seg_mask: expected {(b, h, w)}, found {seg_mask.shape}")
     cache = layout_cache(model, config) if cache is None else cache
     tris = torch.from_numpy(np.ascontiguousarray(model.triangles, np.int64))
-    if fragments is None:
-        frags = rasterize(verts, tris, (h, w), cull_backfaces=True)
-    elif fragments.tri_id.shape != (b, h, w):
-        raise ValueError(f"fragments: expected {(b, h, w)} (these meshes rasterised in these images), found "
-                         f"{tuple(fragments.tri_id.shape)}")
-    else:
-        frags = fragments
+    frags = fragments_or_rasterize(verts, tris, (h, w), fragments)
     face = face_pixels(frags, tris, cache.face_weight)  # (B, H, W)
     if seg_mask is not None:
         face &= seg_mask
