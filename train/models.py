@@ -248,10 +248,9 @@ class UVGenerator(nn.Module):
     """UV generator (Section 3.2): complete an incomplete UV map, (UV_spl, mask) -> UV_pred.
 
     A U-Net: a conv3x3 stem on [UV_spl * mask in [-1, 1], mask] (4 channels; 8 with ``config.mirror_input``,
-    which appends both mirrored across the face; 2 more with ``config.grid_input``: the sampler's grid), ``n_down``
-    levels of
-    stride-2 conv3x3 + conv3x3, ``n_res`` residual blocks at the bottleneck, and per level a resize-
-    convolution (nearest x2 then conv3x3, which avoids the checkerboard of transposed convolutions)
+    which appends both mirrored across the face; 2 more with ``config.grid_input``: the sampler's grid),
+    ``n_down`` levels of stride-2 conv3x3 + conv3x3, ``n_res`` residual blocks at the bottleneck, and per level a
+    resize-convolution (nearest x2 then conv3x3, which avoids the checkerboard of transposed convolutions)
     concatenated with the encoder's skip and fused by a conv3x3; a conv3x3 to RGB and a sigmoid. With
     ``config.residual`` the conv3x3's output is added to logit(UV_spl) * mask before the sigmoid and starts at zero.
     ``config.visibility_gate`` adds a fresh RGB fill and a gate v (4 more output channels): UV_pred = v * that
