@@ -69,7 +69,8 @@ _RUN = ("phase", "device", "overwrite", "log_every", "checkpoint_every", "previe
         "progress", "tensorboard", "dist_timeout", "val_store", "val_every", "val_samples", "val_metric",
         "val_identity", "init_sampler")
 _WEIGHTS = {"w_face": "face", "w_uv": "uv", "w_sym": "sym", "w_tv": "tv", "w_id": "id", "w_adv": "adv",
-            "w_ctr": "ctr", "w_side": "side", "w_grid": "grid", "r1_gamma": "r1_gamma", "w_vis": "vis"}
+            "w_ctr": "ctr", "w_side": "side", "w_grid": "grid", "r1_gamma": "r1_gamma", "w_vis": "vis",
+            "w_uv_unseen": "uv_unseen"}
 
 FIELDS: dict[str, dict[str, list[tuple[type, str, str]]]] = {
     # command -> option -> [(config class, field, where the command's recorded call holds it)]

@@ -214,6 +214,22 @@ def test_total_generator_loss_weights_and_skips_missing_terms():
         total_generator_loss({"loss_sim": one})
 
 
+def test_reconstruction_loss_weighs_unseen_texels():
+    """LossWeights.uv_unseen: the unseen texels' UV differences count k times, divided by the valid texel count;
+    k = 1 is Eq. 11 (and needs no unseen map)."""
+    uv_pred = torch.zeros(1, 3, 2, 2)
+    uv_bl = torch.ones(1, 3, 2, 2) * torch.tensor([0.1, 0.2, 0.3, 0.4]).view(1, 1, 2, 2)
+    mask = torch.tensor([[[[1.0, 1.0], [1.0, 0.0]]]])
+    unseen = torch.tensor([[[[0.0, 1.0], [0.0, 1.0]]]])
+    img, face = torch.zeros(1, 3, 4, 4), torch.ones(1, 1, 4, 4)
+    plain = reconstruction_loss(uv_pred, uv_bl, mask, img, img, face)["loss_rec_uv"]
+    assert plain.item() == pytest.approx((0.1 + 0.2 + 0.3) / 3)
+    k3 = reconstruction_loss(uv_pred, uv_bl, mask, img, img, face, LossWeights(uv_unseen=3.0), unseen=unseen)
+    assert k3["loss_rec_uv"].item() == pytest.approx((0.1 + 3 * 0.2 + 0.3) / 3)
+    with pytest.raises(ValueError, match="unseen"):
+        reconstruction_loss(uv_pred, uv_bl, mask, img, img, face, LossWeights(uv_unseen=3.0))
+
+
 def test_visibility_loss_is_masked_binary_cross_entropy():
     """loss_vis: mean BCE over the masked texels only; weighed by LossWeights.vis in Eq. 14's sum."""
     logit = torch.tensor([[[[0.0, 10.0], [-10.0, 3.0]]]])

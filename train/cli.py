@@ -106,6 +106,8 @@ def fit(
                                                                                     "discriminators."),
     w_face: float = option(LossWeights, "face", min=0.0, help="Weight of the face L1 (Eq. 5, 11)."),
     w_uv: float = option(LossWeights, "uv", min=0.0, help="Weight of the UV L1 (Eq. 5, 11)."),
+    w_uv_unseen: float = option(LossWeights, "uv_unseen", min=0.0, help="Factor on the UV term at the texels UV_gt "
+                                "did not observe (not in the paper; 1: Eq. 11)."),
     w_sym: float = option(LossWeights, "sym", min=0.0, help="Weight of the symmetry loss (Eq. 12), lambda_2 of "
                                                             "Eq. 14."),
     w_tv: float = option(LossWeights, "tv", min=0.0, help="Weight of TV (Eq. 7), lambda of Eq. 5 and lambda_4 of "
@@ -163,7 +165,8 @@ def fit(
                 sampler_image_size=sampler_image_size, workers=workers, seed=seed, rotate_share=rotate_share,
                 max_yaw=max_yaw, identity=identity),
             weights=LossWeights(**given(face=w_face, uv=w_uv, sym=w_sym, tv=w_tv, id=w_id, adv=w_adv, ctr=w_ctr,
-                                        side=w_side, grid=w_grid, r1_gamma=r1_gamma, vis=w_vis)),
+                                        side=w_side, grid=w_grid, r1_gamma=r1_gamma, vis=w_vis,
+                                        uv_unseen=w_uv_unseen)),
             optim=OptimConfig(**given(lr_sampler=lr_sampler, lr_generator=lr_generator,
                                       lr_discriminator=lr_discriminator)),
             sampler=SamplerConfig(**given(grid_size=sampler_grid, channels=channels, n_down=sampler_n_down,

@@ -125,6 +125,9 @@ class LossWeights:
     """Face reconstruction L1 ||I^R - I^m||_1 (Eq. 11)."""
     uv: float = 1.0
     """UV reconstruction L1 ||UV_pred - UV_bl||_1 (Eq. 11)."""
+    uv_unseen: float = 1.0
+    """Factor on the UV term at the texels UV_gt did not observe (hidden, occluded; not in the paper: 1 is Eq. 11),
+    where UV_pred learns from UV_bl alone (docs/experiments.md)."""
     sym: float = 1.0
     """lambda_2, symmetry loss (Eq. 12)."""
     tv: float = 0.1

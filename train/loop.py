@@ -400,7 +400,7 @@ class Trainer:
         r0 = render_lookup(uv_pred, b["grid0"], b["cover0"])
         r1 = render_lookup(uv_pred, b["grid1"], b["cover1"])
         terms = dict(reconstruction_loss(uv_pred, b["uv_bl"], self.uv_valid.expand_as(uv_pred[:, :1]), r0,
-                                         b["target"], b["face"] * b["cover0"], w))
+                                         b["target"], b["face"] * b["cover0"], w, unseen=1.0 - b["uv_gt_mask"]))
         terms["loss_sym"] = symmetry_loss(uv_pred, self.mirror, self.uv_valid)
         terms["loss_tv"] = tv_loss(uv_pred)
         if gate_logit is not None:

@@ -136,17 +136,27 @@ def r1_penalty(real_logits: Tensor, real_inputs: Tensor) -> Tensor:
 
 
 def reconstruction_loss(uv_pred: Tensor, uv_bl: Tensor, uv_mask: Tensor, render: Tensor, target: Tensor,
-                        face_mask: Tensor, weights: LossWeights = LossWeights()) -> dict[str, Tensor]:  # Eq. 11
+                        face_mask: Tensor, weights: LossWeights = LossWeights(), unseen: Tensor | None = None
+                        ) -> dict[str, Tensor]:  # Eq. 11
     """Reconstruction loss, Eq. 11: "L_rec = ||UV_pred - UV_bl||_1 + ||I^R - I^m||_1".
 
     uv_pred, uv_bl: (B, 3, U, U); uv_mask: (B, 1, U, U), the texels where UV_bl is defined; render: I^R,
     rendered from UV_pred with the input's shape and pose, target: I^m, both (B, 3, H, W); face_mask:
-    (B, 1, H, W), where the two are compared.
+    (B, 1, H, W), where the two are compared. unseen: (B, 1, U, U) {0, 1}, the texels UV_gt did not observe;
+    with ``weights.uv_unseen`` != 1 (not in the paper) their UV differences count that many times, still divided by
+    the number of texels in ``uv_mask`` (so the seen texels keep Eq. 11's weight).
 
     Returns {"loss_rec_uv", "loss_rec_face", "loss_rec"}, loss_rec = weights.uv * loss_rec_uv + weights.face *
     loss_rec_face.
     """
-    terms = {"loss_rec_uv": masked_l1(uv_pred, uv_bl, uv_mask), "loss_rec_face": masked_l1(render, target, face_mask)}
+    if weights.uv_unseen != 1.0:
+        if unseen is None:
+            raise ValueError("reconstruction_loss: weights.uv_unseen needs the unseen texels (unseen=...)")
+        w = uv_mask.float() * (1.0 + (weights.uv_unseen - 1.0) * unseen.float())
+        loss_uv = masked_l1(uv_pred, uv_bl, w) * (w.sum() / uv_mask.float().sum().clamp(min=1.0))
+    else:
+        loss_uv = masked_l1(uv_pred, uv_bl, uv_mask)
+    terms = {"loss_rec_uv": loss_uv, "loss_rec_face": masked_l1(render, target, face_mask)}
     terms["loss_rec"] = weights.uv * terms["loss_rec_uv"] + weights.face * terms["loss_rec_face"]
     return terms
 
