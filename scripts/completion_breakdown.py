@@ -25,7 +25,7 @@ from common.store import StoreReader
 from common.synthetic import SyntheticConfig, generate
 from train.bundle import layout_valid
 from train.data import images_to_tensor
-from train.evaluate import YAW_BANDS
+from train.evaluate import YAW_BANDS, completion_errors
 from train.runs import open_trained, predict_uv
 
 
@@ -41,11 +41,10 @@ def occluded_faces(reader: StoreReader, store: Path) -> np.ndarray:
     return np.array([generate(i, cfg, model).occluder_mask.any() for i in range(len(reader))])
 
 
-def unseen_mae(uv: torch.Tensor, truth: torch.Tensor, unseen: torch.Tensor) -> np.ndarray:
-    """Per face: mean |uv - truth| x 255 over its unseen texels and the 3 channels. uv, truth: (N, 3, U, U);
-    unseen: (N, 1, U, U) bool."""
-    err = (uv - truth).abs().mean(1, keepdim=True) * unseen
-    return (err.flatten(1).sum(1) / unseen.flatten(1).sum(1).clamp(min=1) * 255).numpy()
+def unseen_mae(uv: torch.Tensor, truth: torch.Tensor, seen: torch.Tensor, valid: torch.Tensor) -> np.ndarray:
+    """Per face: unseen-texel MAE x 255, as ``uvtrain eval`` counts it (:func:`train.evaluate.completion_errors`)."""
+    total, count = completion_errors(uv, truth, seen, valid)["unseen"]
+    return (total / count.clamp(min=1)).numpy()
 
 
 def main() -> None:
@@ -59,15 +58,16 @@ def main() -> None:
     idx = np.arange(len(reader))
     a = reader.batch(idx, ["image", "uv_bl", "uv_true", "uv_gt_mask", "pose"])
     image, truth = images_to_tensor(a["image"]), images_to_tensor(a["uv_true"])
-    unseen = (torch.from_numpy(a["uv_gt_mask"]).unsqueeze(1) < 0.5) & torch.from_numpy(layout_valid(reader))
-    errors = {"UV_bl": unseen_mae(images_to_tensor(a["uv_bl"]), truth, unseen)}
+    seen = torch.from_numpy(a["uv_gt_mask"]).unsqueeze(1) > 0.5
+    valid = torch.from_numpy(layout_valid(reader))[None, None]
+    errors = {"UV_bl": unseen_mae(images_to_tensor(a["uv_bl"]), truth, seen, valid)}
     for run_dir in args.runs:
         run = open_trained(run_dir)
         uv_spl, uv_pred = predict_uv(run.sampler, run.generator, image, reader.layout.uv_size)
-        errors[f"{run_dir.name}: UV_spl"] = unseen_mae(uv_spl, truth, unseen)
-        errors[f"{run_dir.name}: UV_pred"] = unseen_mae(uv_pred, truth, unseen)
+        errors[f"{run_dir.name}: UV_spl"] = unseen_mae(uv_spl, truth, seen, valid)
+        errors[f"{run_dir.name}: UV_pred"] = unseen_mae(uv_pred, truth, seen, valid)
     occluded = occluded_faces(reader, args.store)
-    yaw, weight = np.abs(a["pose"][:, 0]), unseen.flatten(1).sum(1).numpy()
+    yaw, weight = np.abs(a["pose"][:, 0]), (~seen & valid).flatten(1).sum(1).numpy()
 
     names = list(errors)
     print("| \\|yaw\\| band | faces | " + " | ".join(names) + " | " +
